@@ -1,0 +1,1585 @@
+#!/usr/bin/env python3
+"""Sign in to Vouch (or any OpenID Connect provider) from a terminal.
+
+vouch_device_login runs the OAuth 2.0 Device Authorization Grant (RFC 8628):
+it shows a URL and a short code on stderr, the person approves the sign-in on
+another device, and the token with its hardware-attestation claims comes out
+on stdout as JSON, as `export` lines for `eval`, or as the bare token.
+
+One file, standard library only, CPython 3.6 and later and PyPy3:
+
+    python3 vouch_device_login.py --client-id CLIENT_ID
+    curl -fsSL https://example.com/vouch_device_login.py | python3 - --client-id X
+    eval "$(python3 vouch_device_login.py --format shell)"
+
+Python API: main(), decode_jwt(), verify_jws(), verify_jwt(),
+verify_signature(), and the VouchError family of exceptions, each of which
+carries the exit code the command line uses for it.
+"""
+
+import os
+import sys
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "main",
+    "decode_jwt",
+    "verify_signature",
+    "verify_jws",
+    "verify_jwt",
+    "VouchError",
+    "UsageError",
+    "AccessDeniedError",
+    "ExpiredError",
+    "NetworkError",
+    "ProtocolError",
+    "TokenVerificationError",
+    "PolicyError",
+]
+
+# Start-up time is measured (`--version` must cost little more than a bare
+# interpreter), so everything beyond os and sys is imported where it is used.
+
+
+# ============================================================================
+# Errors: one base class, each subclass carries its exit code (SPEC §2)
+# ============================================================================
+
+class VouchError(Exception):
+    """Base class of every error the tool reports; carries the exit code."""
+
+    exit_code = 1
+
+
+class UsageError(VouchError):
+    """Bad command line or configuration (exit 2)."""
+
+    exit_code = 2
+
+
+class AccessDeniedError(VouchError):
+    """The user or the server denied the request (exit 3)."""
+
+    exit_code = 3
+
+
+class ExpiredError(VouchError):
+    """The device code expired after any restarts (exit 4)."""
+
+    exit_code = 4
+
+
+class NetworkError(VouchError):
+    """Network, TLS or HTTP failure (exit 5)."""
+
+    exit_code = 5
+
+
+class ProtocolError(VouchError):
+    """The server said something malformed or refused the client (exit 6)."""
+
+    exit_code = 6
+
+
+class TokenVerificationError(VouchError):
+    """A token failed signature or claim verification (exit 7)."""
+
+    exit_code = 7
+
+
+class PolicyError(VouchError):
+    """A policy flag such as --require-hardware was not met (exit 8)."""
+
+    exit_code = 8
+
+
+class _DeviceCodeExpired(Exception):
+    """The current device code died; the caller may start a new one."""
+
+
+# ============================================================================
+# Configuration
+# ============================================================================
+
+DEFAULT_ISSUER = "https://us.vouch.sh"
+DEFAULT_SCOPE = "openid email"
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_INTERVAL = 5
+MIN_INTERVAL = 1
+# A server asking for more than this between polls is broken or hostile; the
+# user is waiting at a prompt, and slow_down still adds 5 s on top of it.
+MAX_INTERVAL = 60
+DEFAULT_EXPIRES_IN = 600
+# RFC 8628 §3.2 gives 1800 s as its example lifetime; longer waits at a prompt
+# only keep a forgotten process alive.
+MAX_EXPIRES_IN = 1800
+# Every response body is read up to this many bytes; JWKS documents are the
+# largest legitimate answers and stay far below it.
+MAX_BODY_BYTES = 1 << 20
+# Backoff for 5xx answers, timeouts and connection errors while polling.
+BACKOFF_BASE = 1.0
+BACKOFF_MAX = 60.0
+DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+_PROG = "vouch_device_login"
+
+
+def _monotonic():
+    """The poller's clock; tests replace it (and _sleep) with a fake one."""
+    import time
+    return time.monotonic()
+
+
+def _sleep(seconds):
+    import time
+    time.sleep(seconds)
+
+
+class _Config(object):
+    """Everything the command line and the environment decided, in one place."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+# ============================================================================
+# Terminal output: everything for people goes to stderr, sanitised
+# ============================================================================
+
+_MAX_SHOWN = 300
+
+
+def _sanitize(text, limit=_MAX_SHOWN):
+    """Make a server-supplied string safe to show on a terminal.
+
+    Escape sequences (CSI, OSC such as OSC 8 links and OSC 52 clipboard
+    writes), C0 and C1 controls, carriage returns and bidirectional overrides
+    could rewrite or hide what the person reads, so they never get through.
+    """
+    import re
+    text = str(text)
+    # ECMA-48 §5.4 CSI, §5.6 OSC/DCS/APC/PM/SOS strings, in 7- and 8-bit forms.
+    text = re.sub(
+        "(?:\x1b\\[|\x9b)[\x20-\x3f]*[\x20-\x2f]*[\x40-\x7e]?"
+        "|(?:\x1b[\\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\\\|\x9c)?"
+        "|\x1b[\x20-\x2f]*[\x30-\x7e]?",
+        "",
+        text,
+    )
+    text = re.sub("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]", "?", text)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+class _Terminal(object):
+    """Writes messages for the person to stderr, honouring -q and -v."""
+
+    def __init__(self, quiet=False, verbose=False, stream=None):
+        self.quiet = quiet
+        self.verbose = verbose
+        self.stream = stream
+        self._secrets = set()
+
+    def _out(self):
+        return self.stream if self.stream is not None else sys.stderr
+
+    def write(self, text):
+        """Write text as it is; callers sanitise what came from a server."""
+        stream = self._out()
+        if stream is None:
+            return
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def error(self, message):
+        self.write("%s: error: %s\n" % (_PROG, message))
+
+    def warn(self, message):
+        if not self.quiet:
+            self.write("%s: warning: %s\n" % (_PROG, message))
+
+    def info(self, message):
+        if not self.quiet:
+            self.write("%s: %s\n" % (_PROG, message))
+
+    def add_secret(self, value):
+        """Remember a value that must never reach a log line."""
+        if isinstance(value, str) and len(value) >= 4:
+            self._secrets.add(value)
+
+    def mask(self, text):
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, _masked(secret))
+        return text
+
+    def debug(self, message):
+        if self.verbose:
+            self.write("%s: debug: %s\n" % (_PROG, _sanitize(self.mask(message), 2000)))
+
+    def isatty(self):
+        stream = self._out()
+        try:
+            return bool(stream is not None and stream.isatty())
+        except (OSError, ValueError, AttributeError):
+            return False
+
+
+def _masked(secret):
+    """A secret as it may appear in a log: its length, never its content."""
+    return "<%d chars masked>" % len(secret)
+
+
+# ============================================================================
+# HTTP: one persistent connection per origin, verified TLS, hard limits
+# ============================================================================
+
+_SECRET_FIELDS = frozenset((
+    "access_token", "refresh_token", "id_token", "device_code", "client_secret",
+    "token", "code", "assertion", "client_assertion",
+))
+
+
+def _is_loopback_host(host):
+    """True for 127.0.0.0/8, ::1 and localhost: the only hosts http:// may use."""
+    import socket
+    if host.lower() == "localhost":
+        return True
+    try:
+        return socket.inet_pton(socket.AF_INET, host)[0] == 127 and host.count(".") == 3
+    except (OSError, ValueError):
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, host) == b"\0" * 15 + b"\1"
+    except (OSError, ValueError):
+        return False
+
+
+def _parse_url(url, what):
+    """Split an endpoint URL, refusing anything but https (or http on loopback).
+
+    Returns (scheme, host, port, target) where target is the request path.
+    """
+    from urllib.parse import urlsplit
+    if not isinstance(url, str) or not url:
+        raise ProtocolError("%s is not a URL" % what)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ProtocolError("%s is not a valid URL: %s" % (what, _sanitize(url)))
+    scheme = parts.scheme.lower()
+    host = parts.hostname
+    if scheme not in ("https", "http") or not host:
+        raise ProtocolError("%s must be an absolute https URL: %s" % (what, _sanitize(url)))
+    if parts.username is not None or parts.password is not None:
+        raise ProtocolError("%s must not carry credentials: %s" % (what, _sanitize(url.split("@")[-1])))
+    if any(ch in url for ch in " \t\r\n\x00"):
+        raise ProtocolError("%s contains whitespace or control characters" % what)
+    if scheme == "http" and not _is_loopback_host(host):
+        raise ProtocolError(
+            "%s uses plain http on a non-loopback host (%s); only https is allowed"
+            % (what, _sanitize(host)))
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return scheme, host, port, target
+
+
+def _proxy_for(scheme, host, port, environ):
+    """The (host, port, headers) of the proxy to tunnel through, or None.
+
+    Follows the curl conventions: HTTPS_PROXY/https_proxy for https targets,
+    HTTP_PROXY/http_proxy for http ones, NO_PROXY/no_proxy lists hosts or
+    domain suffixes (optionally with a port) or "*". Loopback targets never
+    go through a proxy: a proxy cannot reach this machine's loopback.
+    """
+    if _is_loopback_host(host):
+        return None
+    names = ("https_proxy", "HTTPS_PROXY") if scheme == "https" else ("http_proxy", "HTTP_PROXY")
+    proxy = next((environ[n] for n in names if environ.get(n)), None)
+    if not proxy:
+        return None
+    no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
+    host_l = host.lower().rstrip(".")
+    for entry in no_proxy.replace(" ", ",").split(","):
+        entry = entry.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return None
+        entry_host, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry_port and entry_port != str(port):
+            continue
+        entry_host = entry_host.lstrip("*").lstrip(".").rstrip(".")
+        if host_l == entry_host or host_l.endswith("." + entry_host):
+            return None
+    from urllib.parse import urlsplit, unquote
+    if "://" not in proxy:
+        proxy = "http://" + proxy
+    try:
+        parts = urlsplit(proxy)
+        proxy_port = parts.port or 80
+    except ValueError:
+        raise UsageError("the proxy setting is not a valid URL: %s" % _sanitize(proxy))
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        raise UsageError("only http:// proxies are supported (got %s)" % _sanitize(parts.scheme))
+    headers = {}
+    if parts.username is not None:
+        import base64
+        userpass = "%s:%s" % (unquote(parts.username), unquote(parts.password or ""))
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(userpass.encode("utf-8")).decode("ascii")
+    return parts.hostname, proxy_port, headers
+
+
+class _Response(object):
+    """A fully read HTTP response."""
+
+    def __init__(self, status, reason, headers, body, url):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.url = url
+
+    def header(self, name):
+        return self.headers.get(name.lower())
+
+
+class _StaleConnection(Exception):
+    """A kept-alive connection was closed by the server before it answered."""
+
+
+class _HttpClient(object):
+    """HTTP/1.1 client keeping one connection per origin for a whole sign-in.
+
+    Polling reuses the connection, so it pays for one TLS handshake, not one
+    per poll. Every request has a total time limit (a watchdog closes the
+    socket at the deadline, so a server trickling one byte a second cannot
+    outlast it) and every response body a size cap. Redirects are returned to
+    the caller, never followed: the device code goes to the token endpoint
+    and nowhere else.
+    """
+
+    def __init__(self, timeout=DEFAULT_TIMEOUT, cafile=None, terminal=None, environ=None):
+        self.timeout = timeout
+        self.cafile = cafile
+        self.terminal = terminal or _Terminal()
+        self.environ = os.environ if environ is None else environ
+        self._connections = {}
+        self._ssl_context = None
+        self.requests = 0
+        self.connections = 0
+
+    def close(self):
+        """Close every kept-alive connection."""
+        for conn in self._connections.values():
+            conn.close()
+        self._connections.clear()
+
+    def get(self, url, what, headers=None):
+        return self.request("GET", url, what, headers=headers)
+
+    def post(self, url, what, form, headers=None):
+        return self.request("POST", url, what, form=form, headers=headers)
+
+    def request(self, method, url, what, form=None, headers=None):
+        """Send one request and return the whole _Response.
+
+        Raises NetworkError for connection, TLS, time-limit and size-limit
+        failures, ProtocolError for a URL the policy refuses.
+        """
+        from urllib.parse import urlencode
+        scheme, host, port, target = _parse_url(url, what)
+        body = None
+        all_headers = {
+            "Accept": "application/json",
+            "User-Agent": "%s/%s" % (_PROG, __version__),
+        }
+        if form is not None:
+            body = urlencode(form).encode("ascii")
+            all_headers["Content-Type"] = "application/x-www-form-urlencoded"
+        all_headers.update(headers or {})
+        self.requests += 1
+        self._log_request(method, url, all_headers, form)
+        key = (scheme, host.lower(), port)
+        for _attempt in (1, 2):
+            conn, reused = self._connection(key)
+            try:
+                response = self._exchange(conn, method, target, body, all_headers, url)
+            except _StaleConnection:
+                self._drop(key)
+                if reused:
+                    self.terminal.debug("kept-alive connection to %s was closed; reconnecting" % host)
+                    continue
+                raise NetworkError("%s: %s closed the connection without answering" % (what, _sanitize(host)))
+            except NetworkError:
+                self._drop(key)
+                raise
+            if response.headers.get("connection", "").lower() == "close":
+                self._drop(key)
+            self._log_response(response)
+            return response
+        raise NetworkError("%s: %s closed the connection without answering" % (what, _sanitize(host)))
+
+    def _context(self):
+        if self._ssl_context is None:
+            import ssl
+            cafile = self.cafile or self.environ.get("SSL_CERT_FILE") or None
+            try:
+                context = ssl.create_default_context(cafile=cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError("cannot load CA certificates from %s: %s" % (cafile, exc))
+            # Python 3.6 lacks minimum_version; the option bits do the same there.
+            context.options |= getattr(ssl, "OP_NO_TLSv1", 0) | getattr(ssl, "OP_NO_TLSv1_1", 0)
+            self._ssl_context = context
+        return self._ssl_context
+
+    def _connection(self, key):
+        conn = self._connections.get(key)
+        if conn is not None:
+            return conn, True
+        import http.client
+        scheme, host, port = key
+        proxy = _proxy_for(scheme, host, port, self.environ)
+        if scheme == "https":
+            if proxy:
+                conn = http.client.HTTPSConnection(proxy[0], proxy[1], timeout=self.timeout, context=self._context())
+            else:
+                conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._context())
+        else:
+            conn = http.client.HTTPConnection(proxy[0] if proxy else host, proxy[1] if proxy else port,
+                                              timeout=self.timeout)
+        if proxy:
+            conn.set_tunnel(host, port, headers=proxy[2])
+            self.terminal.debug("connecting to %s:%d through the proxy %s:%d" % (host, port, proxy[0], proxy[1]))
+        self._connections[key] = conn
+        self.connections += 1
+        return conn, False
+
+    def _drop(self, key):
+        conn = self._connections.pop(key, None)
+        if conn is not None:
+            conn.close()
+
+    def _exchange(self, conn, method, target, body, headers, url):
+        import http.client
+        import socket
+        import ssl
+        import threading
+        import time
+        fired = []
+
+        def abort():
+            fired.append(True)
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(self.timeout, abort)
+        watchdog.daemon = True
+        started = time.monotonic()
+        watchdog.start()
+        received = False
+        try:
+            try:
+                conn.request(method, target, body=body, headers=headers)
+                response = conn.getresponse()
+                received = True
+                data = _read_capped(response, MAX_BODY_BYTES)
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
+                    ConnectionAbortedError):
+                if fired:
+                    raise socket.timeout()
+                if not received:
+                    raise _StaleConnection()
+                raise
+        except _StaleConnection:
+            raise
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            if fired:
+                raise NetworkError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
+            if _is_certificate_failure(exc):
+                raise NetworkError(_tls_failure_message(url, exc, self))
+            raise NetworkError("%s: TLS failure: %s" % (_origin(url), _sanitize(str(exc))))
+        except (socket.timeout, TimeoutError):
+            raise NetworkError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
+        except _BodyTooLarge:
+            raise NetworkError("%s: response body larger than %d bytes" % (_origin(url), MAX_BODY_BYTES))
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if fired:
+                raise NetworkError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
+            raise NetworkError("%s: %s" % (_origin(url), _sanitize(_describe_os_error(exc))))
+        finally:
+            watchdog.cancel()
+        if fired:
+            raise NetworkError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
+        headers_in = {}
+        for name, value in response.getheaders():
+            headers_in[name.lower()] = value
+        self.terminal.debug("%d bytes in %.0f ms" % (len(data), (time.monotonic() - started) * 1000))
+        return _Response(response.status, response.reason, headers_in, data, url)
+
+    def _log_request(self, method, url, headers, form):
+        if not self.terminal.verbose:
+            return
+        shown = dict(headers)
+        for name in ("Authorization", "Proxy-Authorization", "Cookie"):
+            if name in shown:
+                shown[name] = shown[name].split(" ")[0] + " " + _masked(shown[name])
+        line = "%s %s %s" % (method, url, shown)
+        if form:
+            line += " form=%s" % {
+                k: (_masked(str(v)) if k in _SECRET_FIELDS else v) for k, v in _form_items(form)}
+        self.terminal.debug(line)
+
+    def _log_response(self, response):
+        if not self.terminal.verbose:
+            return
+        shown = response.body[:2000]
+        try:
+            document = _loads_json(response.body)
+        except ValueError:
+            document = None
+        if isinstance(document, dict):
+            import json
+            for name in _SECRET_FIELDS:
+                value = document.get(name)
+                if isinstance(value, str):
+                    self.terminal.add_secret(value)
+                    document[name] = _masked(value)
+            shown = json.dumps(document)[:2000]
+        elif isinstance(shown, bytes):
+            shown = shown.decode("utf-8", "replace")
+        self.terminal.debug("-> %d %s %s" % (response.status, response.reason, shown))
+
+
+def _form_items(form):
+    return form.items() if isinstance(form, dict) else form
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _read_capped(response, limit):
+    """Read a response body, refusing more than limit bytes."""
+    chunks = []
+    total = 0
+    while True:
+        chunk = response.read(min(65536, limit + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise _BodyTooLarge()
+
+
+def _origin(url):
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        return _sanitize("%s://%s" % (parts.scheme, parts.netloc.rpartition("@")[2]))
+    except ValueError:
+        return _sanitize(url)
+
+
+def _is_certificate_failure(exc):
+    import ssl
+    verification_error = getattr(ssl, "SSLCertVerificationError", None)
+    if verification_error is not None:
+        return isinstance(exc, (verification_error, ssl.CertificateError))
+    return isinstance(exc, ssl.CertificateError) or "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+def _describe_os_error(exc):
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return text
+
+
+def _tls_failure_message(url, exc, client):
+    """Explain a certificate failure and name the certificate that was shown.
+
+    A TLS-inspecting corporate proxy is the usual cause, so the message names
+    the certificate the server presented and points at --cacert.
+    """
+    detail = getattr(exc, "verify_message", None) or str(exc)
+    message = "%s: TLS certificate verification failed (%s)" % (_origin(url), _sanitize(detail))
+    presented = _presented_certificate(url, client)
+    if presented:
+        message += "; the server presented %s" % presented
+    return message + "; if a TLS-inspecting proxy is in the way, pass its CA with --cacert FILE"
+
+
+def _presented_certificate(url, client):
+    """Fetch (without trusting it) the certificate a server shows, described."""
+    import hashlib
+    import socket
+    import ssl
+    scheme, host, port, _target = _parse_url(url, "URL")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    proxy = _proxy_for(scheme, host, port, client.environ)
+    try:
+        if proxy:
+            import http.client
+            conn = http.client.HTTPConnection(proxy[0], proxy[1], timeout=client.timeout)
+            conn.set_tunnel(host, port, headers=proxy[2])
+            conn.connect()
+            raw = conn.sock
+        else:
+            raw = socket.create_connection((host, port), timeout=client.timeout)
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except (OSError, ValueError, ssl.SSLError):
+        return None
+    if not der:
+        return None
+    subject, issuer = _certificate_names(der)
+    fingerprint = hashlib.sha256(der).hexdigest().upper()
+    fingerprint = ":".join(fingerprint[i:i + 2] for i in range(0, len(fingerprint), 2))
+    return "subject %s, issuer %s, SHA-256 fingerprint %s" % (
+        _sanitize(subject or "?"), _sanitize(issuer or "?"), fingerprint)
+
+
+def _der_items(data):
+    """Split DER TLVs (X.690 §8.1) into (tag, value) pairs."""
+    items = []
+    i = 0
+    while i < len(data):
+        tag = data[i]
+        length = data[i + 1]
+        i += 2
+        if length & 0x80:
+            count = length & 0x7F
+            length = int.from_bytes(data[i:i + count], "big")
+            i += count
+        items.append((tag, data[i:i + length]))
+        i += length
+    return items
+
+
+def _certificate_names(der):
+    """(subject, issuer) of an X.509 certificate as "CN=…, O=…" strings."""
+    names = {b"\x55\x04\x03": "CN", b"\x55\x04\x0a": "O", b"\x55\x04\x0b": "OU"}
+
+    def describe(name):
+        parts = []
+        for _set_tag, rdn in _der_items(name):
+            for _seq_tag, attribute in _der_items(rdn):
+                pair = _der_items(attribute)
+                if len(pair) == 2 and pair[0][1] in names:
+                    parts.append("%s=%s" % (names[pair[0][1]], pair[1][1].decode("utf-8", "replace")))
+        return ", ".join(parts)
+
+    try:
+        tbs = _der_items(_der_items(_der_items(der)[0][1])[0][1])
+        if tbs[0][0] == 0xA0:
+            tbs = tbs[1:]
+        # RFC 5280 §4.1: serialNumber, signature, issuer, validity, subject.
+        return describe(tbs[4][1]), describe(tbs[2][1])
+    except (IndexError, ValueError):
+        return None, None
+
+
+def _json_document(response, what):
+    """Parse a response body as a JSON object, or raise ProtocolError."""
+    try:
+        document = _loads_json(response.body)
+    except ValueError as exc:
+        raise ProtocolError("%s: the answer (HTTP %d) is not valid JSON: %s"
+                            % (what, response.status, _sanitize(str(exc), 120)))
+    if not isinstance(document, dict):
+        raise ProtocolError("%s: expected a JSON object, got %s" % (what, _json_type(document)))
+    return document
+
+
+def _json_type(value):
+    if isinstance(value, bool) or value is None:
+        return "JSON %s" % {True: "true", False: "false", None: "null"}[value]
+    return {dict: "a JSON object", list: "a JSON array", str: "a string",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _check_redirect(response, what):
+    if 300 <= response.status < 400:
+        location = response.header("location") or "(no Location header)"
+        raise ProtocolError("%s: HTTP %d redirect to %s (redirects are not followed)"
+                            % (what, response.status, _sanitize(location)))
+
+
+def _oauth_error(document):
+    """The (error, error_description) of an RFC 6749 §5.2 error body, or None."""
+    error = document.get("error")
+    if not isinstance(error, str) or not error:
+        return None
+    description = document.get("error_description")
+    if not isinstance(description, str):
+        description = None
+    return error, description
+
+
+def _describe_oauth_error(error, description):
+    text = _sanitize(error, 80)
+    if description:
+        text += ": " + _sanitize(description, 200)
+    return text
+
+
+def _retry_after(value, now_epoch):
+    """Seconds a Retry-After header asks for (RFC 9110 §10.2.3), or None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit() and len(value) < 10:
+        return float(int(value))
+    from email.utils import parsedate_tz, mktime_tz
+    try:
+        parsed = parsedate_tz(value)
+        if parsed is None:
+            return None
+        return max(0.0, mktime_tz(parsed) - now_epoch)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+# ============================================================================
+# Discovery (OpenID Connect Discovery 1.0 §4, RFC 8414 §3)
+# ============================================================================
+
+_ENDPOINT_FIELDS = (
+    "device_authorization_endpoint", "token_endpoint", "jwks_uri",
+    "userinfo_endpoint", "revocation_endpoint",
+)
+
+
+def _discovery_urls(issuer):
+    """Where an issuer's metadata may live, in the order they are tried."""
+    from urllib.parse import urlsplit, urlunsplit
+    base = issuer.rstrip("/")
+    urls = [base + "/.well-known/openid-configuration"]
+    parts = urlsplit(base)
+    # RFC 8414 §3.1: the well-known segment goes between host and path.
+    path = parts.path.rstrip("/")
+    urls.append(urlunsplit((parts.scheme, parts.netloc,
+                            "/.well-known/oauth-authorization-server" + path, "", "")))
+    return urls
+
+
+def _same_issuer(configured, reported):
+    """Issuer equality per RFC 8414 §3.3, tolerating one trailing slash."""
+    if configured == reported:
+        return True
+    return configured.endswith("/") != reported.endswith("/") and \
+        configured.rstrip("/") == reported.rstrip("/") and \
+        len(configured) - len(reported) in (1, -1)
+
+
+def discover(http, issuer):
+    """Fetch and check the issuer's metadata; return it as a dict.
+
+    Tries OpenID Connect discovery, then RFC 8414 with the path-insertion
+    rule. The document's `issuer` must equal the configured one (a trailing
+    slash aside): anything else is a mix-up and a ProtocolError.
+    """
+    tried = []
+    for url in _discovery_urls(issuer):
+        response = http.get(url, "discovery")
+        _check_redirect(response, "discovery (%s)" % url)
+        if response.status in (404, 405, 410) or (400 <= response.status < 500 and response.status != 429
+                                                  and response.status not in (401, 403)):
+            tried.append("%s (HTTP %d)" % (url, response.status))
+            continue
+        if response.status != 200:
+            _raise_http_status(response, "discovery (%s)" % url)
+        metadata = _json_document(response, "discovery (%s)" % url)
+        reported = metadata.get("issuer")
+        if not isinstance(reported, str):
+            raise ProtocolError("discovery (%s): the document has no issuer string" % url)
+        if not _same_issuer(issuer, reported):
+            raise ProtocolError("issuer mix-up: %s says its issuer is %s, not %s"
+                                % (url, _sanitize(reported), _sanitize(issuer)))
+        for field in _ENDPOINT_FIELDS:
+            if field in metadata:
+                _parse_url(metadata[field], "%s in the metadata" % field)
+        return metadata
+    raise ProtocolError("no discovery document at %s" % " or ".join(_sanitize(t) for t in tried))
+
+
+def _raise_http_status(response, what):
+    """Turn an unexpected HTTP status into the right error."""
+    _check_redirect(response, what)
+    if response.status >= 500:
+        raise NetworkError("%s: HTTP %d %s" % (what, response.status, _sanitize(response.reason, 80)))
+    if response.status == 429:
+        raise NetworkError("%s: HTTP 429 rate limited" % what)
+    raise ProtocolError("%s: unexpected HTTP %d %s" % (what, response.status, _sanitize(response.reason, 80)))
+
+
+# ============================================================================
+# Device flow: authorization request (RFC 8628 §3.1-3.2), prompt, polling
+# ============================================================================
+
+class DeviceAuthorization(object):
+    """The checked answer of the device authorization endpoint (RFC 8628 §3.2)."""
+
+    def __init__(self, device_code, user_code, verification_uri, verification_uri_complete,
+                 expires_in, interval, received_at):
+        self.device_code = device_code
+        self.user_code = user_code
+        self.verification_uri = verification_uri
+        self.verification_uri_complete = verification_uri_complete
+        self.expires_in = expires_in
+        self.interval = interval
+        self.received_at = received_at
+
+
+def _number_field(document, name, default, what, terminal):
+    """A non-negative number field; numeric strings are accepted (old Azure AD)."""
+    value = document.get(name)
+    if value is None:
+        return default
+    if isinstance(value, str) and value.strip().isdigit() and len(value) < 12:
+        terminal.warn("%s: %s is a string; using it as a number" % (what, name))
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError("%s: %s must be a number, got %s" % (what, name, _json_type(value)))
+    return value
+
+
+def _string_field(document, name, what, limit, required=True):
+    value = document.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ProtocolError("%s: %s must be a non-empty string, got %s"
+                            % (what, name, "nothing" if value is None else _json_type(value)))
+    if len(value) > limit:
+        raise ProtocolError("%s: %s is longer than %d characters" % (what, name, limit))
+    return value
+
+
+def parse_device_authorization(document, received_at, terminal=None):
+    """Check a device authorization response field by field (RFC 8628 §3.2).
+
+    `verification_url` (Google) is accepted for `verification_uri`. `interval`
+    defaults to 5 s, is raised to 1 s when lower and capped at 60 s; a
+    missing `expires_in` means 600 s and a longer one is capped at 1800 s.
+    """
+    terminal = terminal or _Terminal(quiet=True)
+    what = "device authorization"
+    device_code = _string_field(document, "device_code", what, 4096)
+    user_code = _string_field(document, "user_code", what, 64)
+    if _sanitize(user_code) != user_code or user_code.strip() != user_code:
+        raise ProtocolError("%s: user_code contains control or invisible characters: %s"
+                            % (what, _sanitize(user_code)))
+    name = "verification_uri" if "verification_uri" in document else "verification_url"
+    verification_uri = _string_field(document, name, what, 2048)
+    _check_shown_url(verification_uri, name, what, terminal, required=True)
+    complete = _string_field(document, "verification_uri_complete", what, 2048, required=False)
+    if complete is not None and not _check_shown_url(complete, "verification_uri_complete", what, terminal):
+        complete = None
+    expires_in = _number_field(document, "expires_in", DEFAULT_EXPIRES_IN, what, terminal)
+    if expires_in <= 0:
+        raise ProtocolError("%s: expires_in must be positive, got %s" % (what, expires_in))
+    if expires_in > MAX_EXPIRES_IN:
+        terminal.warn("%s: expires_in %s s is longer than %d s; waiting %d s at most"
+                      % (what, _sanitize(expires_in, 30), MAX_EXPIRES_IN, MAX_EXPIRES_IN))
+        expires_in = MAX_EXPIRES_IN
+    interval = _number_field(document, "interval", DEFAULT_INTERVAL, what, terminal)
+    if interval < MIN_INTERVAL:
+        interval = MIN_INTERVAL
+    elif interval > MAX_INTERVAL:
+        terminal.warn("%s: interval %s s is longer than %d s; polling every %d s"
+                      % (what, _sanitize(interval, 30), MAX_INTERVAL, MAX_INTERVAL))
+        interval = MAX_INTERVAL
+    return DeviceAuthorization(device_code, user_code, verification_uri, complete,
+                               float(expires_in), float(interval), received_at)
+
+
+def _check_shown_url(url, name, what, terminal, required=False):
+    """A URL the person is asked to open: https, or http with a warning.
+
+    Returns False when an optional one must be dropped.
+    """
+    from urllib.parse import urlsplit
+    problem = None
+    try:
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("https", "http") or not parts.hostname:
+            problem = "is not an http(s) URL"
+    except ValueError:
+        problem = "is not a valid URL"
+    if problem is None and _sanitize(url, 4096) != url:
+        problem = "contains control or invisible characters"
+    if problem is None and any(ch.isspace() for ch in url):
+        problem = "contains white space"
+    if problem:
+        if required:
+            raise ProtocolError("%s: %s %s: %s" % (what, name, problem, _sanitize(url)))
+        terminal.warn("%s: ignoring %s, which %s" % (what, name, problem))
+        return False
+    if parts.scheme.lower() != "https" and not _is_loopback_host(parts.hostname):
+        terminal.warn("%s: %s is not https; check the address before you sign in" % (what, name))
+    return True
+
+
+def request_device_authorization(http, endpoint, client_id, scope, extra=None, clock=None):
+    """POST the device authorization request and return a DeviceAuthorization."""
+    clock = clock or _monotonic
+    form = [("client_id", client_id)]
+    if scope:
+        form.append(("scope", scope))
+    form.extend(extra or ())
+    what = "device authorization"
+    response = _post_with_retries(http, endpoint, what, form)
+    received_at = clock()
+    if response.status != 200:
+        _raise_for_error_answer(response, what)
+    return parse_device_authorization(_json_document(response, what), received_at, http.terminal)
+
+
+def _post_with_retries(http, url, what, form, attempts=4):
+    """POST, retrying 5xx, 429 and network failures a few times with backoff."""
+    import time
+    last = None
+    for attempt in range(attempts):
+        if attempt:
+            delay = _backoff_delay(attempt)
+            if last is not None and last.status == 429:
+                delay = max(delay, min(_retry_after(last.header("retry-after"), time.time()) or 0, BACKOFF_MAX))
+            http.terminal.debug("retrying in %.1f s" % delay)
+            _sleep(delay)
+        try:
+            last = http.post(url, what, form)
+        except NetworkError:
+            if attempt == attempts - 1:
+                raise
+            last = None
+            continue
+        if last.status < 500 and last.status != 429:
+            return last
+    return last
+
+
+def _backoff_delay(failures, rng=None):
+    """Exponential backoff with full jitter (half to all of the step)."""
+    import random
+    step = min(BACKOFF_MAX, BACKOFF_BASE * (2 ** min(failures, 16)))
+    return step * (0.5 + 0.5 * (rng or random).random())
+
+
+def _raise_for_error_answer(response, what):
+    """Raise the right error for a non-200 answer of an OAuth endpoint."""
+    _check_redirect(response, what)
+    if response.status >= 500 or response.status == 429:
+        _raise_http_status(response, what)
+    try:
+        document = _loads_json(response.body)
+    except ValueError:
+        document = None
+    error = _oauth_error(document) if isinstance(document, dict) else None
+    if error is None:
+        raise ProtocolError("%s: HTTP %d %s without an OAuth error"
+                            % (what, response.status, _sanitize(response.reason, 80)))
+    if error[0] == "access_denied":
+        raise AccessDeniedError("%s: the request was denied (%s)" % (what, _describe_oauth_error(*error)))
+    raise ProtocolError("%s: the server refused: %s" % (what, _describe_oauth_error(*error)))
+
+
+def _format_duration(seconds):
+    seconds = max(0, int(seconds + 0.5))
+    if seconds >= 60:
+        return "%d min %02d s" % (seconds // 60, seconds % 60)
+    return "%d s" % seconds
+
+
+def show_prompt(device, terminal, presenters=()):
+    """Tell the person where to go and which code to enter, on stderr.
+
+    `presenters` are callables taking (device, terminal), run after the text
+    prompt: the seam where QR codes, browsers and clipboards plug in.
+    """
+    lines = [
+        "",
+        "To sign in, open:  %s" % _sanitize(device.verification_uri, 2048),
+        "and enter the code:  %s" % _sanitize(device.user_code, 64),
+    ]
+    if device.verification_uri_complete:
+        lines.append("or open directly:  %s" % _sanitize(device.verification_uri_complete, 2048))
+    lines.append("The code expires in %s." % _format_duration(device.expires_in))
+    lines.append("")
+    terminal.write("\n".join(lines) + "\n")
+    for presenter in presenters:
+        presenter(device, terminal)
+
+
+def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=None, rng=None):
+    """Poll the token endpoint until the person approves (RFC 8628 §3.4-3.5).
+
+    Returns the token response as a dict. The first poll waits `interval`;
+    no poll follows the previous answer sooner than `interval`; slow_down
+    adds 5 s for every later poll; 429 honours Retry-After; 5xx answers,
+    timeouts and connection errors back off exponentially while the code is
+    alive. Raises _DeviceCodeExpired when the code dies (expired_token or
+    the deadline), AccessDeniedError, ProtocolError or NetworkError.
+    """
+    import time
+    clock = clock or _monotonic
+    sleep = sleep or _sleep
+    terminal = http.terminal
+    what = "token request"
+    form = [("grant_type", DEVICE_CODE_GRANT), ("device_code", device.device_code), ("client_id", client_id)]
+    interval = device.interval
+    deadline = device.received_at + device.expires_in
+    next_poll = device.received_at + interval
+    failures = 0
+    last_failure = None
+    while True:
+        if next_poll >= deadline:
+            remaining = deadline - clock()
+            if remaining > 0:
+                sleep(remaining)
+            if last_failure is not None:
+                raise last_failure
+            raise _DeviceCodeExpired()
+        wait = next_poll - clock()
+        if wait > 0:
+            sleep(wait)
+        try:
+            response = http.post(token_endpoint, what, form)
+        except NetworkError as exc:
+            failures += 1
+            last_failure = exc
+            delay = max(interval, _backoff_delay(failures, rng))
+            terminal.debug("poll failed (%s); next poll in %.1f s" % (exc, delay))
+            next_poll = clock() + delay
+            continue
+        arrived = clock()
+        status = response.status
+        if status == 200:
+            return _json_document(response, what)
+        if status == 429:
+            asked = _retry_after(response.header("retry-after"), time.time())
+            delay = interval if asked is None else max(interval, min(asked, deadline - arrived))
+            terminal.debug("rate limited; next poll in %.1f s" % delay)
+            next_poll = arrived + delay
+            continue
+        if status >= 500:
+            failures += 1
+            last_failure = NetworkError("%s: HTTP %d %s" % (what, status, _sanitize(response.reason, 80)))
+            delay = max(interval, _backoff_delay(failures, rng))
+            terminal.debug("server error %d; next poll in %.1f s" % (status, delay))
+            next_poll = arrived + delay
+            continue
+        failures = 0
+        last_failure = None
+        _check_redirect(response, what)
+        document = _json_document(response, what)
+        error = _oauth_error(document)
+        if error is None:
+            raise ProtocolError("%s: HTTP %d without an OAuth error" % (what, status))
+        code = error[0]
+        if code == "authorization_pending":
+            next_poll = arrived + interval
+        elif code == "slow_down":
+            interval += 5
+            terminal.debug("slow_down: polling every %g s from now on" % interval)
+            next_poll = arrived + interval
+        elif code == "expired_token":
+            raise _DeviceCodeExpired()
+        elif code == "access_denied":
+            raise AccessDeniedError("the sign-in was denied (%s)" % _describe_oauth_error(*error))
+        else:
+            raise ProtocolError("%s: the server refused: %s" % (what, _describe_oauth_error(*error)))
+
+
+# ============================================================================
+# JOSE: base64url and JSON, strictly (RFC 7515 §2, RFC 8259 §4)
+# ============================================================================
+
+_B64URL_ALPHABET = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _b64url_decode(text):
+    """Strict base64url: alphabet only, no padding, canonical trailing bits."""
+    import base64
+    if not isinstance(text, str) or len(text) % 4 == 1 or not _B64URL_ALPHABET.issuperset(text):
+        raise ValueError("not base64url")
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64url_encode(raw) != text:
+        raise ValueError("non-canonical base64url")
+    return raw
+
+
+def _b64url_encode(raw):
+    import base64
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _reject_constant(name):
+    raise ValueError("JSON constant %s is not allowed" % name)
+
+
+def _unique_object(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError("duplicate JSON key %r" % _sanitize(key, 40))
+        obj[key] = value
+    return obj
+
+
+def _loads_json(data):
+    """Parse JSON strictly: UTF-8, no duplicate keys, no NaN or infinities.
+
+    Raises ValueError (json.JSONDecodeError and UnicodeDecodeError included).
+    """
+    import json
+    if isinstance(data, bytes):
+        data = data.decode("utf-8")
+    try:
+        return json.loads(data, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply")
+
+
+def _jws_parts(token):
+    """The three parts of a compact JWS, or None when the token has another shape."""
+    if not isinstance(token, str):
+        return None
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts[:2]):
+        return None
+    return parts
+
+
+def decode_jwt(token):
+    """Decode a compact JWT without checking its signature.
+
+    Returns (header, claims), both dicts. Strict: exactly three base64url
+    parts, header and payload JSON objects without duplicate keys, NaN or
+    infinities. Raises TokenVerificationError otherwise. Never trust what
+    this returns for a decision: use verify_jwt for that.
+    """
+    parts = _jws_parts(token)
+    if parts is None:
+        raise TokenVerificationError("not a compact JWS: expected three dot-separated parts")
+    if len(token) > MAX_TOKEN_BYTES:
+        raise TokenVerificationError("token longer than %d bytes" % MAX_TOKEN_BYTES)
+    decoded = []
+    for name, part in (("header", parts[0]), ("payload", parts[1])):
+        try:
+            value = _loads_json(_b64url_decode(part))
+        except ValueError as exc:
+            raise TokenVerificationError("JWT %s is not valid base64url JSON: %s" % (name, _sanitize(str(exc), 100)))
+        if not isinstance(value, dict):
+            raise TokenVerificationError("JWT %s is %s, not a JSON object" % (name, _json_type(value)))
+        decoded.append(value)
+    try:
+        _b64url_decode(parts[2])
+    except ValueError:
+        raise TokenVerificationError("JWT signature is not valid base64url")
+    return decoded[0], decoded[1]
+
+
+MAX_TOKEN_BYTES = 64 * 1024
+
+
+# ============================================================================
+# Tokens: check the token response and gather what the output reports
+# ============================================================================
+
+def _claims_of(token, name):
+    """Claims of a JWT-shaped token, None for an opaque one.
+
+    A token shaped like a JWS must decode cleanly: a half-valid one is more
+    likely an attack or a broken server than an opaque token.
+    """
+    if _jws_parts(token) is None:
+        return None
+    try:
+        return decode_jwt(token)[1]
+    except TokenVerificationError as exc:
+        raise ProtocolError("the %s looks like a JWT but is malformed: %s" % (name, exc))
+
+
+def _hardware_claims(sources, terminal):
+    """hardware_verified and hardware_aaguid from the first source that has each.
+
+    Only a JSON boolean counts for hardware_verified: the string "true" is
+    reported as null with a warning, never as verified.
+    """
+    import re
+    verified = aaguid = None
+    found_verified = found_aaguid = False
+    for label, claims in sources:
+        if not isinstance(claims, dict):
+            continue
+        if not found_verified and "hardware_verified" in claims:
+            found_verified = True
+            value = claims["hardware_verified"]
+            if isinstance(value, bool):
+                verified = value
+            else:
+                terminal.warn("hardware_verified in the %s is %s, not a boolean; reporting null"
+                              % (label, _json_type(value)))
+        if not found_aaguid and "hardware_aaguid" in claims:
+            found_aaguid = True
+            value = claims["hardware_aaguid"]
+            if isinstance(value, str) and re.match(
+                    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z", value):
+                aaguid = value.lower()
+            elif value is not None:
+                terminal.warn("hardware_aaguid in the %s is not a UUID; reporting null" % label)
+    return verified, aaguid
+
+
+def _first_string(name, *sources):
+    for source in sources:
+        if isinstance(source, dict) and isinstance(source.get(name), str):
+            return source[name]
+    return None
+
+
+def token_result(issuer, client_id, document, terminal=None, requested_scope=None, now=None):
+    """Check a successful token response and build the output object (SPEC §2).
+
+    The access token and any ID token are decoded without verification;
+    `verified` is False until verify_tokens() has checked them.
+    """
+    import time
+    terminal = terminal or _Terminal(quiet=True)
+    now = time.time() if now is None else now
+    what = "token response"
+    access_token = _string_field(document, "access_token", what, MAX_TOKEN_BYTES)
+    if not all("\x21" <= ch <= "\x7e" for ch in access_token):
+        raise ProtocolError("%s: access_token contains characters outside printable ASCII" % what)
+    token_type = _string_field(document, "token_type", what, 64)
+    expires_in = _number_field(document, "expires_in", None, what, terminal)
+    if expires_in is not None and (expires_in < 0 or expires_in > 10 ** 9):
+        raise ProtocolError("%s: expires_in out of range: %s" % (what, _sanitize(expires_in, 30)))
+    optional = {}
+    for name in ("refresh_token", "id_token", "scope"):
+        if document.get(name) is not None:
+            optional[name] = _string_field(document, name, what, MAX_TOKEN_BYTES)
+    claims = _claims_of(access_token, "access token")
+    id_claims = None
+    if "id_token" in optional:
+        id_claims = _claims_of(optional["id_token"], "ID token")
+        if id_claims is None:
+            raise ProtocolError("%s: id_token is not a JWT" % what)
+    if expires_in is None and claims is not None and _is_number(claims.get("exp")):
+        expires_in = max(0, claims["exp"] - now)
+    expires_in = None if expires_in is None else int(expires_in)
+    result = {
+        "issuer": issuer,
+        "client_id": client_id,
+        "access_token": access_token,
+        "token_type": token_type,
+        "expires_in": expires_in,
+        "expires_at": None if expires_in is None else int(now) + expires_in,
+        "scope": optional.get("scope") or _first_string("scope", claims) or requested_scope,
+        "email": _first_string("email", document, claims, id_claims),
+        "hardware_verified": None,
+        "hardware_aaguid": None,
+        "claims": claims,
+        "verified": False,
+    }
+    if "id_token" in optional:
+        result["id_token"] = optional["id_token"]
+        result["id_token_claims"] = id_claims
+    if "refresh_token" in optional:
+        result["refresh_token"] = optional["refresh_token"]
+    if isinstance(document.get("authorization_details"), list):
+        result["authorization_details"] = document["authorization_details"]
+    _fill_hardware_claims(result, terminal)
+    return result
+
+
+def _fill_hardware_claims(result, terminal):
+    sources = [("access token", result.get("claims")), ("ID token", result.get("id_token_claims")),
+               ("userinfo", result.get("userinfo"))]
+    result["hardware_verified"], result["hardware_aaguid"] = _hardware_claims(sources, terminal)
+    if result.get("email") is None:
+        result["email"] = _first_string("email", result.get("userinfo"))
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ============================================================================
+# Output on stdout: json, shell or the bare token; nothing at all on failure
+# ============================================================================
+
+_SHELL_VARIABLES = (
+    ("VOUCH_ACCESS_TOKEN", "access_token"),
+    ("VOUCH_TOKEN_TYPE", "token_type"),
+    ("VOUCH_EXPIRES_AT", "expires_at"),
+    ("VOUCH_HARDWARE_VERIFIED", "hardware_verified"),
+    ("VOUCH_HARDWARE_AAGUID", "hardware_aaguid"),
+    ("VOUCH_EMAIL", "email"),
+    ("VOUCH_SUBJECT", "sub"),
+)
+
+
+def _shell_quote(value):
+    """POSIX single quoting: nothing inside single quotes is special but the quote."""
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
+def _shell_value(result, key):
+    if key == "sub":
+        value = _first_string("sub", result.get("claims"), result.get("id_token_claims"))
+    else:
+        value = result.get(key)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    value = str(value)
+    if "\x00" in value:
+        raise ProtocolError("%s contains a NUL character, which no shell variable can hold" % key)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("%s is not valid Unicode text" % key)
+    return value
+
+
+def render_output(result, output_format, pretty=False):
+    """The text printed on stdout for --format json, shell or token."""
+    import json
+    if output_format == "token":
+        return result["access_token"] + "\n"
+    if output_format == "shell":
+        return "".join("export %s=%s\n" % (name, _shell_quote(_shell_value(result, key)))
+                       for name, key in _SHELL_VARIABLES)
+    # ensure_ascii keeps every server-supplied control character escaped.
+    return json.dumps(result, indent=2 if pretty else None, ensure_ascii=True) + "\n"
+
+
+def _write_stdout(text):
+    stream = sys.stdout
+    if stream is None:
+        raise UsageError("stdout is closed; nowhere to print the result")
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        buffer.write(text.encode("utf-8"))
+        buffer.flush()
+    else:
+        stream.write(text)
+        stream.flush()
+
+
+# ============================================================================
+# Sign-in: endpoints, device code, prompt, polling, restarts
+# ============================================================================
+
+def _resolve_endpoints(config, http):
+    """The endpoints to use: explicit flags win, then discovery (SPEC §2)."""
+    metadata = {}
+    explicit = {
+        "device_authorization_endpoint": config.device_authorization_endpoint,
+        "token_endpoint": config.token_endpoint,
+    }
+    if not all(explicit.values()) or config.needs_metadata:
+        metadata = dict(discover(http, config.issuer))
+    for name, value in explicit.items():
+        if value:
+            metadata[name] = value
+    metadata.setdefault("issuer", config.issuer)
+    metadata.setdefault("device_authorization_endpoint", config.issuer.rstrip("/") + "/oauth/device")
+    if not metadata.get("token_endpoint"):
+        raise ProtocolError("the issuer metadata names no token_endpoint; pass --token-endpoint")
+    return metadata
+
+
+def _sign_in(config, http, terminal, metadata, clock=None, sleep=None):
+    """Run the device flow, restarting with a new code when one expires."""
+    restarts = 0
+    while True:
+        device = request_device_authorization(
+            http, metadata["device_authorization_endpoint"], config.client_id, config.scope,
+            config.extra_device_parameters, clock=clock)
+        terminal.add_secret(device.device_code)
+        show_prompt(device, terminal, config.presenters)
+        try:
+            document = poll_for_token(http, metadata["token_endpoint"], config.client_id, device,
+                                      clock=clock, sleep=sleep)
+        except _DeviceCodeExpired:
+            if restarts >= config.max_restarts:
+                raise ExpiredError("the code expired before the sign-in was approved%s"
+                                   % (" (after %d restarts)" % restarts if restarts else ""))
+            restarts += 1
+            terminal.info("the code expired; getting a new one (restart %d of %d)"
+                          % (restarts, config.max_restarts))
+            continue
+        for name in ("access_token", "refresh_token", "id_token"):
+            terminal.add_secret(document.get(name))
+        return document
+
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+_EXAMPLES = """\
+examples:
+  %(prog)s --client-id CLIENT_ID
+  VOUCH_CLIENT_ID=CLIENT_ID %(prog)s --format shell
+  eval "$(python3 vouch_device_login.py --client-id CLIENT_ID --format shell)"
+  curl -fsSL https://example.com/vouch_device_login.py | python3 - --client-id CLIENT_ID
+  %(prog)s --issuer https://id.example.com/realms/main --client-id cli --scope openid
+
+exit codes: 0 signed in, 1 internal error, 2 usage, 3 denied, 4 code expired,
+  5 network/TLS/HTTP failure, 6 protocol error, 7 verification failed,
+  8 policy not met, 130 interrupted
+"""
+
+
+def _argument_parser():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        """argparse that reports a usage error as one line and exit code 2."""
+
+        def error(self, message):
+            raise UsageError("%s (see --help)" % message)
+
+    parser = Parser(
+        prog=_PROG,
+        description="Sign in with the OAuth 2.0 Device Authorization Grant (RFC 8628) and "
+                    "print the token as JSON, shell variables or the bare token. "
+                    "Prompts go to stderr; stdout carries only the result.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--issuer", metavar="URL",
+        help="the issuer URL (env VOUCH_ISSUER; default %s)" % DEFAULT_ISSUER)
+    add("--client-id", metavar="ID", help="the OAuth client id (env VOUCH_CLIENT_ID; required)")
+    add("--scope", metavar="SCOPE", help="space-separated scopes (env VOUCH_SCOPE; default %r)" % DEFAULT_SCOPE)
+    add("--device-authorization-endpoint", metavar="URL", help="skip discovery for this endpoint")
+    add("--token-endpoint", metavar="URL", help="skip discovery for this endpoint")
+    add("--timeout", metavar="SECONDS", type=float, default=DEFAULT_TIMEOUT,
+        help="time limit for each HTTP request (default %g)" % DEFAULT_TIMEOUT)
+    add("--cacert", metavar="FILE", help="trust the CA certificates in FILE (env SSL_CERT_FILE)")
+    add("--format", choices=("json", "shell", "token"), default="json",
+        help="json (default): one JSON object; shell: export lines for eval; token: the bare access token")
+    add("--max-restarts", metavar="N", type=int,
+        help="new codes to fetch when one expires (default 2 on a terminal, else 0)")
+    add("-q", "--quiet", action="store_true", help="only the code prompt and errors on stderr")
+    add("-v", "--verbose", action="store_true", help="log each request and response (secrets masked)")
+    add("--version", action="version", version="%s %s" % (_PROG, __version__))
+    return parser
+
+
+def _config_from_args(args, environ, terminal):
+    """Combine flags, environment and defaults into a _Config, or raise UsageError."""
+    issuer = args.issuer or environ.get("VOUCH_ISSUER") or DEFAULT_ISSUER
+    client_id = args.client_id or environ.get("VOUCH_CLIENT_ID")
+    if not client_id:
+        raise UsageError("no client id: pass --client-id or set VOUCH_CLIENT_ID")
+    scope = args.scope if args.scope is not None else environ.get("VOUCH_SCOPE", DEFAULT_SCOPE)
+    for what, url in (("--issuer", issuer), ("--device-authorization-endpoint", args.device_authorization_endpoint),
+                      ("--token-endpoint", args.token_endpoint)):
+        if url is not None:
+            try:
+                _parse_url(url, what)
+            except ProtocolError as exc:
+                raise UsageError(str(exc))
+    if not 0 < args.timeout <= 3600:
+        raise UsageError("--timeout must be between 0 and 3600 seconds")
+    max_restarts = args.max_restarts
+    if max_restarts is None:
+        max_restarts = 2 if terminal.isatty() else 0
+    if not 0 <= max_restarts <= 100:
+        raise UsageError("--max-restarts must be between 0 and 100")
+    if args.cacert and not os.path.isfile(args.cacert):
+        raise UsageError("--cacert %s: no such file" % args.cacert)
+    return _Config(
+        issuer=issuer,
+        client_id=client_id,
+        scope=scope,
+        device_authorization_endpoint=args.device_authorization_endpoint,
+        token_endpoint=args.token_endpoint,
+        timeout=args.timeout,
+        cacert=args.cacert,
+        output_format=args.format,
+        max_restarts=max_restarts,
+        needs_metadata=False,
+        extra_device_parameters=[],
+        presenters=[],
+    )
+
+
+def main(argv=None):
+    """Run the command line; returns the exit code (SPEC §2).
+
+    Prints the result on stdout only when everything succeeded; every
+    message for the person goes to stderr.
+    """
+    if argv is None:
+        argv = sys.argv[1:]
+    argv = list(argv)
+    if "--version" in argv[: argv.index("--") if "--" in argv else len(argv)]:
+        # Answered before argparse is imported: shell profiles call this often.
+        _write_stdout("%s %s\n" % (_PROG, __version__))
+        return 0
+    terminal = _Terminal(verbose="-v" in argv or "--verbose" in argv)
+    http = None
+    try:
+        args = _argument_parser().parse_args(argv)
+        terminal = _Terminal(quiet=args.quiet, verbose=args.verbose)
+        config = _config_from_args(args, os.environ, terminal)
+        http = _HttpClient(timeout=config.timeout, cafile=config.cacert, terminal=terminal)
+        metadata = _resolve_endpoints(config, http)
+        document = _sign_in(config, http, terminal, metadata)
+        result = token_result(metadata["issuer"], config.client_id, document, terminal,
+                              requested_scope=config.scope or None)
+        output = render_output(result, config.output_format, pretty=_isatty(sys.stdout))
+        _write_stdout(output)
+        return 0
+    except SystemExit as exc:
+        # argparse's --help exits 0 after printing on stdout.
+        return exc.code if isinstance(exc.code, int) else 0
+    except VouchError as exc:
+        terminal.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        terminal.write("\n%s: interrupted\n" % _PROG)
+        return 130
+    except Exception as exc:
+        if terminal.verbose:
+            import traceback
+            terminal.write(traceback.format_exc())
+        terminal.error("internal error (a bug; rerun with -v for details): %s: %s"
+                       % (type(exc).__name__, _sanitize(str(exc), 200)))
+        return 1
+    finally:
+        if http is not None:
+            http.close()
+
+
+def _isatty(stream):
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
