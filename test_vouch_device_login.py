@@ -1047,3 +1047,35 @@ class EndToEndTests(IssuerTest):
                 self.assertEqual(subject, self.issuer.user["sub"])
                 self.assertEqual(token, self.issuer.issued[0])
                 self.assertFalse(os.path.exists("/tmp/pwned-vdl"))
+
+
+# ============================================================================
+# make demo: the whole flow against the bundled issuer, approved by a "person"
+# ============================================================================
+
+def run_demo():
+    """Start the local issuer, run the real CLI, approve after a few seconds."""
+    with LocalIssuer(interval=1, user={"hardware_aaguid": "cb69481e-8ff7-4039-93ec-0a2729a154a8"}) as issuer:
+        sys.stderr.write("[demo] local Vouch-like issuer at %s (client id \"cli\")\n" % issuer.issuer)
+        sys.stderr.write("[demo] running: python3 vouch_device_login.py --issuer %s --client-id cli\n"
+                         % issuer.issuer)
+
+        def person():
+            while not issuer.devices:
+                time.sleep(0.05)
+            time.sleep(3)
+            sys.stderr.write("[demo] a person opens the link, enters the code and touches their YubiKey...\n")
+            issuer.approve()
+
+        threading.Thread(target=person, daemon=True).start()
+        environment = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
+        code = subprocess.call([sys.executable, SCRIPT, "--issuer", issuer.issuer, "--client-id", "cli"],
+                               env=environment, stdin=subprocess.DEVNULL)
+        sys.stderr.write("[demo] exit code %d; the JSON above is what went to stdout\n" % code)
+        return code
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["demo"]:
+        sys.exit(run_demo())
+    unittest.main()

@@ -1,0 +1,67 @@
+# make demo   a whole sign-in against the bundled local issuer
+# make test   every test: stdlib tests under each Python present, all tests in a venv
+# make lint   ruff
+# make bench  speed figures next to reference implementations
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+# Reference libraries the optional tests and the benchmark compare against.
+TEST_PACKAGES := cryptography==50.0.2 segno==1.6.6 zxing-cpp==3.1.1 numpy==2.4.6 \
+	PyJWT==2.15.1 ecdsa==0.19.2 ruff==0.17.6
+PYENV_ROOT := $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
+OLDEST := 3.6
+NEWEST := 3.13
+
+.PHONY: demo test lint bench system-deps clean
+
+demo:
+	@$(PYTHON) test_vouch_device_login.py demo
+
+$(VENV)/.installed: Makefile
+	@$(PYTHON) -m venv $(VENV)
+	@$(VENV_PY) -m pip install --quiet --disable-pip-version-check $(TEST_PACKAGES)
+	@touch $@
+
+# PyPy3 and zsh widen the matrix; install them where this machine allows it
+# (root with apt), and go on without them elsewhere.
+system-deps:
+	@if { ! command -v pypy3 || ! command -v zsh; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null; then \
+	  echo "installing pypy3 and zsh for the test matrix"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pypy3 zsh) >/dev/null 2>&1 \
+	    || echo "note: could not install pypy3/zsh; testing without them"; \
+	fi
+
+test: $(VENV)/.installed system-deps
+	@for v in $(OLDEST) $(NEWEST); do \
+	  ls -d $(PYENV_ROOT)/versions/$$v.*/bin/python3 >/dev/null 2>&1 \
+	    || { echo "make test: Python $$v is missing (pyenv install $$v)"; exit 1; }; \
+	done
+	@logs=$$(mktemp -d); n=0; \
+	for py in $(VENV_PY) $$(ls -d $(PYENV_ROOT)/versions/3.*/bin/python3 | sort -V) $$(command -v pypy3); do \
+	  n=$$((n + 1)); echo "$$py" > $$logs/$$n.name; \
+	  ( if [ "$$py" = "$(VENV_PY)" ]; then "$$py" -m unittest test_vouch_device_login; \
+	    else "$$py" -E -s -m unittest test_vouch_device_login; fi ) > $$logs/$$n.log 2>&1 & \
+	done; wait; \
+	passed=0; failed=0; \
+	for i in $$(seq 1 $$n); do \
+	  log=$$logs/$$i.log; ran=$$(sed -n 's/^Ran \([0-9]*\) tests\?.*/\1/p' $$log); ran=$${ran:-0}; \
+	  bad=0; for k in failures errors; do c=$$(grep -o "$$k=[0-9]*" $$log | tail -1 | cut -d= -f2); bad=$$((bad + $${c:-0})); done; \
+	  skip=$$(grep -o "skipped=[0-9]*" $$log | tail -1 | cut -d= -f2); skip=$${skip:-0}; \
+	  if tail -1 $$log | grep -q '^OK'; then status=ok; else status=FAILED; [ $$bad -gt 0 ] || bad=1; fi; \
+	  printf '%-50s %-6s %4d run, %3d skipped, %d failed\n' "$$(cat $$logs/$$i.name)" $$status $$ran $$skip $$bad; \
+	  [ $$status = ok ] || sed 's/^/    /' $$log | tail -60; \
+	  passed=$$((passed + ran - bad - skip)); failed=$$((failed + bad)); \
+	done; rm -rf $$logs; \
+	echo "tests: $$passed passed, $$failed failed"; [ $$failed -eq 0 ]
+
+lint: $(VENV)/.installed
+	@$(VENV)/bin/ruff check vouch_device_login.py test_vouch_device_login.py
+
+bench: $(VENV)/.installed
+	@$(VENV_PY) test_vouch_device_login.py bench
+
+clean:
+	rm -rf $(VENV) __pycache__ .ruff_cache
