@@ -163,7 +163,8 @@ class LocalIssuer(object):
     """
 
     def __init__(self, interval=1, expires_in=600, discovery="both", path="", rate_limit=True,
-                 enforce_interval=True, approve_after_polls=None, user=None, clients=("cli",)):
+                 enforce_interval=True, approve_after_polls=None, user=None, clients=("cli",),
+                 refresh_tokens=False):
         self.interval = interval
         self.expires_in = expires_in
         self.discovery = discovery
@@ -172,6 +173,7 @@ class LocalIssuer(object):
         self.enforce_interval = enforce_interval
         self.approve_after_polls = approve_after_polls
         self.clients = set(clients)
+        self.refresh_tokens = refresh_tokens
         self.user = {"sub": "user-1234", "email": "ada@example.com", "hardware_verified": True}
         self.user.update(user or {})
         self.keys = [EcKey("ec-1")]
@@ -181,6 +183,7 @@ class LocalIssuer(object):
         self.connections = 0
         self.devices = {}
         self.issued = []
+        self.refresh_issued = []
         self.revoked = []
         self._buckets = {}
         self.lock = threading.Lock()
@@ -320,6 +323,8 @@ class LocalIssuer(object):
             "expires_in": self.expires_in, "interval": self.interval})
 
     def _token(self, handler, form):
+        if form.get("grant_type") == "refresh_token" and self.refresh_tokens:
+            return self._refresh(handler, form)
         if form.get("grant_type") != vdl.DEVICE_CODE_GRANT:
             return handler.send(400, {"error": "unsupported_grant_type"})
         if form.get("client_id") not in self.clients:
@@ -352,10 +357,25 @@ class LocalIssuer(object):
         if device["status"] != "approved":
             return 400, {"error": "authorization_pending", "error_description": "waiting for the user"}
         device["status"] = "used"
-        token = self.access_token(device["client_id"], device["scope"])
+        return 200, self._tokens(device["client_id"], device["scope"])
+
+    def _tokens(self, client_id, scope):
+        token = self.access_token(client_id, scope)
         self.issued.append(token)
-        return 200, {"access_token": token, "token_type": "Bearer", "expires_in": 28800,
-                     "email": self.user["email"]}
+        answer = {"access_token": token, "token_type": "Bearer", "expires_in": 28800, "email": self.user["email"]}
+        if self.refresh_tokens:
+            answer["refresh_token"] = "rt-" + secrets.token_hex(16)
+            self.refresh_issued.append(answer["refresh_token"])
+        return answer
+
+    def _refresh(self, handler, form):
+        with self.lock:
+            known = form.get("refresh_token") in self.refresh_issued and form.get("client_id") in self.clients
+            if known:
+                self.refresh_issued.remove(form["refresh_token"])
+        if not known:
+            return handler.send(400, {"error": "invalid_grant", "error_description": "unknown refresh token"})
+        handler.send(200, self._tokens(form["client_id"], "openid email"))
 
     def _revoke(self, handler, form):
         with self.lock:
@@ -993,6 +1013,187 @@ class SignInTests(IssuerTest):
         self.assertEqual(result.code, 0, result.stderr)
         self.assertIsNone(result.json()["hardware_verified"])
         self.assertIn("not a boolean", result.stderr)
+
+
+# ============================================================================
+# Sessions and policy: cache, refresh, logout, userinfo, gates, RAR
+# ============================================================================
+
+class CacheTests(IssuerTest):
+    issuer_options = {"rate_limit": False}
+
+    def setUp(self):
+        IssuerTest.setUp(self)
+        self.home = os.path.realpath(__import__("tempfile").mkdtemp())
+        self.addCleanup(shutil.rmtree, self.home, True)
+        self.env = {"XDG_CACHE_HOME": os.path.join(self.home, "cache")}
+        self.directory = os.path.join(self.home, "cache", "vouch-device-login")
+
+    def cached_sign_in(self, *extra, **kwargs):
+        return self.sign_in("--cache", *extra, env=dict(self.env, **kwargs.pop("env", {})), **kwargs)
+
+    def cache_files(self):
+        return sorted(os.listdir(self.directory))
+
+    def test_second_run_reuses_the_token_without_any_network(self):
+        first = self.cached_sign_in()
+        self.assertEqual(first.code, 0, first.stderr)
+        self.assertIs(first.json()["cached"], False)
+        requests = len(self.issuer.requests)
+        second = self.cached_sign_in()
+        self.assertEqual(second.code, 0, second.stderr)
+        self.assertIs(second.json()["cached"], True)
+        self.assertEqual(second.json()["access_token"], first.json()["access_token"])
+        self.assertEqual(len(self.issuer.requests), requests)
+        self.assertIn("using the cached token", second.stderr)
+
+    def test_files_are_private_and_written_atomically(self):
+        self.cached_sign_in(env={"VOUCH_CACHE": "1"})
+        self.assertEqual(os.stat(self.directory).st_mode & 0o777, 0o700)
+        files = self.cache_files()
+        self.assertEqual([f.rsplit(".", 1)[1] for f in files], ["json", "lock"])
+        for name in files:
+            self.assertEqual(os.stat(os.path.join(self.directory, name)).st_mode & 0o777, 0o600, name)
+
+    def test_insecure_or_foreign_cache_files_are_refused(self):
+        self.cached_sign_in()
+        entry = os.path.join(self.directory, [f for f in self.cache_files() if f.endswith(".json")][0])
+        os.chmod(entry, 0o644)
+        line = self.assertFailed(self.cached_sign_in(), 2, "readable by group or others")
+        self.assertIn("chmod 600 " + entry, line)
+        os.chmod(entry, 0o600)
+        os.chmod(self.directory, 0o755)
+        self.assertFailed(self.cached_sign_in(), 2, "chmod 700 " + self.directory)
+        os.chmod(self.directory, 0o700)
+        if os.geteuid() == 0:
+            os.chown(entry, 4242, -1)
+            self.assertFailed(self.cached_sign_in(), 2, "owned by uid 4242")
+
+    def test_min_ttl_decides_when_a_cached_token_is_too_old(self):
+        self.cached_sign_in()
+        result = self.cached_sign_in("--min-ttl", "30000")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIs(result.json()["cached"], False)
+        self.assertEqual(len(self.issuer.devices), 2)
+
+    def test_a_refresh_token_is_used_before_a_new_device_sign_in(self):
+        self.issuer.refresh_tokens = True
+        first = self.cached_sign_in().json()
+        result = self.cached_sign_in("--min-ttl", "30000", approve=False)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(len(self.issuer.devices), 1)
+        out = result.json()
+        self.assertNotEqual(out["access_token"], first["access_token"])
+        self.assertNotEqual(out["refresh_token"], first["refresh_token"])
+        refresh = [dict(parse_qsl(r["body"].decode())) for r in self.issuer.requests
+                   if b"grant_type=refresh_token" in r["body"]]
+        self.assertEqual(refresh, [{"grant_type": "refresh_token", "refresh_token": first["refresh_token"],
+                                    "client_id": "cli"}])
+
+    def test_a_refused_refresh_token_falls_back_to_the_device_flow(self):
+        self.issuer.refresh_tokens = True
+        self.cached_sign_in()
+        self.issuer.refresh_issued.clear()
+        result = self.cached_sign_in("--min-ttl", "30000")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(len(self.issuer.devices), 2)
+        self.assertIn("refresh token was not accepted", result.stderr)
+
+    def test_logout_revokes_and_removes_and_is_idempotent(self):
+        self.issuer.refresh_tokens = True
+        out = self.cached_sign_in().json()
+        result = self.sign_in("--logout", env=self.env)
+        self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
+        self.assertEqual(self.issuer.revoked, [
+            {"token": out["refresh_token"], "token_type_hint": "refresh_token", "client_id": "cli"},
+            {"token": out["access_token"], "token_type_hint": "access_token", "client_id": "cli"}])
+        self.assertEqual([f for f in self.cache_files() if f.endswith(".json")], [])
+        result = self.sign_in("--logout", "--cache", env=self.env)
+        self.assertEqual((result.code, result.stdout), (0, ""))
+        self.assertIn("no cached sign-in", result.stderr)
+
+    def test_two_processes_at_once_sign_in_only_once(self):
+        self.issuer.approve_after_polls = 1
+        args = ["--issuer", self.issuer.issuer, "--client-id", "cli", "--cache", "--format", "token"]
+        environment = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
+        environment.update(self.env)
+        procs = [subprocess.Popen([sys.executable, SCRIPT] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL, env=environment) for _ in range(2)]
+        outputs = [p.communicate(timeout=60) for p in procs]
+        self.assertEqual([p.returncode for p in procs], [0, 0], outputs)
+        self.assertEqual(len(self.issuer.devices), 1)
+        self.assertEqual(outputs[0][0], outputs[1][0])
+        self.assertTrue(any(b"another vouch_device_login is signing in" in err for _, err in outputs), outputs)
+
+
+class UserinfoAndPolicyTests(IssuerTest):
+    def test_userinfo_is_added_and_feeds_the_hardware_claims(self):
+        self.issuer.user["hardware_aaguid"] = "CB69481E-8FF7-4039-93EC-0A2729A154A8"
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": "opaque-123",
+                                                                    "token_type": "Bearer"})
+        self.issuer.issued.append("opaque-123")
+        result = self.sign_in("--userinfo")
+        self.assertEqual(result.code, 0, result.stderr)
+        out = result.json()
+        self.assertEqual(out["userinfo"]["email"], "ada@example.com")
+        self.assertIsNone(out["claims"])
+        self.assertIs(out["hardware_verified"], True)
+        self.assertEqual(out["hardware_aaguid"], "cb69481e-8ff7-4039-93ec-0a2729a154a8")
+
+    def test_userinfo_for_another_subject_is_refused(self):
+        self.issuer.overrides["/oauth/userinfo"] = lambda h, b: (200, {"sub": "someone-else"})
+        self.assertFailed(self.sign_in("--userinfo"), 6, "does not match")
+
+    def test_require_hardware(self):
+        self.assertEqual(self.sign_in("--require-hardware").code, 0)
+        self.issuer.user["hardware_verified"] = False
+        self.assertFailed(self.sign_in("--require-hardware"), 8, "hardware_verified is false, not true")
+        del self.issuer.user["hardware_verified"]
+        self.assertFailed(self.sign_in("--require-hardware"), 8, "hardware_verified is null")
+
+    def test_require_aaguid_is_repeatable_and_case_insensitive(self):
+        yubikey = "cb69481e-8ff7-4039-93ec-0a2729a154a8"
+        other = "ee882879-721c-4913-9775-3dfcce97072a"
+        self.issuer.user["hardware_aaguid"] = yubikey
+        result = self.sign_in("--require-aaguid", other, "--require-aaguid", yubikey.upper())
+        self.assertEqual(result.code, 0, result.stderr)
+        line = self.assertFailed(self.sign_in("--require-aaguid", other), 8, "hardware_aaguid is \"%s\"" % yubikey)
+        self.assertIn(other, line)
+        self.assertFailed(self.sign_in("--require-aaguid", "not-a-uuid"), 2, "not a UUID")
+
+
+class AuthorizationDetailsTests(IssuerTest):
+    DETAILS = [{"type": "payment_initiation", "amount": "1.00"}, {"type": "account_information"}]
+
+    def test_details_and_resources_are_sent_and_passed_through(self):
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {
+            "access_token": "opaque", "token_type": "Bearer", "authorization_details": self.DETAILS})
+        result = self.sign_in("--authorization-details", json.dumps(self.DETAILS),
+                              "--resource", "https://api.example.com/", "--resource", "urn:example:ledger")
+        self.assertEqual(result.code, 0, result.stderr)
+        device = [r for r in self.issuer.requests if r["path"] == "/oauth/device"][0]
+        form = parse_qsl(device["body"].decode())
+        self.assertEqual(json.loads(dict(form)["authorization_details"]), self.DETAILS)
+        self.assertEqual([v for k, v in form if k == "resource"], ["https://api.example.com/", "urn:example:ledger"])
+        self.assertEqual(result.json()["authorization_details"], self.DETAILS)
+
+    def test_details_from_a_file(self):
+        path = os.path.join(__import__("tempfile").mkdtemp(), "details.json")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        with open(path, "w") as handle:
+            json.dump(self.DETAILS, handle)
+        self.assertEqual(self.sign_in("--authorization-details", "@" + path).code, 0)
+        self.assertFailed(self.sign_in("--authorization-details", "@" + path + ".missing"), 2, "cannot read")
+
+    def test_bad_details_or_resources_fail_before_any_request(self):
+        for value in ("{}", "[]", "[1]", '[{"type": 5}]', '[{"kind": "x"}]', "not json", '[{"type": "a", "type": "b"}]',
+                      json.dumps([{"type": "x", "pad": "y" * 9000}])):
+            with self.subTest(value=value[:30]):
+                self.assertFailed(self.sign_in("--authorization-details", value), 2)
+        for value in ("relative/path", "https://api.example.com/#frag", "https://a b/"):
+            with self.subTest(value=value):
+                self.assertFailed(self.sign_in("--resource", value), 2)
+        self.assertEqual(self.issuer.requests, [])
 
 
 # ============================================================================

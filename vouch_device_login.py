@@ -1221,7 +1221,6 @@ def _hardware_claims(sources, terminal):
     Only a JSON boolean counts for hardware_verified: the string "true" is
     reported as null with a warning, never as verified.
     """
-    import re
     verified = aaguid = None
     found_verified = found_aaguid = False
     for label, claims in sources:
@@ -1238,12 +1237,18 @@ def _hardware_claims(sources, terminal):
         if not found_aaguid and "hardware_aaguid" in claims:
             found_aaguid = True
             value = claims["hardware_aaguid"]
-            if isinstance(value, str) and re.match(
-                    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z", value):
+            if _is_uuid(value):
                 aaguid = value.lower()
             elif value is not None:
                 terminal.warn("hardware_aaguid in the %s is not a UUID; reporting null" % label)
     return verified, aaguid
+
+
+def _is_uuid(value):
+    """A hyphenated UUID such as an authenticator's AAGUID (RFC 4122 §3)."""
+    import re
+    return isinstance(value, str) and re.match(
+        r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z", value) is not None
 
 
 def _first_string(name, *sources):
@@ -1385,6 +1390,154 @@ def _write_stdout(text):
 
 
 # ============================================================================
+# Cache (--cache): one 0600 file per sign-in configuration in a 0700 directory
+# ============================================================================
+
+CACHE_FORMAT = 1
+DEFAULT_MIN_TTL = 300
+# Long enough for another process's whole sign-in, restarts aside.
+CACHE_LOCK_WAIT = MAX_EXPIRES_IN + 120
+# How long a JWKS kept beside a cached token may be reused by --verify.
+CACHED_JWKS_TTL = 300
+
+
+def _cache_directory(environ):
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vouch-device-login")
+
+
+def _check_private(path, stat_result, kind):
+    """Refuse a cache file or directory another user could read or plant."""
+    import stat
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is not None and stat_result.st_uid != geteuid():
+        raise UsageError("%s %s is owned by uid %d, not by you; remove it (rm -rf %s)"
+                         % (kind, path, stat_result.st_uid, path))
+    if kind == "cache file" and not stat.S_ISREG(stat_result.st_mode):
+        raise UsageError("cache file %s is not a regular file; remove it" % path)
+    if stat_result.st_mode & 0o077:
+        wanted = "700" if kind == "cache directory" else "600"
+        raise UsageError("%s %s is readable by group or others (mode %03o); fix it with: chmod %s %s"
+                         % (kind, path, stat_result.st_mode & 0o777, wanted, path))
+
+
+class _Cache(object):
+    """The cache entry of one (issuer, client, scope, details, resources).
+
+    Written atomically (temporary file, then rename), every file 0600, the
+    directory 0700, and a lock file so that two runs at once do not both
+    start a sign-in.
+    """
+
+    def __init__(self, directory, key_parts):
+        import hashlib
+        import json
+        self.directory = directory
+        digest = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+        self.path = os.path.join(directory, digest + ".json")
+        self.lock_path = os.path.join(directory, digest + ".lock")
+        self._lock_fd = None
+
+    def _ensure_directory(self):
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            _check_private(self.directory, os.stat(self.directory), "cache directory")
+        except OSError as exc:
+            raise UsageError("cannot use the cache directory %s: %s" % (self.directory, exc.strerror or exc))
+
+    def load(self):
+        """The stored entry as a dict, or None when there is none."""
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise UsageError("cannot read the cache file %s: %s" % (self.path, exc.strerror or exc))
+        with os.fdopen(fd, "rb") as handle:
+            _check_private(self.path, os.fstat(fd), "cache file")
+            _check_private(self.directory, os.stat(self.directory), "cache directory")
+            data = handle.read(MAX_BODY_BYTES + 1)
+        try:
+            entry = _loads_json(data)
+        except ValueError:
+            return None
+        if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT \
+                or not isinstance(entry.get("result"), dict):
+            return None
+        return entry
+
+    def save(self, entry):
+        """Write the entry atomically, readable by its owner only."""
+        import json
+        self._ensure_directory()
+        entry = dict(entry, format=CACHE_FORMAT)
+        data = json.dumps(entry).encode("utf-8")
+        temporary = "%s.%d.%s.tmp" % (self.path, os.getpid(), os.urandom(4).hex())
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+
+    def delete(self):
+        """Remove the entry; True when there was one."""
+        try:
+            os.unlink(self.path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def acquire(self, terminal, wait=CACHE_LOCK_WAIT):
+        """Take the entry's lock, waiting (bounded) for another run holding it."""
+        try:
+            import fcntl
+        except ImportError:
+            terminal.debug("no fcntl here; concurrent runs are not serialised")
+            return
+        self._ensure_directory()
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        _check_private(self.lock_path, os.fstat(fd), "cache file")
+        deadline = _monotonic() + wait
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock_fd = fd
+                return
+            except OSError:
+                if _monotonic() >= deadline:
+                    os.close(fd)
+                    raise ExpiredError("gave up after %d s waiting for another sign-in to finish (%s)"
+                                       % (wait, self.lock_path))
+                if not told:
+                    terminal.info("another vouch_device_login is signing in; waiting for it")
+                    told = True
+                _sleep(0.2)
+
+    def release(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _reusable(entry, min_ttl, now):
+    """The cached result when its token has more than min_ttl seconds left."""
+    if entry is None:
+        return None
+    expires_at = entry["result"].get("expires_at")
+    if _is_number(expires_at) and expires_at - now > min_ttl:
+        return entry["result"]
+    return None
+
+
+# ============================================================================
 # Sign-in: endpoints, device code, prompt, polling, restarts
 # ============================================================================
 
@@ -1407,18 +1560,17 @@ def _resolve_endpoints(config, http):
     return metadata
 
 
-def _sign_in(config, http, terminal, metadata, clock=None, sleep=None):
+def _sign_in(config, http, terminal, metadata):
     """Run the device flow, restarting with a new code when one expires."""
     restarts = 0
     while True:
         device = request_device_authorization(
             http, metadata["device_authorization_endpoint"], config.client_id, config.scope,
-            config.extra_device_parameters, clock=clock)
+            config.extra_device_parameters)
         terminal.add_secret(device.device_code)
         show_prompt(device, terminal, config.presenters)
         try:
-            document = poll_for_token(http, metadata["token_endpoint"], config.client_id, device,
-                                      clock=clock, sleep=sleep)
+            document = poll_for_token(http, metadata["token_endpoint"], config.client_id, device)
         except _DeviceCodeExpired:
             if restarts >= config.max_restarts:
                 raise ExpiredError("the code expired before the sign-in was approved%s"
@@ -1427,9 +1579,183 @@ def _sign_in(config, http, terminal, metadata, clock=None, sleep=None):
             terminal.info("the code expired; getting a new one (restart %d of %d)"
                           % (restarts, config.max_restarts))
             continue
-        for name in ("access_token", "refresh_token", "id_token"):
-            terminal.add_secret(document.get(name))
+        _remember_secrets(terminal, document)
         return document
+
+
+def _remember_secrets(terminal, document):
+    for name in ("access_token", "refresh_token", "id_token"):
+        terminal.add_secret(document.get(name))
+
+
+def _refresh(config, http, terminal, metadata, refresh_token):
+    """Trade a refresh token for new tokens (RFC 6749 §6); None when refused."""
+    form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token), ("client_id", config.client_id)]
+    try:
+        response = http.post(metadata["token_endpoint"], "token refresh", form)
+    except NetworkError as exc:
+        terminal.warn("could not refresh the cached token (%s); signing in again" % exc)
+        return None
+    if response.status != 200:
+        terminal.info("the refresh token was not accepted (HTTP %d); signing in again" % response.status)
+        return None
+    document = _json_document(response, "token refresh")
+    _remember_secrets(terminal, document)
+    if document.get("refresh_token") is None:
+        # RFC 6749 §6: without a new refresh token the old one stays valid.
+        document = dict(document, refresh_token=refresh_token)
+    return document
+
+
+def fetch_userinfo(http, endpoint, access_token, subject=None):
+    """GET the UserInfo endpoint (OpenID Connect Core §5.3) with the access token.
+
+    The answer must be a JSON object whose `sub`, when the token has one,
+    is the token's subject (§5.3.2): anything else could be another user's.
+    """
+    response = http.get(endpoint, "userinfo", headers={"Authorization": "Bearer " + access_token})
+    if response.status != 200:
+        _raise_for_error_answer(response, "userinfo")
+    info = _json_document(response, "userinfo")
+    if subject is not None and info.get("sub") != subject:
+        raise ProtocolError("userinfo: sub %s does not match the token's subject"
+                            % _sanitize(_json_text(info.get("sub")), 80))
+    return info
+
+
+def _json_text(value):
+    """A value as compact JSON, for messages."""
+    import json
+    return json.dumps(value)
+
+
+def _revoke(config, http, terminal, metadata, result):
+    """Revoke the refresh token, then the access token (RFC 7009 §2.1).
+
+    Returns a list of failure descriptions; an empty list means all went well.
+    """
+    endpoint = metadata.get("revocation_endpoint")
+    if not endpoint:
+        terminal.info("the issuer has no revocation endpoint; removing the tokens locally only")
+        return []
+    failures = []
+    for hint in ("refresh_token", "access_token"):
+        token = result.get(hint)
+        if not token:
+            continue
+        form = [("token", token), ("token_type_hint", hint), ("client_id", config.client_id)]
+        try:
+            response = http.post(endpoint, "token revocation", form)
+        except NetworkError as exc:
+            failures.append(str(exc))
+            continue
+        if response.status != 200:
+            failures.append("revoking the %s: HTTP %d" % (hint.replace("_", " "), response.status))
+    return failures
+
+
+def _check_policy(config, result):
+    """Apply --require-hardware and --require-aaguid (exit 8 when not met)."""
+    if config.require_hardware and result.get("hardware_verified") is not True:
+        raise PolicyError("--require-hardware: hardware_verified is %s, not true"
+                          % _json_text(result.get("hardware_verified")))
+    if config.require_aaguid and result.get("hardware_aaguid") not in config.require_aaguid:
+        raise PolicyError("--require-aaguid: hardware_aaguid is %s, not one of %s"
+                          % (_json_text(result.get("hardware_aaguid")), ", ".join(config.require_aaguid)))
+
+
+def _fresh_result(config, http, terminal, entry):
+    """Sign in (or refresh a cached sign-in) and build the checked result."""
+    import time
+    metadata = _resolve_endpoints(config, http)
+    document = None
+    refresh_token = (entry or {}).get("result", {}).get("refresh_token")
+    if isinstance(refresh_token, str):
+        document = _refresh(config, http, terminal, metadata, refresh_token)
+    if document is None:
+        document = _sign_in(config, http, terminal, metadata)
+    result = token_result(metadata["issuer"], config.client_id, document, terminal,
+                          requested_scope=config.scope or None, now=time.time())
+    if config.userinfo:
+        _add_userinfo(config, http, terminal, metadata, result)
+    return result, metadata
+
+
+def _add_userinfo(config, http, terminal, metadata, result):
+    endpoint = metadata.get("userinfo_endpoint")
+    if not endpoint:
+        raise ProtocolError("--userinfo: the issuer metadata names no userinfo_endpoint")
+    subject = _first_string("sub", result.get("claims"), result.get("id_token_claims"))
+    result["userinfo"] = fetch_userinfo(http, endpoint, result["access_token"], subject)
+    _fill_hardware_claims(result, terminal)
+
+
+def _cache_for(config):
+    return _Cache(_cache_directory(config.environ), [
+        config.issuer.rstrip("/"), config.client_id, config.scope, config.authorization_details,
+        sorted(config.resources)])
+
+
+def _metadata_subset(metadata):
+    return {k: metadata[k] for k in ("issuer",) + _ENDPOINT_FIELDS if metadata.get(k)}
+
+
+def _run(config, http, terminal):
+    """Do what the command line asked; return the result to print, or None."""
+    import time
+    if config.logout:
+        _logout(config, http, terminal)
+        return None
+    if not config.cache:
+        result, _metadata = _fresh_result(config, http, terminal, None)
+        _check_policy(config, result)
+        return result
+    cache = _cache_for(config)
+    result = _reusable(cache.load(), config.min_ttl, time.time())
+    if result is None:
+        cache.acquire(terminal)
+        try:
+            entry = cache.load()
+            result = _reusable(entry, config.min_ttl, time.time())
+            if result is None:
+                result, metadata = _fresh_result(config, http, terminal, entry)
+                cache.save({"result": result, "metadata": _metadata_subset(metadata)})
+                result["cached"] = False
+        finally:
+            cache.release()
+    if "cached" not in result:
+        result["verified"] = False
+        terminal.info("using the cached token (%s left)" % _format_duration(result["expires_at"] - time.time()))
+        result["cached"] = True
+        if config.userinfo and "userinfo" not in result:
+            _add_userinfo(config, http, terminal, _resolve_endpoints(config, http), result)
+    _check_policy(config, result)
+    return result
+
+
+def _logout(config, http, terminal):
+    """Revoke and delete the cached sign-in; nothing to remove is not an error."""
+    cache = _cache_for(config)
+    cache.acquire(terminal)
+    try:
+        entry = cache.load()
+        if entry is None:
+            terminal.info("no cached sign-in to remove")
+            return
+        _remember_secrets(terminal, entry["result"])
+        metadata = entry.get("metadata") or {}
+        if not metadata.get("revocation_endpoint") and not config.token_endpoint:
+            try:
+                metadata = discover(http, config.issuer)
+            except VouchError as exc:
+                terminal.warn("cannot find the revocation endpoint (%s)" % exc)
+        failures = _revoke(config, http, terminal, metadata, entry["result"])
+        cache.delete()
+    finally:
+        cache.release()
+    if failures:
+        raise NetworkError("removed the cached tokens, but revocation failed: %s" % "; ".join(failures))
+    terminal.info("signed out: the cached tokens were revoked and removed")
 
 
 # ============================================================================
@@ -1484,6 +1810,21 @@ def _argument_parser():
     add("-q", "--quiet", action="store_true", help="only the code prompt and errors on stderr")
     add("-v", "--verbose", action="store_true", help="log each request and response (secrets masked)")
     add("--version", action="version", version="%s %s" % (_PROG, __version__))
+    group = parser.add_argument_group("sessions and policy")
+    add = group.add_argument
+    add("--cache", action="store_true",
+        help="reuse a cached token while it has more than --min-ttl seconds left (env VOUCH_CACHE=1)")
+    add("--min-ttl", metavar="SECONDS", type=int, default=DEFAULT_MIN_TTL,
+        help="with --cache: shortest lifetime left that a cached token may have (default %d)" % DEFAULT_MIN_TTL)
+    add("--logout", action="store_true", help="revoke and delete the cached tokens, then exit")
+    add("--userinfo", action="store_true", help="fetch the userinfo endpoint into the output")
+    add("--require-hardware", action="store_true", help="exit 8 unless hardware_verified is true")
+    add("--require-aaguid", metavar="UUID", action="append", default=[],
+        help="exit 8 unless hardware_aaguid is this UUID (repeatable)")
+    add("--authorization-details", metavar="JSON",
+        help="RFC 9396 authorization details, a JSON array of objects, or @FILE")
+    add("--resource", metavar="URI", action="append", default=[],
+        help="RFC 8707 resource indicator (repeatable)")
     return parser
 
 
@@ -1510,6 +1851,14 @@ def _config_from_args(args, environ, terminal):
         raise UsageError("--max-restarts must be between 0 and 100")
     if args.cacert and not os.path.isfile(args.cacert):
         raise UsageError("--cacert %s: no such file" % args.cacert)
+    if args.min_ttl < 0:
+        raise UsageError("--min-ttl must not be negative")
+    details = _authorization_details(args.authorization_details)
+    for resource in args.resource:
+        _check_resource(resource)
+    extra = list(("resource", r) for r in args.resource)
+    if details is not None:
+        extra.insert(0, ("authorization_details", details))
     return _Config(
         issuer=issuer,
         client_id=client_id,
@@ -1520,10 +1869,68 @@ def _config_from_args(args, environ, terminal):
         cacert=args.cacert,
         output_format=args.format,
         max_restarts=max_restarts,
-        needs_metadata=False,
-        extra_device_parameters=[],
+        needs_metadata=args.userinfo,
+        extra_device_parameters=extra,
         presenters=[],
+        environ=environ,
+        cache=args.cache or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on"),
+        min_ttl=args.min_ttl,
+        logout=args.logout,
+        userinfo=args.userinfo,
+        require_hardware=args.require_hardware,
+        require_aaguid=[_aaguid_argument(a) for a in args.require_aaguid],
+        authorization_details=details,
+        resources=list(args.resource),
     )
+
+
+MAX_AUTHORIZATION_DETAILS = 8 * 1024
+
+
+def _authorization_details(value):
+    """Check --authorization-details (RFC 9396 §2) and return it as compact JSON text."""
+    import json
+    if value is None:
+        return None
+    source = "--authorization-details"
+    if value.startswith("@"):
+        source = value[1:]
+        try:
+            with open(source, "rb") as handle:
+                value = handle.read(MAX_AUTHORIZATION_DETAILS + 1)
+        except OSError as exc:
+            raise UsageError("--authorization-details: cannot read %s: %s" % (source, exc.strerror or exc))
+    if len(value) > MAX_AUTHORIZATION_DETAILS:
+        raise UsageError("%s: authorization details longer than %d bytes" % (source, MAX_AUTHORIZATION_DETAILS))
+    try:
+        details = _loads_json(value)
+    except ValueError as exc:
+        raise UsageError("%s: not valid JSON: %s" % (source, exc))
+    if not isinstance(details, list) or not details:
+        raise UsageError("%s: authorization details must be a non-empty JSON array of objects" % source)
+    for index, item in enumerate(details):
+        if not isinstance(item, dict) or not isinstance(item.get("type"), str) or not item["type"]:
+            raise UsageError("%s: item %d must be an object with a string \"type\"" % (source, index))
+    return json.dumps(details, separators=(",", ":"))
+
+
+def _check_resource(resource):
+    """RFC 8707 §2: an absolute URI without a fragment."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(resource)
+    except ValueError:
+        parts = None
+    if parts is None or not parts.scheme or not (parts.netloc or parts.path) or "#" in resource \
+            or any(ch.isspace() or ord(ch) < 0x20 for ch in resource):
+        raise UsageError("--resource %s: must be an absolute URI without a fragment" % _sanitize(resource))
+
+
+def _aaguid_argument(value):
+    if not _is_uuid(value):
+        raise UsageError("--require-aaguid %s: not a UUID like cb69481e-8ff7-4039-93ec-0a2729a154a8"
+                         % _sanitize(value))
+    return value.lower()
 
 
 def main(argv=None):
@@ -1546,12 +1953,9 @@ def main(argv=None):
         terminal = _Terminal(quiet=args.quiet, verbose=args.verbose)
         config = _config_from_args(args, os.environ, terminal)
         http = _HttpClient(timeout=config.timeout, cafile=config.cacert, terminal=terminal)
-        metadata = _resolve_endpoints(config, http)
-        document = _sign_in(config, http, terminal, metadata)
-        result = token_result(metadata["issuer"], config.client_id, document, terminal,
-                              requested_scope=config.scope or None)
-        output = render_output(result, config.output_format, pretty=_isatty(sys.stdout))
-        _write_stdout(output)
+        result = _run(config, http, terminal)
+        if result is not None:
+            _write_stdout(render_output(result, config.output_format, pretty=_isatty(sys.stdout)))
         return 0
     except SystemExit as exc:
         # argparse's --help exits 0 after printing on stdout.
