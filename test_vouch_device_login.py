@@ -6,8 +6,10 @@ reference library skip themselves when it is missing), or `make test`.
 """
 
 import base64
+import contextlib
 import hashlib
 import io
+from fractions import Fraction
 import json
 import os
 import random
@@ -19,7 +21,6 @@ import sys
 import threading
 import time
 import unittest
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from socketserver import ThreadingMixIn
 from unittest import mock
@@ -424,7 +425,7 @@ class Result(object):
         return json.loads(self.stdout)
 
 
-@contextmanager
+@contextlib.contextmanager
 def clean_env(**extra):
     saved = {k: os.environ.pop(k) for k in _ENV_KEYS if k in os.environ}
     os.environ.update(extra)
@@ -1248,6 +1249,728 @@ class EndToEndTests(IssuerTest):
                 self.assertEqual(subject, self.issuer.user["sub"])
                 self.assertEqual(token, self.issuer.issued[0])
                 self.assertFalse(os.path.exists("/tmp/pwned-vdl"))
+
+
+# ============================================================================
+# QR code: structure, capacity, masks, rendering, segno and zxing-cpp
+# ============================================================================
+
+try:
+    import segno
+    import segno.encoder
+except ImportError:
+    segno = None
+
+try:
+    import numpy
+    import zxingcpp
+except ImportError:
+    numpy = zxingcpp = None
+
+# ISO/IEC 18004:2015 Table C.1: format information after the 0x5412 mask,
+# keyed by level, indexed by mask.
+PUBLISHED_FORMAT = {
+    'L': ('111011111000100', '111001011110011', '111110110101010',
+          '111100010011101', '110011000101111', '110001100011000',
+          '110110001000001', '110100101110110'),
+    'M': ('101010000010010', '101000100100101', '101111001111100',
+          '101101101001011', '100010111111001', '100000011001110',
+          '100111110010111', '100101010100000'),
+    'Q': ('011010101011111', '011000001101000', '011111100110001',
+          '011101000000110', '010010010110100', '010000110000011',
+          '010111011011010', '010101111101101'),
+    'H': ('001011010001001', '001001110111110', '001110011100111',
+          '001100111010000', '000011101100010', '000001001010101',
+          '000110100001100', '000100000111011'),
+}
+
+# ISO/IEC 18004:2015 Table D.1 (a few rows)
+PUBLISHED_VERSION = {
+    7: '000111110010010100',
+    8: '001000010110111100',
+    9: '001001101010011001',
+    40: '101000110001101001',
+}
+
+FINDER = ('1111111', '1000001', '1011101', '1011101', '1011101', '1000001',
+          '1111111')
+
+URL_ALPHABET = ('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
+                '0123456789-._~')
+
+
+def make_urls(count, seed=18004, low=10, high=300):
+    """Device-flow style URLs of random length in [low, high]."""
+    rng = random.Random(seed)
+    urls = []
+    for _ in range(count):
+        length = rng.randint(low, high)
+        code = ''.join(rng.choice('BCDFGHJKLMNPQRSTVWXZ') for _ in range(8))
+        url = f'https://us.vouch.sh/device?user_code={code[:4]}-{code[4:]}'
+        while len(url) < length:
+            url += rng.choice('/&=?#') + ''.join(
+                rng.choice(URL_ALPHABET) for _ in range(rng.randint(1, 12)))
+        urls.append(url[:length])
+    return urls
+
+
+def to_bits(matrix):
+    return [''.join('1' if m else '0' for m in row) for row in matrix]
+
+
+def bch_remainder(value, generator):
+    """Remainder of value * x^deg(generator) / generator, by long division."""
+    deg = generator.bit_length() - 1
+    value <<= deg
+    while value.bit_length() > deg:
+        value ^= generator << (value.bit_length() - 1 - deg)
+    return value
+
+
+def gf_mul(a, b):
+    """GF(256) product modulo 0x11D without tables."""
+    out = 0
+    while b:
+        if b & 1:
+            out ^= a
+        a <<= 1
+        if a & 0x100:
+            a ^= 0x11D
+        b >>= 1
+    return out
+
+
+def reference_penalty(matrix):
+    """ISO/IEC 18004:2015 Table 11 penalty, written for clarity not speed."""
+    size = len(matrix)
+    grid = [[1 if m else 0 for m in row] for row in matrix]
+    lines = grid + [list(col) for col in zip(*grid)]
+    score = 0
+    for line in lines:
+        run = 1
+        for k in range(1, size + 1):
+            if k < size and line[k] == line[k - 1]:
+                run += 1
+                continue
+            if run >= 5:
+                score += 3 + run - 5
+            run = 1
+    for r in range(size - 1):
+        for c in range(size - 1):
+            if grid[r][c] == grid[r][c + 1] == grid[r + 1][c] == \
+                    grid[r + 1][c + 1]:
+                score += 3
+    core = [1, 0, 1, 1, 1, 0, 1]
+    for line in lines:
+        for k in range(size - 6):
+            if line[k:k + 7] != core:
+                continue
+            before = not any(line[max(0, k - 4):k])
+            after = not any(line[k + 7:k + 11])
+            if before or after:
+                score += 40
+    dark = sum(map(sum, grid))
+    deviation = abs(Fraction(100 * dark, size * size) - 50)
+    score += 10 * int(deviation // 5)
+    return score
+
+
+def function_free_cells(size):
+    """Cells left light while segno scores masks (format, version, dark)."""
+    cells = [(8, c) for c in range(9) if c != 6]
+    cells += [(r, 8) for r in range(9) if r != 6]
+    cells += [(8, size - 1 - i) for i in range(8)]
+    cells += [(size - 1 - i, 8) for i in range(8)]
+    if size >= 45:
+        for i in range(6):
+            for j in range(size - 11, size - 8):
+                cells += [(i, j), (j, i)]
+    return cells
+
+
+@contextlib.contextmanager
+def segno_fixed_padding():
+    """Patch segno's pad-bit bug (heuer/segno#123, #148).
+
+    segno 1.6 adds eight zero bits instead of none when the bit stream
+    already ends on a codeword boundary (ISO/IEC 18004:2015 §7.4.10), which
+    in byte mode is every symbol whose terminator fits: an extra 0x00 data
+    codeword shifts the pad codewords, so the matrices differ although
+    both decode to the same text.
+    """
+    def fixed(buff, version, length):
+        buff.extend([0] * (-length % 8))
+    original = segno.encoder.write_padding_bits
+    segno.encoder.write_padding_bits = fixed
+    try:
+        yield
+    finally:
+        segno.encoder.write_padding_bits = original
+
+
+def parse_render(text, unicode, quiet, size, invert=False):
+    """Turn rendered text back into a dark-module grid (quiet zone incl.)."""
+    width = size + 2 * quiet
+    height = size + 2 * quiet
+    ink = []
+    for line in text.split('\n')[:-1]:
+        if unicode:
+            line = line.ljust(width)
+            ink.append([ch in '\u2580\u2588' for ch in line])
+            ink.append([ch in '\u2584\u2588' for ch in line])
+        else:
+            line = line.ljust(2 * width)
+            ink.append([line[2 * k:2 * k + 2] == '##' for k in range(width)])
+    extra = ink[height:]
+    assert all(not any(row) for row in extra), 'ink below the quiet zone'
+    return [[x == invert for x in row] for row in ink[:height]], len(extra)
+
+
+class TestStructure(unittest.TestCase):
+
+    def test_version1_function_patterns(self):
+        matrix, version, level, mask = vdl._qr_encode(b'HELLO', 'M', 0)
+        self.assertEqual((version, level, mask), (1, 'M', 0))
+        bits = to_bits(matrix)
+        self.assertEqual(len(bits), 21)
+        self.assertTrue(all(len(row) == 21 for row in bits))
+        for top, left in ((0, 0), (0, 14), (14, 0)):
+            got = [bits[top + r][left:left + 7] for r in range(7)]
+            self.assertEqual(tuple(got), FINDER)
+        # separators
+        self.assertEqual(bits[7][:8], '0' * 8)
+        self.assertEqual(bits[7][13:], '0' * 8)
+        self.assertEqual(bits[13][:8], '0' * 8)
+        self.assertEqual(''.join(bits[r][7] for r in range(8)), '0' * 8)
+        self.assertEqual(''.join(bits[r][13] for r in range(8)), '0' * 8)
+        self.assertEqual(''.join(bits[r][7] for r in range(13, 21)), '0' * 8)
+        # timing patterns
+        self.assertEqual(bits[6][8:13], '10101')
+        self.assertEqual(''.join(bits[r][6] for r in range(8, 13)), '10101')
+        # dark module at (4V + 9, 8)
+        self.assertEqual(bits[13][8], '1')
+        # both copies of the format information, most significant bit first
+        first = [(8, c) for c in (0, 1, 2, 3, 4, 5, 7, 8)]
+        first += [(r, 8) for r in (7, 5, 4, 3, 2, 1, 0)]
+        second = [(r, 8) for r in range(20, 13, -1)]
+        second += [(8, c) for c in range(13, 21)]
+        for cells in (first, second):
+            got = ''.join(bits[r][c] for r, c in cells)
+            self.assertEqual(got, '101010000010010')
+
+    def test_version7_version_information(self):
+        matrix, version, _, _ = vdl._qr_encode(b'x' * 120, 'M', version=7)
+        self.assertEqual(version, 7)
+        bits = to_bits(matrix)
+        size = len(bits)
+        # ISO/IEC 18004:2015 §7.10: bit i at row i // 3, column
+        # size - 11 + i % 3 (upper right) and transposed (lower left)
+        upper = ''.join(bits[i // 3][size - 11 + i % 3]
+                        for i in range(17, -1, -1))
+        lower = ''.join(bits[size - 11 + i % 3][i // 3]
+                        for i in range(17, -1, -1))
+        self.assertEqual(upper, PUBLISHED_VERSION[7])
+        self.assertEqual(lower, PUBLISHED_VERSION[7])
+
+    def test_alignment_pattern_centres(self):
+        # ISO/IEC 18004:2015 Table E.1 (a few rows)
+        published = {1: [], 2: [6, 18], 7: [6, 22, 38],
+                     22: [6, 26, 50, 74, 98],
+                     32: [6, 34, 60, 86, 112, 138],
+                     36: [6, 24, 50, 76, 102, 128, 154],
+                     40: [6, 30, 58, 86, 114, 142, 170]}
+        for version, centres in published.items():
+            self.assertEqual(vdl._qr_alignment_positions(version), centres)
+
+    def test_format_information_all_32(self):
+        codes = []
+        for level, indicator in (('L', 1), ('M', 0), ('Q', 3), ('H', 2)):
+            for mask in range(8):
+                data = indicator << 3 | mask
+                expected = (data << 10 | bch_remainder(data, 0x537)) ^ 0x5412
+                got = vdl._qr_format_bits(level, mask)
+                self.assertEqual(got, expected)
+                self.assertEqual(format(got, '015b'),
+                                 PUBLISHED_FORMAT[level][mask])
+                codes.append(got)
+        # BCH(15,5) keeps every pair of codes at least 7 bits apart
+        for i, a in enumerate(codes):
+            for b in codes[i + 1:]:
+                distance = bin(a ^ b).count('1')
+                self.assertGreaterEqual(distance, 7)
+
+    def test_version_information(self):
+        for version in range(7, 41):
+            expected = version << 12 | bch_remainder(version, 0x1F25)
+            self.assertEqual(vdl._qr_version_bits(version), expected)
+        for version, text in PUBLISHED_VERSION.items():
+            self.assertEqual(format(vdl._qr_version_bits(version), '018b'),
+                             text)
+
+    def test_reed_solomon_known_vector(self):
+        # ISO/IEC 18004:2015 Annex I: "01234567" as 1-M
+        data = bytes([0x10, 0x20, 0x0C, 0x56, 0x61, 0x80, 0xEC, 0x11,
+                      0xEC, 0x11, 0xEC, 0x11, 0xEC, 0x11, 0xEC, 0x11])
+        expected = bytes([0xA5, 0x24, 0xD4, 0xC1, 0xED, 0x36, 0xC7, 0x87,
+                          0x2C, 0x55])
+        self.assertEqual(vdl._qr_rs(data, 10), expected)
+
+    def test_reed_solomon_codeword_divisible_by_generator(self):
+        rng = random.Random(7)
+        for ec_len in (7, 10, 13, 17, 18, 22, 26, 28, 30):
+            data = bytes(rng.randrange(256) for _ in range(rng.randint(1, 60)))
+            word = data + vdl._qr_rs(data, ec_len)
+            alpha_i = 1
+            for _ in range(ec_len):
+                value = 0
+                for coef in word:  # Horner, highest degree first
+                    value = gf_mul(value, alpha_i) ^ coef
+                self.assertEqual(value, 0)
+                alpha_i = gf_mul(alpha_i, 2)
+
+    def test_gf_tables_are_built_lazily(self):
+        code = ('import sys; sys.path.insert(0, sys.argv[1]); import vouch_device_login as vdl; '
+                'assert vdl._QR_GF_CACHE == []; '
+                'vdl._qr_encode("x"); assert len(vdl._QR_GF_CACHE) == 1')
+        here = os.path.dirname(os.path.abspath(__file__))
+        subprocess.check_call([sys.executable, '-c', code, here])
+
+
+class TestCapacity(unittest.TestCase):
+
+    def test_version_boundaries(self):
+        self.assertEqual(vdl._qr_encode(b'a' * 14, 'M')[1], 1)
+        self.assertEqual(vdl._qr_encode(b'a' * 15, 'M')[1], 2)
+        for level, most in (('L', 17), ('M', 14), ('Q', 11), ('H', 7)):
+            self.assertEqual(vdl._qr_choose(most, level, None), (1, level))
+            self.assertEqual(vdl._qr_choose(most + 1, level, None),
+                             (2, level))
+        for level, most in (('L', 2953), ('M', 2331), ('Q', 1663),
+                            ('H', 1273)):
+            self.assertEqual(vdl._qr_choose(most, level, None), (40, level))
+            with self.assertRaises(ValueError):
+                vdl._qr_choose(most + 1, level, None)
+
+    def test_version40_encodes(self):
+        matrix, version, level, _ = vdl._qr_encode(b'\xff' * 2331, 'M')
+        self.assertEqual((version, level, len(matrix)), (40, 'M', 177))
+
+    def test_too_long_is_a_clear_error(self):
+        with self.assertRaises(ValueError) as ctx:
+            vdl._qr_encode(b'a' * 2954)
+        self.assertIn('2954 bytes', str(ctx.exception))
+        with self.assertRaises(ValueError):
+            vdl._qr_encode(b'a' * 2332, 'M')
+        with self.assertRaises(ValueError):
+            vdl._qr_encode(b'a' * 15, 'M', version=1)
+
+    def test_level_policy(self):
+        url = 'https://us.vouch.sh/device?user_code=BCDF-GHJK'
+        self.assertEqual(vdl._qr_encode(url)[1:3], (4, 'M'))
+        # M up to version 13 (77 columns with the quiet zone)
+        self.assertEqual(vdl._qr_choose(331, None, None), (13, 'M'))
+        self.assertEqual(vdl._qr_choose(332, None, None), (12, 'L'))
+        self.assertEqual(vdl._qr_choose(332, 'M', None), (14, 'M'))
+        self.assertEqual(vdl._qr_choose(2331, None, None), (36, 'L'))
+        self.assertEqual(vdl._qr_choose(2953, None, None), (40, 'L'))
+        # a forced version keeps M while M fits in it
+        self.assertEqual(vdl._qr_choose(332, None, 14), (14, 'M'))
+        self.assertEqual(vdl._qr_choose(363, None, 14), (14, 'L'))
+
+    def test_invalid_overrides(self):
+        for kwargs in ({'level': 'X'}, {'mask': 8}, {'mask': -1},
+                       {'version': 0}, {'version': 41}):
+            with self.assertRaises(ValueError):
+                vdl._qr_encode(b'abc', **kwargs)
+
+    def test_str_is_utf8(self):
+        self.assertEqual(vdl._qr_encode('caf\xe9'),
+                         vdl._qr_encode(b'caf\xc3\xa9'))
+        self.assertEqual(vdl._qr_matrix('abc'), vdl._qr_encode(b'abc')[0])
+
+
+class TestMasking(unittest.TestCase):
+
+    def test_penalty_matches_reference(self):
+        rng = random.Random(11)
+        matrices = []
+        for _ in range(30):
+            size = rng.choice((21, 25, 29, 33))
+            density = rng.random()
+            matrices.append([[rng.random() < density for _ in range(size)]
+                             for _ in range(size)])
+        # chained 1:1:3:1:1 patterns sharing their light run
+        row = [False] * 4 + [True, False, True, True, True, False, True]
+        row = (row * 3 + [False] * 4)[:25]
+        matrices.append([row[:] for _ in range(25)])
+        for text in ('x', 'https://us.vouch.sh/device', 'y' * 100):
+            for mask in range(8):
+                matrices.append(vdl._qr_matrix(text, 'M', mask))
+        for matrix in matrices:
+            rows = [int(line, 2) for line in to_bits(matrix)]
+            self.assertEqual(vdl._qr_penalty(rows, len(matrix)),
+                             reference_penalty(matrix))
+
+    def test_auto_mask_is_lowest_penalty(self):
+        for text in make_urls(6, seed=3, high=120):
+            _, version, level, mask = vdl._qr_encode(text)
+            scores = [reference_penalty(vdl._qr_matrix(text, level, m, version))
+                      for m in range(8)]
+            self.assertEqual(mask, scores.index(min(scores)))
+
+
+class TestRender(unittest.TestCase):
+
+    def setUp(self):
+        self.matrix = vdl._qr_matrix('https://us.vouch.sh/device?user_code=BCDF')
+        self.size = len(self.matrix)
+
+    def check_lines(self, text, charset):
+        self.assertTrue(text.endswith('\n'))
+        for line in text.split('\n')[:-1]:
+            self.assertEqual(line, line.rstrip())
+            self.assertLessEqual(set(line), set(charset))
+
+    def test_unicode_round_trip(self):
+        for invert in (False, True):
+            for quiet in (4, 2, 6):
+                text = vdl._qr_render(self.matrix, quiet=quiet, invert=invert)
+                self.check_lines(text, ' \u2580\u2584\u2588')
+                lines = text.split('\n')[:-1]
+                self.assertEqual(len(lines), (self.size + 2 * quiet + 1) // 2)
+                grid, _ = parse_render(text, True, quiet, self.size, invert)
+                self.assertEqual(
+                    [row[quiet:quiet + self.size]
+                     for row in grid[quiet:quiet + self.size]], self.matrix)
+                border = grid[:quiet] + grid[-quiet:]
+                border += [row[:quiet] + row[-quiet:] for row in grid]
+                self.assertFalse(any(map(any, border)))
+
+    def test_ascii_round_trip(self):
+        for invert in (False, True):
+            text = vdl._qr_render(self.matrix, unicode=False, invert=invert)
+            self.check_lines(text, ' #')
+            lines = text.split('\n')[:-1]
+            self.assertEqual(len(lines), self.size + 8)
+            grid, extra = parse_render(text, False, 4, self.size, invert)
+            self.assertEqual(extra, 0)
+            self.assertEqual([row[4:-4] for row in grid[4:-4]], self.matrix)
+
+    def test_default_inks_light_modules(self):
+        text = vdl._qr_render(self.matrix)
+        first = text.split('\n')[0]
+        self.assertEqual(first, '\u2588' * (self.size + 8))
+        inverted = vdl._qr_render(self.matrix, invert=True)
+        self.assertEqual(inverted.split('\n')[0], '')
+
+    def test_quiet_zone_clamped(self):
+        for quiet in (0, 1, -3):
+            self.assertEqual(vdl._qr_render(self.matrix, quiet=quiet),
+                             vdl._qr_render(self.matrix, quiet=2))
+
+
+@unittest.skipUnless(segno, 'segno is not installed')
+class TestAgainstSegno(unittest.TestCase):
+
+    def compare(self, urls, level):
+        """Matrix, version and mask agreement with segno at one level.
+
+        segno's QRCode.matrix is a tuple of bytearrays, one per row from the
+        top, 0x1 for dark and 0x0 for light, without the quiet zone (segno
+        adds the border only when serialising), so it maps onto our rows of
+        bools directly.
+        """
+        disagree = []
+        with segno_fixed_padding():
+            for url in urls:
+                ref = segno.make_qr(url, mode='byte', error=level,
+                                    boost_error=False)
+                ref_rows = [''.join(map(str, row)) for row in ref.matrix]
+                ours, version, got_level, mask = vdl._qr_encode(url, level)
+                self.assertEqual((version, got_level), (ref.version, level))
+                if mask != ref.mask:
+                    disagree.append((url, version, ref.mask))
+                    ours = vdl._qr_matrix(url, level, ref.mask, ref.version)
+                self.assertEqual(to_bits(ours), ref_rows, url)
+        # checking a sample keeps the run within a few seconds
+        for url, version, ref_mask in disagree[:12]:
+            self.check_mask_disagreement(url, level, version, ref_mask)
+        return disagree
+
+    def check_mask_disagreement(self, url, level, version, ref_mask):
+        """A different mask must come from scoring, not from the symbols.
+
+        ISO/IEC 18004:2015 §7.8.3.1 scores the complete symbol, format and
+        version information included.  segno scores its matrix before that
+        information and the dark module are placed, and its N3 scan resumes
+        7 modules after a counted pattern, missing a second one that shares
+        the last dark module ("1011101011101" + light).  Fed our symbols
+        with those cells left light, segno's own scorer must pick segno's
+        mask, so our symbols for every mask equal segno's.
+        """
+        size = 17 + 4 * version
+        blank = []
+        for m in range(8):
+            rows = [bytearray(row) for row in
+                    vdl._qr_matrix(url, level, m, version)]
+            for r, c in function_free_cells(size):
+                rows[r][c] = 0
+            blank.append(segno.encoder.evaluate_mask(rows, size, size))
+        self.assertEqual(blank.index(min(blank)), ref_mask, url)
+
+    def test_200_urls_level_m(self):
+        urls = make_urls(200)
+        disagree = self.compare(urls, 'M')
+        self.assertLess(len(disagree), len(urls) // 2)
+
+    def test_urls_level_l(self):
+        self.compare(make_urls(25, seed=99), 'L')
+
+    def test_every_version_at_capacity(self):
+        # one level per version, all four at version 40
+        cases = [(v, 'LMQH'[v % 4]) for v in range(1, 40)]
+        cases += [(40, level) for level in 'LMQH']
+        rng = random.Random(40)
+        with segno_fixed_padding():
+            for version, level in cases:
+                count = (8 * vdl._qr_data_codewords(version, level) - 4
+                         - (8 if version < 10 else 16)) // 8
+                data = bytes(rng.randrange(256) for _ in range(count))
+                mask = (version + ord(level)) % 8
+                ref = segno.make_qr(data, mode='byte', error=level,
+                                    version=version, mask=mask,
+                                    boost_error=False)
+                ref_rows = [''.join(map(str, row)) for row in ref.matrix]
+                got = vdl._qr_matrix(data, level, mask, version)
+                self.assertEqual(to_bits(got), ref_rows, (version, level))
+
+
+def decode(grid, scale=4, invert_pixels=False, try_invert=False):
+    """Decode a dark-module grid that already includes its quiet zone."""
+    dark, light = (255, 0) if invert_pixels else (0, 255)
+    img = numpy.array([[dark if m else light for m in row] for row in grid],
+                      dtype=numpy.uint8)
+    img = numpy.kron(img, numpy.ones((scale, scale), dtype=numpy.uint8))
+    found = zxingcpp.read_barcodes(img, formats=zxingcpp.BarcodeFormat.QRCode,
+                                   try_invert=try_invert)
+    return found[0] if found else None
+
+
+def with_quiet_zone(matrix, quiet=4):
+    width = len(matrix) + 2 * quiet
+    blank = [[False] * width for _ in range(quiet)]
+    return blank + [[False] * quiet + list(row) + [False] * quiet
+                    for row in matrix] + blank
+
+
+@unittest.skipUnless(zxingcpp, 'zxing-cpp or numpy is not installed')
+class TestDecode(unittest.TestCase):
+
+    urls = tuple(url for length in (10, 47, 120, 300, 700, 2000)
+                 for url in make_urls(1, seed=length, low=length, high=length))
+
+    def test_decode_matrix(self):
+        for url in self.urls:
+            matrix, version, level, _ = vdl._qr_encode(url)
+            found = decode(with_quiet_zone(matrix))
+            self.assertIsNotNone(found, (len(url), version))
+            self.assertEqual(found.text, url)
+            self.assertEqual(found.ec_level, level)
+
+    def test_decode_rendered_text(self):
+        for url in self.urls[:4]:
+            matrix = vdl._qr_matrix(url)
+            size = len(matrix)
+            for unicode in (True, False):
+                # default rendering on a dark theme: ink is light
+                text = vdl._qr_render(matrix, unicode=unicode)
+                grid, _ = parse_render(text, unicode, 4, size)
+                found = decode(grid)
+                self.assertEqual(found and found.text, url)
+                # the same text on a light theme reads as reversed
+                found = decode(grid, invert_pixels=True, try_invert=True)
+                self.assertEqual(found and found.text, url)
+                # invert=True on a light theme: ink is dark
+                text = vdl._qr_render(matrix, unicode=unicode, invert=True)
+                grid, _ = parse_render(text, unicode, 4, size, invert=True)
+                found = decode(grid)
+                self.assertEqual(found and found.text, url)
+
+
+if __name__ == '__main__':
+    unittest.main()
+
+
+# ============================================================================
+# The prompt on a real terminal: QR block, countdown, OSC 52, browser
+# ============================================================================
+
+def run_in_pty(args, env=None, timeout=60):
+    """Run the script with stderr on a pseudo-terminal; returns (code, stdout, terminal text)."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in _ENV_KEYS + ("DISPLAY", "WAYLAND_DISPLAY", "SSH_CONNECTION", "SSH_TTY",
+                                            "SSH_CLIENT", "BROWSER")}
+    environment.update(TERM="xterm-256color", PYTHONIOENCODING="utf-8")
+    environment.update(env or {})
+    proc = subprocess.Popen([sys.executable, SCRIPT] + list(args), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=slave, env=environment)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    stdout = proc.stdout.read()
+    proc.stdout.close()
+    proc.wait(timeout=10)
+    return proc.returncode, stdout.decode(), b"".join(chunks).decode("utf-8", "replace")
+
+
+def modules_from_text(lines, unicode=True):
+    """Turn rendered QR text (ink = light modules) back into a dark/light matrix."""
+    rows = []
+    for line in lines:
+        if unicode:
+            top = [ch in "\u2580\u2588" for ch in line]
+            bottom = [ch in "\u2584\u2588" for ch in line]
+            rows += [top, bottom]
+        else:
+            rows.append([line[i:i + 2] == "##" for i in range(0, len(line), 2)])
+    width = max(len(r) for r in rows)
+    return [[not ink for ink in r + [False] * (width - len(r))] for r in rows]
+
+
+def decoded_text(grid):
+    """What zxing-cpp reads in a dark-module grid, or None."""
+    found = decode(grid, scale=4)
+    return found.text if found else None
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "pseudo-terminal tests need Linux")
+class TerminalPromptTests(IssuerTest):
+    def setUp(self):
+        IssuerTest.setUp(self)
+        self.issuer.approve_after_polls = 1
+        self.args = ["--issuer", self.issuer.issuer, "--client-id", "cli"]
+
+    def test_live_prompt_with_qr_countdown_and_clipboard(self):
+        code, stdout, screen = run_in_pty(self.args + ["--qr", "--copy", "--no-browser"])
+        self.assertEqual(code, 0, screen)
+        self.assertEqual(json.loads(stdout)["access_token"], self.issuer.issued[0])
+        device = next(iter(self.issuer.devices.values()))
+        self.assertIn("\x1b[1m%s\x1b[0m" % device["user_code"], screen)
+        self.assertIn(" ".join(device["user_code"][:4]), screen)
+        osc52 = "\x1b]52;c;%s\x07" % base64.b64encode(device["user_code"].encode()).decode()
+        self.assertIn(osc52, screen)
+        self.assertGreaterEqual(screen.count("\r\x1b[KWaiting for approval... "), 2)
+        self.assertIn("min", screen.split("Waiting for approval... ")[1][:12])
+        self.assertTrue(screen.rstrip("\r\n").endswith("\r\x1b[K") or "\r\x1b[K" in screen[-200:])
+        qr_lines = [line[len("\x1b[97;40m"):line.index("\x1b[0m")] for line in screen.replace("\r", "").split("\n")
+                    if line.startswith("\x1b[97;40m")]
+        self.assertGreater(len(qr_lines), 10)
+        self.assertTrue(all("\u2588" in line or "\u2580" in line for line in qr_lines))
+        if zxingcpp is not None:
+            self.assertEqual(decoded_text(modules_from_text(qr_lines)), self.issuer.issuer +
+                             "/device?user_code=" + device["user_code"])
+
+    def test_no_color_keeps_the_prompt_plain(self):
+        code, _, screen = run_in_pty(self.args + ["--qr", "--no-browser"], env={"NO_COLOR": "1"})
+        self.assertEqual(code, 0, screen)
+        self.assertNotIn("\x1b[1m", screen)
+        self.assertNotIn("\x1b[97;40m", screen)
+        self.assertIn("\u2588", screen)
+
+    def test_browser_opens_only_where_a_person_can_see_it(self):
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        opened = os.path.join(folder, "opened")
+        recorder = os.path.join(folder, "browser")
+        with open(recorder, "w") as handle:
+            handle.write("#!/bin/sh\nprintf '%%s\\n' \"$1\" >> %s\n" % opened)
+        os.chmod(recorder, 0o755)
+        browser = {"BROWSER": recorder + " %s"}
+        cases = [({"DISPLAY": ":99"}, [], True),
+                 ({"DISPLAY": ":99", "SSH_CONNECTION": "10.0.0.1 5000 10.0.0.2 22"}, [], False),
+                 ({"DISPLAY": ":99", "SSH_TTY": "/dev/pts/3"}, [], False),
+                 ({}, [], False),
+                 ({"DISPLAY": ":99"}, ["--no-browser"], False),
+                 ({"SSH_TTY": "/dev/pts/3"}, ["--browser"], True)]
+        for env, flags, expected in cases:
+            with self.subTest(env=env, flags=flags):
+                if os.path.exists(opened):
+                    os.unlink(opened)
+                self.issuer.approve_after_polls = 0
+                code, _, screen = run_in_pty(self.args + flags, env=dict(browser, **env))
+                self.assertEqual(code, 0, screen)
+                if expected:
+                    with open(opened) as handle:
+                        self.assertEqual(handle.read().split(), [self.issuer.issuer + "/device?user_code="
+                                                                 + list(self.issuer.devices.values())[-1]["user_code"]])
+                else:
+                    self.assertFalse(os.path.exists(opened))
+
+    def test_no_browser_when_stderr_is_not_a_terminal(self):
+        err = vdl._Terminal(stream=io.StringIO())
+        self.assertFalse(vdl._browser_visible({"DISPLAY": ":0"}, err, "linux"))
+        with mock.patch.object(err, "isatty", return_value=True):
+            self.assertTrue(vdl._browser_visible({"DISPLAY": ":0"}, err, "linux"))
+            self.assertTrue(vdl._browser_visible({"WAYLAND_DISPLAY": "wayland-0"}, err, "linux"))
+            self.assertFalse(vdl._browser_visible({}, err, "linux"))
+            self.assertTrue(vdl._browser_visible({}, err, "darwin"))
+            self.assertFalse(vdl._browser_visible({"SSH_CLIENT": "x"}, err, "darwin"))
+
+
+class PlainPromptTests(IssuerTest):
+    def test_qr_is_drawn_even_when_stderr_is_a_log(self):
+        self.issuer.approve_after_polls = 0
+        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"],
+                         env={"PYTHONIOENCODING": "utf-8"})
+        self.assertEqual(result.code, 0, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if set(line) & set("\u2580\u2584\u2588")]
+        self.assertGreater(len(lines), 10)
+        self.assertNotIn("\x1b", result.stderr)
+        if zxingcpp is not None:
+            device = next(iter(self.issuer.devices.values()))
+            self.assertEqual(decoded_text(modules_from_text(lines)),
+                             self.issuer.issuer + "/device?user_code=" + device["user_code"])
+
+    def test_ascii_fallback_when_stderr_cannot_show_half_blocks(self):
+        self.issuer.approve_after_polls = 0
+        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"],
+                         env={"PYTHONIOENCODING": "ascii"})
+        self.assertEqual(result.code, 0, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("####")]
+        self.assertGreater(len(lines), 20)
+        if zxingcpp is not None:
+            device = next(iter(self.issuer.devices.values()))
+            self.assertEqual(decoded_text(modules_from_text(lines, unicode=False)),
+                             self.issuer.issuer + "/device?user_code=" + device["user_code"])
+
+    def test_a_plain_line_now_and_then_while_waiting_in_a_log(self):
+        self.issuer.approve_after_polls = 30
+        self.issuer.enforce_interval = False
+        self.issuer.rate_limit = False
+        self.issuer.interval = 5
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli"])
+        self.assertEqual(result.code, 0, result.stderr)
+        waiting = [line for line in result.stderr.splitlines() if "still waiting for approval" in line]
+        self.assertEqual(len(waiting), 2)
+        self.assertIn("min", waiting[0])
+        self.assertNotIn("\r", result.stderr)
+        self.assertNotIn("still waiting", self.sign_in("-q").stderr)
 
 
 # ============================================================================

@@ -1004,16 +1004,17 @@ def _format_duration(seconds):
     return "%d s" % seconds
 
 
-def show_prompt(device, terminal, presenters=()):
+def show_prompt(device, terminal, presenters=(), bold=False):
     """Tell the person where to go and which code to enter, on stderr.
 
     `presenters` are callables taking (device, terminal), run after the text
     prompt: the seam where QR codes, browsers and clipboards plug in.
     """
+    code = _sanitize(device.user_code, 64)
     lines = [
         "",
         "To sign in, open:  %s" % _sanitize(device.verification_uri, 2048),
-        "and enter the code:  %s" % _sanitize(device.user_code, 64),
+        "and enter the code:  %s   (%s)" % ("\x1b[1m%s\x1b[0m" % code if bold else code, _spoken(code)),
     ]
     if device.verification_uri_complete:
         lines.append("or open directly:  %s" % _sanitize(device.verification_uri_complete, 2048))
@@ -1102,6 +1103,549 @@ def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=No
             raise AccessDeniedError("the sign-in was denied (%s)" % _describe_oauth_error(*error))
         else:
             raise ProtocolError("%s: the server refused: %s" % (what, _describe_oauth_error(*error)))
+
+
+# ============================================================================
+# QR code (ISO/IEC 18004:2015): byte mode, level M (L for long URLs), 8 masks
+# ============================================================================
+#
+# Shows verification_uri_complete as a code a phone can scan (RFC 8628
+# §3.3.1). Level M; level L only when M would need a symbol wider than an
+# 80-column terminal (version > _QR_M_MAX_VERSION) and L fits in a smaller
+# version, or when M does not fit at all: a code on a screen suffers no print
+# damage, and a code that wraps cannot be scanned at any level.
+
+# Largest version drawn at level M: 17 + 4 * 13 + 2 * 4 quiet = 77 columns.
+_QR_M_MAX_VERSION = 13
+
+# ISO/IEC 18004:2015 §7.9.1 Table 12 error correction level indicators
+_QR_LEVEL_BITS = {'L': 1, 'M': 0, 'Q': 3, 'H': 2}
+
+# ISO/IEC 18004:2015 §7.5 Table 9 error correction codewords per block,
+# indexed by version - 1
+_QR_EC_PER_BLOCK = {
+    'L': (7, 10, 15, 20, 26, 18, 20, 24, 30, 18, 20, 24, 26, 30, 22, 24, 28,
+          30, 28, 28, 28, 28, 30, 30, 26, 28, 30, 30, 30, 30, 30, 30, 30, 30,
+          30, 30, 30, 30, 30, 30),
+    'M': (10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28,
+          26, 26, 26, 26, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28,
+          28, 28, 28, 28, 28, 28),
+    'Q': (13, 22, 18, 26, 18, 24, 18, 22, 20, 24, 28, 26, 24, 20, 30, 24, 28,
+          28, 26, 30, 28, 30, 30, 30, 30, 28, 30, 30, 30, 30, 30, 30, 30, 30,
+          30, 30, 30, 30, 30, 30),
+    'H': (17, 28, 22, 16, 22, 28, 26, 26, 24, 28, 24, 28, 22, 24, 24, 30, 28,
+          28, 26, 28, 30, 24, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30,
+          30, 30, 30, 30, 30, 30),
+}
+
+# ISO/IEC 18004:2015 §7.5 Table 9 number of error correction blocks,
+# indexed by version - 1
+_QR_BLOCKS = {
+    'L': (1, 1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 4, 6, 6, 6, 6, 7, 8, 8, 9, 9,
+          10, 12, 12, 12, 13, 14, 15, 16, 17, 18, 19, 19, 20, 21, 22, 24, 25),
+    'M': (1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17,
+          17, 18, 20, 21, 23, 25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45,
+          47, 49),
+    'Q': (1, 1, 2, 2, 4, 4, 6, 6, 8, 8, 8, 10, 12, 16, 12, 17, 16, 18, 21, 20,
+          23, 23, 25, 27, 29, 34, 34, 35, 38, 40, 43, 45, 48, 51, 53, 56, 59,
+          62, 65, 68),
+    'H': (1, 1, 2, 4, 4, 4, 5, 6, 8, 8, 11, 11, 16, 16, 18, 16, 19, 21, 25, 25,
+          25, 34, 30, 32, 35, 37, 40, 42, 45, 48, 51, 54, 57, 60, 63, 66, 70,
+          74, 77, 81),
+}
+
+# ISO/IEC 18004:2015 §7.8.2 Table 10 data mask conditions (i = row, j = column)
+_QR_MASKS = (
+    lambda i, j: (i + j) % 2 == 0,
+    lambda i, j: i % 2 == 0,
+    lambda i, j: j % 3 == 0,
+    lambda i, j: (i + j) % 3 == 0,
+    lambda i, j: (i // 2 + j // 3) % 2 == 0,
+    lambda i, j: (i * j) % 2 + (i * j) % 3 == 0,
+    lambda i, j: ((i * j) % 2 + (i * j) % 3) % 2 == 0,
+    lambda i, j: ((i + j) % 2 + (i * j) % 3) % 2 == 0,
+)
+
+# Filled on first use so that importing the program stays cheap.
+_QR_GF_CACHE = []
+
+
+def _qr_gf():
+    # ISO/IEC 18004:2015 §7.5.2 GF(2^8) with prime polynomial 0x11D
+    if not _QR_GF_CACHE:
+        exp = bytearray(512)
+        log = bytearray(256)
+        x = 1
+        for i in range(255):
+            exp[i] = x
+            log[x] = i
+            x <<= 1
+            if x & 0x100:
+                x ^= 0x11D
+        exp[255:510] = exp[:255]
+        _QR_GF_CACHE.append((exp, log))
+    return _QR_GF_CACHE[0]
+
+
+def _qr_rs(data, ec_len):
+    """Reed-Solomon error correction codewords for one block."""
+    exp, log = _qr_gf()
+    # ISO/IEC 18004:2015 Annex A generator polynomial prod(x - a^i), i < ec_len
+    gen = [1]
+    for i in range(ec_len):
+        nxt = gen + [0]
+        for k, coef in enumerate(gen):
+            if coef:
+                nxt[k + 1] ^= exp[log[coef] + i]
+        gen = nxt
+    terms = [(k, log[c]) for k, c in enumerate(gen[1:]) if c]
+    # ISO/IEC 18004:2015 §7.5.2 remainder of data(x) * x^ec_len / gen(x)
+    rem = bytearray(ec_len)
+    for byte in data:
+        factor = byte ^ rem[0]
+        del rem[0]
+        rem.append(0)
+        if factor:
+            lf = log[factor]
+            for k, lc in terms:
+                rem[k] ^= exp[lf + lc]
+    return bytes(rem)
+
+
+def _qr_raw_codewords(version):
+    # ISO/IEC 18004:2015 Table 1: modules left for data and EC, in bits
+    bits = (16 * version + 128) * version + 64
+    if version >= 2:
+        align = version // 7 + 2
+        bits -= (25 * align - 10) * align - 55
+        if version >= 7:
+            bits -= 36
+    return bits // 8
+
+
+def _qr_data_codewords(version, level):
+    ec = _QR_EC_PER_BLOCK[level][version - 1] * _QR_BLOCKS[level][version - 1]
+    return _qr_raw_codewords(version) - ec
+
+
+def _qr_fits(length, version, level):
+    # ISO/IEC 18004:2015 §7.4.5 byte mode: 4-bit mode, 8/16-bit count, data
+    count_bits = 8 if version < 10 else 16
+    needed = 4 + count_bits + 8 * length
+    return needed <= 8 * _qr_data_codewords(version, level)
+
+
+def _qr_smallest_version(length, level, version):
+    for ver in ((version,) if version else range(1, 41)):
+        if _qr_fits(length, ver, level):
+            return ver
+    return None
+
+
+def _qr_choose(length, level, version):
+    """Return (version, level) for `length` bytes under the M/L policy."""
+    if level is not None:
+        chosen = _qr_smallest_version(length, level, version)
+    else:
+        chosen = _qr_smallest_version(length, 'M', version)
+        level = 'M'
+        if chosen is None or chosen > _QR_M_MAX_VERSION:
+            low = _qr_smallest_version(length, 'L', version)
+            if low is not None and (chosen is None or low < chosen):
+                chosen, level = low, 'L'
+    if chosen is None:
+        where = f'version {version}' if version else 'a QR code'
+        raise ValueError(
+            f'{length} bytes do not fit in {where} at level {level}')
+    return chosen, level
+
+
+def _qr_codewords(data, version, level):
+    """Final interleaved message codewords (data then error correction)."""
+    data_len = _qr_data_codewords(version, level)
+    # ISO/IEC 18004:2015 §7.4.5 byte mode indicator 0100, count, then bytes
+    count_bits = 8 if version < 10 else 16
+    nbits = 4 + count_bits + 8 * len(data)
+    value = ((4 << count_bits | len(data)) << 8 * len(data)
+             | int.from_bytes(data, 'big'))
+    # ISO/IEC 18004:2015 §7.4.9 terminator, then §7.4.10 zero bits to a byte
+    pad = min(4, 8 * data_len - nbits)
+    pad += -(nbits + pad) % 8
+    nbits += pad
+    stream = bytearray((value << pad).to_bytes(nbits // 8, 'big'))
+    # ISO/IEC 18004:2015 §7.4.10 alternating pad codewords
+    fill = data_len - len(stream)
+    stream += (b'\xec\x11' * (fill // 2 + 1))[:fill]
+    # ISO/IEC 18004:2015 §7.6 split into blocks, shorter blocks first
+    nblocks = _QR_BLOCKS[level][version - 1]
+    ec_len = _QR_EC_PER_BLOCK[level][version - 1]
+    short_len = data_len // nblocks
+    nlong = data_len % nblocks
+    blocks, start = [], 0
+    for b in range(nblocks):
+        size = short_len + (b >= nblocks - nlong)
+        blocks.append(bytes(stream[start:start + size]))
+        start += size
+    ecs = [_qr_rs(block, ec_len) for block in blocks]
+    out = bytearray()
+    for i in range(short_len + 1):
+        out.extend(block[i] for block in blocks if i < len(block))
+    for i in range(ec_len):
+        out.extend(ec[i] for ec in ecs)
+    return out
+
+
+def _qr_alignment_positions(version):
+    # ISO/IEC 18004:2015 Annex E: evenly spaced from row/column 6 to size - 7
+    if version == 1:
+        return []
+    count = version // 7 + 2
+    step = (version * 8 + count * 3 + 5) // (count * 4 - 4) * 2
+    size = 17 + 4 * version
+    return [6] + [size - 7 - i * step for i in range(count - 2, -1, -1)]
+
+
+def _qr_format_bits(level, mask):
+    # ISO/IEC 18004:2015 §7.9.1 and Annex C: BCH(15,5), generator 0x537
+    data = _QR_LEVEL_BITS[level] << 3 | mask
+    rem = data
+    for _ in range(10):
+        rem = rem << 1 ^ (rem >> 9) * 0x537
+    return (data << 10 | rem) ^ 0x5412
+
+
+def _qr_version_bits(version):
+    # ISO/IEC 18004:2015 §7.10 and Annex D: BCH(18,6), generator 0x1F25
+    rem = version
+    for _ in range(12):
+        rem = rem << 1 ^ (rem >> 11) * 0x1F25
+    return version << 12 | rem
+
+
+def _qr_format_positions(size):
+    """(row, column) of format bit 0..14, for each of its two copies."""
+    # ISO/IEC 18004:2015 §7.9.1 format information placement
+    first = [(i, 8) for i in range(6)] + [(7, 8), (8, 8), (8, 7)]
+    first += [(8, 14 - i) for i in range(9, 15)]
+    second = [(8, size - 1 - i) for i in range(8)]
+    second += [(size - 15 + i, 8) for i in range(8, 15)]
+    return first + second
+
+
+def _qr_penalty(rows, size):
+    """Total penalty of a masked symbol given as row bitmasks."""
+    import re
+    # ISO/IEC 18004:2015 §7.8.3.1 Table 11; string and integer operations
+    # keep the per-module work in C.
+    lines = [f'{r:0{size}b}' for r in rows]
+    lines += [''.join(col) for col in zip(*lines)]
+    # N1: runs of five or more same-colour modules cost 3 + (run - 5)
+    runs = re.findall('0{5,}|1{5,}', '2'.join(lines))
+    score = sum(map(len, runs)) - 2 * len(runs)
+    # N2: each 2x2 same-colour block costs 3; clear bits mark a block
+    low = (1 << size - 1) - 1
+    broken = 0
+    prev = rows[0]
+    prev_h = prev ^ prev >> 1
+    for cur in rows[1:]:
+        cur_h = cur ^ cur >> 1
+        unequal = ((prev ^ cur) | prev_h | cur_h) & low
+        # int.bit_count() needs Python 3.10
+        broken += bin(unequal).count('1')
+        prev, prev_h = cur, cur_h
+    score += 3 * ((size - 1) * (size - 1) - broken)
+    # N3: 1:1:3:1:1 with 4 light modules on either side costs 40; the
+    # "0000" separators make the area outside the symbol count as light.
+    text = '0000'.join([''] + lines + [''])
+    both = len(re.findall('(?=000010111010000)', text))
+    score += 40 * (text.count('00001011101') + text.count('10111010000')
+                   - both)
+    # N4: 10 per full 5 % step of dark modules away from 50 %
+    dark = sum(line.count('1') for line in lines[:size])
+    total = size * size
+    score += 10 * (abs(20 * dark - 10 * total) // total)
+    return score
+
+
+def _qr_encode(data, level=None, mask=None, version=None):
+    """Encode `data` in byte mode.
+
+    Returns (matrix, version, level, mask); matrix is a list of rows of
+    bools, True for dark, without quiet zone.  `level` ('L', 'M', 'Q' or
+    'H'), `mask` (0-7) and `version` (1-40) override the automatic choices.
+    """
+    if isinstance(data, str):
+        data = data.encode('utf-8')
+    if level is not None and level not in _QR_LEVEL_BITS:
+        raise ValueError(f'invalid QR error correction level {level!r}')
+    if mask is not None and mask not in range(8):
+        raise ValueError(f'invalid QR mask {mask!r}')
+    if version is not None and version not in range(1, 41):
+        raise ValueError(f'invalid QR version {version!r}')
+    version, level = _qr_choose(len(data), level, version)
+    size = 17 + 4 * version
+    dark = [bytearray(size) for _ in range(size)]
+    func = [bytearray(size) for _ in range(size)]
+
+    def put(r, c, value):
+        dark[r][c] = value
+        func[r][c] = 1
+
+    # ISO/IEC 18004:2015 §6.3.5 timing patterns
+    for i in range(size):
+        put(6, i, i % 2 == 0)
+        put(i, 6, i % 2 == 0)
+    # ISO/IEC 18004:2015 §6.3.3 finder patterns with §6.3.4 separators
+    for top, left in ((0, 0), (0, size - 7), (size - 7, 0)):
+        for dr in range(-1, 8):
+            for dc in range(-1, 8):
+                r, c = top + dr, left + dc
+                if 0 <= r < size and 0 <= c < size:
+                    ring = max(abs(dr - 3), abs(dc - 3))
+                    put(r, c, ring != 2 and ring != 4)
+    # ISO/IEC 18004:2015 §6.3.6 alignment patterns, skipping the finders
+    centres = _qr_alignment_positions(version)
+    last = size - 7
+    for r in centres:
+        for c in centres:
+            if (r, c) in ((6, 6), (6, last), (last, 6)):
+                continue
+            for dr in range(-2, 3):
+                for dc in range(-2, 3):
+                    put(r + dr, c + dc, max(abs(dr), abs(dc)) != 1)
+    # ISO/IEC 18004:2015 §7.9.1 format areas are reserved before placement
+    fmt_positions = _qr_format_positions(size)
+    for r, c in fmt_positions:
+        put(r, c, 0)
+    # ISO/IEC 18004:2015 §7.9.1 the dark module beside the lower finder
+    put(size - 8, 8, 1)
+    # ISO/IEC 18004:2015 §7.10 version information, versions 7 and up
+    if version >= 7:
+        bits = _qr_version_bits(version)
+        for i in range(18):
+            a, b = size - 11 + i % 3, i // 3
+            put(b, a, bits >> i & 1)
+            put(a, b, bits >> i & 1)
+    # ISO/IEC 18004:2015 §7.7.3 two-module columns zigzag from bottom right;
+    # modules left over are the §7.6 remainder bits, zero before masking.
+    codewords = _qr_codewords(data, version, level)
+    nbits = 8 * len(codewords)
+    pos = 0
+    for right in range(size - 1, 0, -2):
+        if right <= 6:
+            right -= 1
+        upward = (right + 1) & 2 == 0
+        for vert in range(size):
+            r = size - 1 - vert if upward else vert
+            row, frow = dark[r], func[r]
+            for c in (right, right - 1):
+                if not frow[c] and pos < nbits:
+                    row[c] = codewords[pos >> 3] >> (7 - (pos & 7)) & 1
+                    pos += 1
+    # ISO/IEC 18004:2015 §7.8 masking, on row bitmasks (column 0 = MSB)
+    to_bits = bytes.maketrans(b'\x00\x01', b'01')
+    to_free = bytes.maketrans(b'\x00\x01', b'10')
+    base = [int(row.translate(to_bits), 2) for row in dark]
+    free = [int(row.translate(to_free), 2) for row in func]
+    reps = size // 6 + 1
+
+    def masked(m):
+        # Mask conditions repeat every 12 rows and every 6 columns.
+        cond = _QR_MASKS[m]
+        period = [int((''.join('1' if cond(i, j) else '0' for j in range(6))
+                       * reps)[:size], 2) for i in range(12)]
+        fmt = _qr_format_bits(level, m)
+        rows = [b ^ (period[i % 12] & f)
+                for i, (b, f) in enumerate(zip(base, free))]
+        for k, (r, c) in enumerate(fmt_positions):
+            if fmt >> (k % 15) & 1:
+                rows[r] |= 1 << (size - 1 - c)
+        return rows
+
+    if mask is None:
+        # ISO/IEC 18004:2015 §7.8.3.1 scores "the complete symbol", format
+        # information included (segno and python-qrcode leave it out and
+        # may pick another mask); ties keep the lower mask.
+        scores = [(_qr_penalty(masked(m), size), m) for m in range(8)]
+        mask = min(scores)[1]
+    matrix = [[bit == '1' for bit in f'{r:0{size}b}']
+              for r in masked(mask)]
+    return matrix, version, level, mask
+
+
+def _qr_matrix(data, level=None, mask=None, version=None):
+    """Module matrix (rows of bools, True = dark) of `data`, see _qr_encode."""
+    return _qr_encode(data, level, mask, version)[0]
+
+
+def _qr_render(matrix, unicode=True, quiet=4, invert=False):
+    """Draw `matrix` as terminal text with a quiet zone of `quiet` modules.
+
+    Without colour escapes the renderer cannot know the terminal's colours,
+    so it draws "ink" (block characters) for the LIGHT modules and the quiet
+    zone and leaves dark modules as blank background.  On the usual dark
+    terminal theme (and in CI log viewers) that is a correct dark-on-light
+    code; on a light theme it shows as a reflectance-reversed code, which
+    most readers also accept.  invert=True inks the dark modules instead,
+    which is correct on light themes.  Colour escapes would fix both themes
+    but garble logs and NO_COLOR output, hence plain characters.
+
+    unicode=True packs two module rows per text line with the half blocks
+    U+2580/U+2584/U+2588; unicode=False draws each module as "##" or two
+    spaces, one text line per module row, for terminals limited to ASCII.
+    """
+    # ISO/IEC 18004:2015 §6.3.8 quiet zone of 4 modules; 2 still reads
+    quiet = max(2, int(quiet))
+    width = len(matrix) + 2 * quiet
+    margin = [not invert] * quiet
+    ink = [[not invert] * width for _ in range(quiet)]
+    ink += [margin + [d == invert for d in row] + margin for row in matrix]
+    ink += [[not invert] * width for _ in range(quiet)]
+    if not unicode:
+        return ''.join(''.join('##' if x else '  ' for x in row).rstrip()
+                       + '\n' for row in ink)
+    if len(ink) % 2:
+        ink.append([False] * width)
+    lines = []
+    for top, bottom in zip(ink[::2], ink[1::2]):
+        line = ''.join(' \u2580\u2584\u2588'[t + 2 * b]
+                       for t, b in zip(top, bottom))
+        lines.append(line.rstrip() + '\n')
+    return ''.join(lines)
+
+
+# ============================================================================
+# Prompt extras: QR code, browser, clipboard (OSC 52), live countdown
+# ============================================================================
+
+def _color_allowed(terminal, environ):
+    """Colour and cursor control only on a terminal, never under NO_COLOR."""
+    return terminal.isatty() and "NO_COLOR" not in environ and environ.get("TERM") != "dumb"
+
+
+def _can_encode(stream, text):
+    import codecs
+    encoding = getattr(stream, "encoding", None) or "ascii"
+    try:
+        codecs.lookup(encoding)
+        text.encode(encoding)
+        return True
+    except (LookupError, UnicodeError):
+        return False
+
+
+def _qr_presenter(environ):
+    """Draw verification_uri_complete (else verification_uri) as a QR code."""
+
+    def present(device, terminal):
+        url = device.verification_uri_complete or device.verification_uri
+        try:
+            matrix = _qr_matrix(url.encode("utf-8"))
+        except ValueError as exc:
+            terminal.warn("no QR code: %s" % exc)
+            return
+        unicode = _can_encode(terminal._out(), "\u2580\u2584\u2588")
+        text = _qr_render(matrix, unicode=unicode)
+        if _color_allowed(terminal, environ):
+            # Light modules in bright white on black: right on dark and light themes alike.
+            width = len(matrix) + 8 if unicode else 2 * (len(matrix) + 8)
+            text = "".join("\x1b[97;40m%s\x1b[0m\n" % line.ljust(width) for line in text.splitlines())
+        terminal.write(text + "\n")
+    return present
+
+
+def _browser_visible(environ, terminal, platform=None):
+    """Whether a browser opened here would be seen by the person (SPEC §4)."""
+    platform = platform or sys.platform
+    if environ.get("SSH_CONNECTION") or environ.get("SSH_TTY") or environ.get("SSH_CLIENT"):
+        return False
+    if not terminal.isatty():
+        return False
+    if platform.startswith("linux") or "bsd" in platform:
+        return bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+def _browser_presenter(device, terminal):
+    """Open the verification URL in a browser, on a thread: never block the poller."""
+    import threading
+    url = device.verification_uri_complete or device.verification_uri
+
+    def open_browser():
+        try:
+            import webbrowser
+            if not webbrowser.open(url, new=2):
+                terminal.debug("no browser could be opened")
+        except Exception as exc:  # noqa: BLE001 - any browser failure is only worth a debug line
+            terminal.debug("opening a browser failed: %s" % exc)
+
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    if parts.scheme != "https" and not _is_loopback_host(parts.hostname or ""):
+        terminal.debug("not opening a browser for a non-https URL")
+        return
+    thread = threading.Thread(target=open_browser, name="browser")
+    thread.daemon = True
+    thread.start()
+
+
+def _copy_presenter(device, terminal):
+    """Put the user code on the clipboard with OSC 52, which also works over SSH."""
+    import base64
+    if not terminal.isatty():
+        return
+    payload = base64.b64encode(device.user_code.encode("utf-8")).decode("ascii")
+    terminal.write("\x1b]52;c;%s\x07" % payload)
+    terminal.info("the code is on your clipboard (if your terminal allows OSC 52)")
+
+
+def _spoken(user_code):
+    """The user code spaced out in groups, easy to read aloud."""
+    groups = [" ".join(group) for group in user_code.split("-")]
+    return "  -  ".join(groups)
+
+
+class _Countdown(object):
+    """Shows the time left while the poller waits.
+
+    On a terminal one line is rewritten in place every second; elsewhere
+    (a CI log) a plain line is written now and then.
+    """
+
+    PLAIN_EVERY = 60.0
+
+    def __init__(self, terminal, deadline, live):
+        self.terminal = terminal
+        self.deadline = deadline
+        self.live = live
+        self.next_plain = _monotonic() + self.PLAIN_EVERY
+        self.shown = False
+
+    def sleep(self, seconds):
+        """Sleep like time.sleep, updating the countdown meanwhile."""
+        end = _monotonic() + seconds
+        while True:
+            now = _monotonic()
+            self._show(now)
+            left = end - now
+            if left <= 0:
+                return
+            step = 1.0 - (self.deadline - now) % 1.0 if self.live else self.next_plain - now
+            _sleep(max(0.01, min(left, step)))
+
+    def _show(self, now):
+        left = _format_duration(self.deadline - now)
+        if self.live:
+            self.terminal.write("\r\x1b[KWaiting for approval... %s left " % left)
+            self.shown = True
+        elif now >= self.next_plain:
+            self.terminal.info("still waiting for approval; %s left" % left)
+            self.next_plain = now + self.PLAIN_EVERY
+
+    def finish(self):
+        if self.shown:
+            self.terminal.write("\r\x1b[K")
+            self.shown = False
 
 
 # ============================================================================
@@ -1568,9 +2112,12 @@ def _sign_in(config, http, terminal, metadata):
             http, metadata["device_authorization_endpoint"], config.client_id, config.scope,
             config.extra_device_parameters)
         terminal.add_secret(device.device_code)
-        show_prompt(device, terminal, config.presenters)
+        color = _color_allowed(terminal, config.environ)
+        show_prompt(device, terminal, _presenters(config, terminal), bold=color)
+        countdown = _Countdown(terminal, device.received_at + device.expires_in, live=color)
         try:
-            document = poll_for_token(http, metadata["token_endpoint"], config.client_id, device)
+            document = poll_for_token(http, metadata["token_endpoint"], config.client_id, device,
+                                      sleep=None if terminal.quiet else countdown.sleep)
         except _DeviceCodeExpired:
             if restarts >= config.max_restarts:
                 raise ExpiredError("the code expired before the sign-in was approved%s"
@@ -1579,8 +2126,25 @@ def _sign_in(config, http, terminal, metadata):
             terminal.info("the code expired; getting a new one (restart %d of %d)"
                           % (restarts, config.max_restarts))
             continue
+        finally:
+            countdown.finish()
         _remember_secrets(terminal, document)
         return document
+
+
+def _presenters(config, terminal):
+    """The prompt extras this run asked for or that suit this terminal."""
+    presenters = []
+    if config.qr:
+        presenters.append(_qr_presenter(config.environ))
+    if config.copy:
+        presenters.append(_copy_presenter)
+    browser = config.browser
+    if browser is None:
+        browser = _browser_visible(config.environ, terminal)
+    if browser:
+        presenters.append(_browser_presenter)
+    return presenters
 
 
 def _remember_secrets(terminal, document):
@@ -1808,6 +2372,11 @@ def _argument_parser():
     add("--max-restarts", metavar="N", type=int,
         help="new codes to fetch when one expires (default 2 on a terminal, else 0)")
     add("-q", "--quiet", action="store_true", help="only the code prompt and errors on stderr")
+    add("--qr", action="store_true", help="also draw the sign-in URL as a QR code on stderr")
+    add("--browser", dest="browser", action="store_const", const=True, default=None,
+        help="open the sign-in URL in a browser (default: only where one can be seen)")
+    add("--no-browser", dest="browser", action="store_const", const=False, help="never open a browser")
+    add("--copy", action="store_true", help="put the code on the clipboard (OSC 52) when stderr is a terminal")
     add("-v", "--verbose", action="store_true", help="log each request and response (secrets masked)")
     add("--version", action="version", version="%s %s" % (_PROG, __version__))
     group = parser.add_argument_group("sessions and policy")
@@ -1871,7 +2440,9 @@ def _config_from_args(args, environ, terminal):
         max_restarts=max_restarts,
         needs_metadata=args.userinfo,
         extra_device_parameters=extra,
-        presenters=[],
+        qr=args.qr,
+        copy=args.copy,
+        browser=args.browser,
         environ=environ,
         cache=args.cache or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on"),
         min_ttl=args.min_ttl,
