@@ -195,16 +195,18 @@ class _Terminal(object):
         except (OSError, ValueError):
             pass
 
+    # Messages are sanitised once more here: whatever a server managed to get
+    # into one, it cannot reach the terminal as an escape sequence.
     def error(self, message):
-        self.write("%s: error: %s\n" % (_PROG, message))
+        self.write("%s: error: %s\n" % (_PROG, _sanitize(self.mask(message), 1000)))
 
     def warn(self, message):
         if not self.quiet:
-            self.write("%s: warning: %s\n" % (_PROG, message))
+            self.write("%s: warning: %s\n" % (_PROG, _sanitize(self.mask(message), 1000)))
 
     def info(self, message):
         if not self.quiet:
-            self.write("%s: %s\n" % (_PROG, message))
+            self.write("%s: %s\n" % (_PROG, _sanitize(self.mask(message), 1000)))
 
     def add_secret(self, value):
         """Remember a value that must never reach a log line."""
@@ -1709,36 +1711,1050 @@ def _jws_parts(token):
     return parts
 
 
+# ============================================================================
+# JOSE: compact JWS (RFC 7515) and JWT (RFC 7519) verification against a JWKS
+# (RFC 7517), algorithms from RFC 7518 and RFC 8037, access-token typ from
+# RFC 9068
+# ============================================================================
+
+_MAX_TOKEN_LENGTH = 64 * 1024
+
+# RSA key policy. The lower bound is NIST SP 800-131A's minimum. The upper
+# bound is OpenSSL's OPENSSL_RSA_MAX_MODULUS_BITS: nobody deploys larger keys,
+# and it bounds the cost of the modular exponentiation a published key buys.
+_RSA_MIN_BITS = 2048
+_RSA_MAX_BITS = 16384
+# e = 65537 only: small exponents (e = 3) are what makes PKCS#1 v1.5 forgeries
+# practical against lax verifiers, and e = 1 makes every signature "valid".
+_RSA_EXPONENT = 65537
+
+# RFC 7518 §3.1 algorithm names -> hash (and for ECDSA: curve, coordinate size).
+_RSA_PKCS1_ALGS = {"RS256": "sha256", "RS384": "sha384", "RS512": "sha512"}
+_RSA_PSS_ALGS = {"PS256": "sha256", "PS384": "sha384", "PS512": "sha512"}
+_EC_ALGS = {
+    "ES256": ("P-256", "sha256", 32),
+    "ES384": ("P-384", "sha384", 48),
+    "ES512": ("P-521", "sha512", 66),
+}
+# "EdDSA" (RFC 8037 §3.1) and its fully-specified name "Ed25519" (RFC 9864);
+# with the key's crv pinned to Ed25519 both mean exactly the same algorithm.
+_EDDSA_ALGS = frozenset(("EdDSA", "Ed25519"))
+_ALGORITHMS = frozenset(_RSA_PKCS1_ALGS) | frozenset(_RSA_PSS_ALGS) | frozenset(_EC_ALGS) | _EDDSA_ALGS
+
+# DER DigestInfo prefixes for EMSA-PKCS1-v1_5, RFC 8017 §9.2 Note 1. The
+# expected block is rebuilt from these and compared whole; nothing is parsed.
+_DIGEST_INFO = {
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
+
+# Header parameters that change how the JWS must be processed. None of the
+# extensions is supported, so their presence alone is a reason to reject.
+_REJECTED_HEADERS = (
+    ("crit", "crit header is not supported: no JWS extensions are understood (RFC 7515 §4.1.11)"),
+    ("b64", "b64 header (RFC 7797 unencoded payload) is not supported"),
+    ("zip", "zip header is not allowed in a JWS (compression is a JWE feature, RFC 7516 §4.1.3)"),
+)
+
+# verify_jwt(typ=NOT_AT_JWT): the header typ must NOT be at+jwt, which is how an
+# ID token is kept from being accepted as an access token and back (RFC 9068 §4).
+# A leading "!" negates any typ; it cannot begin a media type (RFC 6838 §4.2).
+NOT_AT_JWT = "!at+jwt"
+
+
+class _UnknownKidError(TokenVerificationError):
+    """The token's kid is not in the JWKS; the caller may refetch it once (key rotation)."""
+
+
+def _show(value):
+    """repr() of a value taken from a token or key, cut short: safe in one error line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _format_time(value):
+    import time
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    except (OverflowError, OSError, ValueError):
+        return _show(value)
+
+
+def _b64_part(text, what):
+    try:
+        return _b64url_decode(text)
+    except ValueError:
+        raise TokenVerificationError(f"{what} is not strict base64url") from None
+
+
+def _json_object(raw, what):
+    try:
+        value = _loads_json(raw)
+    except ValueError as exc:
+        # The reason may quote a key from the token (duplicate key): keep it short.
+        raise TokenVerificationError(f"{what} is not valid JSON: {str(exc)[:100]}") from None
+    if not isinstance(value, dict):
+        raise TokenVerificationError(f"{what} is not a JSON object")
+    return value
+
+
+def _parse_compact(token):
+    """Split a JWS Compact Serialization (RFC 7515 §7.1) and parse its header."""
+    if not isinstance(token, str):
+        raise TokenVerificationError("token must be a string")
+    if len(token) > _MAX_TOKEN_LENGTH:
+        raise TokenVerificationError(f"token is longer than {_MAX_TOKEN_LENGTH} characters")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenVerificationError(
+            f"token has {len(parts)} dot-separated parts; a compact JWS has exactly 3")
+    header = _json_object(_b64_part(parts[0], "token header"), "token header")
+    return header, parts
+
+
 def decode_jwt(token):
     """Decode a compact JWT without checking its signature.
 
-    Returns (header, claims), both dicts. Strict: exactly three base64url
-    parts, header and payload JSON objects without duplicate keys, NaN or
-    infinities. Raises TokenVerificationError otherwise. Never trust what
-    this returns for a decision: use verify_jwt for that.
+    Returns ``(header, claims)``, both dicts. The token must have exactly three
+    strict-base64url parts (RFC 7515 §2, §7.1) and be at most 64 KiB; header
+    and payload must be JSON objects without duplicate keys, NaN or
+    infinities. Raises TokenVerificationError otherwise. Use verify_jwt
+    before trusting anything returned here.
     """
-    parts = _jws_parts(token)
-    if parts is None:
-        raise TokenVerificationError("not a compact JWS: expected three dot-separated parts")
-    if len(token) > MAX_TOKEN_BYTES:
-        raise TokenVerificationError("token longer than %d bytes" % MAX_TOKEN_BYTES)
-    decoded = []
-    for name, part in (("header", parts[0]), ("payload", parts[1])):
-        try:
-            value = _loads_json(_b64url_decode(part))
-        except ValueError as exc:
-            raise TokenVerificationError("JWT %s is not valid base64url JSON: %s" % (name, _sanitize(str(exc), 100)))
-        if not isinstance(value, dict):
-            raise TokenVerificationError("JWT %s is %s, not a JSON object" % (name, _json_type(value)))
-        decoded.append(value)
+    header, parts = _parse_compact(token)
+    claims = _json_object(_b64_part(parts[1], "token payload"), "token payload")
+    # Not verified, but still held to the same encoding rules as the rest.
+    _b64_part(parts[2], "token signature")
+    return header, claims
+
+
+def _check_alg(alg, allowed=None):
+    """Allow-list check of a JWS alg (RFC 8725 §3.1), before any key is touched."""
+    if not isinstance(alg, str):
+        raise TokenVerificationError("alg must be a string")
+    if alg.lower() == "none":
+        raise TokenVerificationError("alg none is not allowed")
+    if alg.upper().startswith("HS"):
+        raise TokenVerificationError(
+            f"alg {_show(alg)} is not allowed: symmetric (HMAC) algorithms are never accepted")
+    if alg not in _ALGORITHMS:
+        raise TokenVerificationError(f"alg {_show(alg)} is not supported")
+    if allowed is not None and alg not in allowed:
+        raise TokenVerificationError(
+            f"alg {alg} is not among the accepted algorithms ({', '.join(sorted(map(str, allowed)))})")
+
+
+def _key_label(jwk):
+    kid = jwk.get("kid")
+    return f"key {_show(kid)}" if isinstance(kid, str) else "key (no kid)"
+
+
+def _jwk_uint(jwk, name, label):
+    """An RSA JWK integer member (RFC 7518 §6.3.1): strict base64url, big-endian."""
+    value = jwk.get(name)
+    if not isinstance(value, str):
+        raise TokenVerificationError(f"{label} has no string {name} member")
     try:
-        _b64url_decode(parts[2])
+        raw = _b64url_decode(value)
     except ValueError:
-        raise TokenVerificationError("JWT signature is not valid base64url")
-    return decoded[0], decoded[1]
+        raise TokenVerificationError(f"{label}: {name} is not strict base64url") from None
+    # RFC 7518 §6.3.1.1 forbids leading zero octets, but Java's
+    # BigInteger.toByteArray() adds a 0x00 sign octet before a first byte >= 0x80
+    # and real issuers publish that (Jenkins' OIDC provider, OpenAM/WrenAM,
+    # Terrakube). The integer is the same, so exactly that one octet is
+    # tolerated; any other leading zero is rejected.
+    if not raw or (raw[0] == 0 and (len(raw) == 1 or raw[1] < 0x80)):
+        raise TokenVerificationError(
+            f"{label}: {name} is not a minimal unsigned integer (RFC 7518 §6.3.1)")
+    return int.from_bytes(raw, "big")
 
 
-MAX_TOKEN_BYTES = 64 * 1024
+def _jwk_octets(jwk, name, size, label):
+    """A fixed-size JWK coordinate: RFC 7518 §6.2.1.2-3 (EC), RFC 8037 §2 (OKP)."""
+    value = jwk.get(name)
+    if not isinstance(value, str):
+        raise TokenVerificationError(f"{label} has no string {name} member")
+    try:
+        raw = _b64url_decode(value)
+    except ValueError:
+        raise TokenVerificationError(f"{label}: {name} is not strict base64url") from None
+    if len(raw) != size:
+        raise TokenVerificationError(
+            f"{label}: {name} is {len(raw)} octets; the curve needs exactly {size}")
+    return raw
+
+
+def _rsa_key(jwk, label):
+    n = _jwk_uint(jwk, "n", label)
+    e = _jwk_uint(jwk, "e", label)
+    bits = n.bit_length()
+    if bits < _RSA_MIN_BITS:
+        raise TokenVerificationError(
+            f"{label}: RSA modulus has {bits} bits; at least {_RSA_MIN_BITS} are required")
+    if bits > _RSA_MAX_BITS:
+        raise TokenVerificationError(
+            f"{label}: RSA modulus has {bits} bits; at most {_RSA_MAX_BITS} are accepted")
+    if not n & 1:
+        raise TokenVerificationError(f"{label}: RSA modulus is even")
+    if e != _RSA_EXPONENT:
+        shown = str(e) if e.bit_length() <= 64 else f"of {e.bit_length()} bits"
+        raise TokenVerificationError(
+            f"{label}: RSA public exponent {shown} is not allowed; only {_RSA_EXPONENT} is accepted")
+    return n, e
+
+
+def _same_alg(key_alg, alg):
+    if not isinstance(key_alg, str):
+        return False
+    return key_alg == alg or (key_alg in _EDDSA_ALGS and alg in _EDDSA_ALGS)
+
+
+def _load_key(alg, jwk):
+    """Check that a JWK may verify ``alg`` (RFC 8725 §3.1) and return its public key.
+
+    ``alg`` must already have passed _check_alg. Returns (n, e) for RSA, (x, y)
+    octets for EC and the 32-octet public key for Ed25519. Raises
+    TokenVerificationError naming the rule the key breaks.
+    """
+    if not isinstance(jwk, dict):
+        raise TokenVerificationError("JWK must be a JSON object")
+    label = _key_label(jwk)
+    kty = jwk.get("kty")
+    if kty == "oct":
+        raise TokenVerificationError(f"{label} is a symmetric (oct) key; those are never accepted")
+    if alg in _RSA_PKCS1_ALGS or alg in _RSA_PSS_ALGS:
+        wanted = "RSA"
+    elif alg in _EC_ALGS:
+        wanted = "EC"
+    else:
+        wanted = "OKP"
+    if kty != wanted:
+        raise TokenVerificationError(
+            f"{label} has kty {_show(kty)}; alg {alg} needs kty {wanted}")
+    # RFC 7517 §4.4: a key that names its algorithm is for that algorithm only.
+    if "alg" in jwk and not _same_alg(jwk["alg"], alg):
+        raise TokenVerificationError(f"{label} is for alg {_show(jwk['alg'])}, not {alg}")
+    # RFC 7517 §4.2 and §4.3: an encryption key must never verify signatures.
+    if "use" in jwk and jwk["use"] != "sig":
+        raise TokenVerificationError(
+            f"{label} has use {_show(jwk['use'])}; only use 'sig' keys verify signatures")
+    if "key_ops" in jwk:
+        ops = jwk["key_ops"]
+        if not isinstance(ops, list) or "verify" not in ops:
+            raise TokenVerificationError(
+                f"{label} has key_ops {_show(ops)} without 'verify'")
+    if wanted == "RSA":
+        return _rsa_key(jwk, label)
+    if wanted == "EC":
+        crv, _, size = _EC_ALGS[alg]
+        if jwk.get("crv") != crv:
+            raise TokenVerificationError(
+                f"{label} has crv {_show(jwk.get('crv'))}; alg {alg} needs {crv}")
+        return _jwk_octets(jwk, "x", size, label), _jwk_octets(jwk, "y", size, label)
+    # RFC 8037 §2: OKP key; only Ed25519 is supported (Ed448 is not).
+    if jwk.get("crv") != "Ed25519":
+        raise TokenVerificationError(
+            f"{label} has crv {_show(jwk.get('crv'))}; alg {alg} needs Ed25519")
+    return _jwk_octets(jwk, "x", 32, label)
+
+
+def _rsa_pkcs1v15_verify(n, e, hash_name, message, signature):
+    """RSASSA-PKCS1-v1_5-VERIFY, RFC 8017 §8.2.2.
+
+    The expected EMSA-PKCS1-v1_5 block (§9.2) is rebuilt in full and compared
+    byte for byte with the recovered one. Nothing is parsed: parsing the
+    DigestInfo is what lets e = 3 "garbage after the hash" forgeries through.
+    """
+    import hashlib
+    import hmac
+    k = (n.bit_length() + 7) // 8
+    if len(signature) != k:  # §8.2.2 step 1
+        return False
+    s = int.from_bytes(signature, "big")
+    if s >= n:  # RSAVP1, §5.2.2 step 1
+        return False
+    em = pow(s, e, n).to_bytes(k, "big")
+    t = _DIGEST_INFO[hash_name] + getattr(hashlib, hash_name)(message).digest()
+    if k < len(t) + 11:  # §9.2 step 3
+        return False
+    expected = b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t
+    return hmac.compare_digest(em, expected)
+
+
+def _mgf1(hash_fn, seed, length):
+    """MGF1, RFC 8017 §B.2.1."""
+    h_len = hash_fn().digest_size
+    blocks = (length + h_len - 1) // h_len
+    return b"".join(hash_fn(seed + c.to_bytes(4, "big")).digest() for c in range(blocks))[:length]
+
+
+def _rsa_pss_verify(n, e, hash_name, message, signature):
+    """RSASSA-PSS-VERIFY, RFC 8017 §8.1.2, with EMSA-PSS-VERIFY, §9.1.2.
+
+    MGF1 uses the message hash and the salt is exactly one hash long, as
+    RFC 7518 §3.5 requires for PS256/384/512.
+    """
+    import hashlib
+    import hmac
+    hash_fn = getattr(hashlib, hash_name)
+    k = (n.bit_length() + 7) // 8
+    if len(signature) != k:  # §8.1.2 step 1
+        return False
+    s = int.from_bytes(signature, "big")
+    if s >= n:  # RSAVP1, §5.2.2 step 1
+        return False
+    m = pow(s, e, n)
+    em_bits = n.bit_length() - 1
+    em_len = (em_bits + 7) // 8
+    if m >> (8 * em_len):  # I2OSP(m, emLen) fails, §8.1.2 step 2c
+        return False
+    em = m.to_bytes(em_len, "big")
+    h_len = s_len = hash_fn().digest_size
+    m_hash = hash_fn(message).digest()  # §9.1.2 step 2
+    if em_len < h_len + s_len + 2:  # step 3
+        return False
+    if em[-1] != 0xBC:  # step 4
+        return False
+    db_len = em_len - h_len - 1
+    masked_db, h = em[:db_len], em[db_len:-1]  # step 5
+    top_mask = 0xFF >> (8 * em_len - em_bits)
+    if masked_db[0] & ~top_mask:  # step 6: the leftmost 8emLen - emBits bits are zero
+        return False
+    db_mask = _mgf1(hash_fn, h, db_len)  # step 7
+    db = (int.from_bytes(masked_db, "big") ^ int.from_bytes(db_mask, "big")).to_bytes(db_len, "big")
+    db = bytes((db[0] & top_mask,)) + db[1:]  # steps 8-9
+    ps_len = em_len - h_len - s_len - 2
+    if db[:ps_len] != bytes(ps_len) or db[ps_len] != 0x01:  # step 10
+        return False
+    salt = db[db_len - s_len:]  # step 11
+    h_prime = hash_fn(bytes(8) + m_hash + salt).digest()  # steps 12-13
+    return hmac.compare_digest(h, h_prime)  # step 14
+
+
+def _verify_with_key(alg, key, signing_input, signature):
+    """Verify with a key returned by _load_key for the same alg."""
+    if alg in _RSA_PKCS1_ALGS:
+        return _rsa_pkcs1v15_verify(key[0], key[1], _RSA_PKCS1_ALGS[alg], signing_input, signature)
+    if alg in _RSA_PSS_ALGS:
+        return _rsa_pss_verify(key[0], key[1], _RSA_PSS_ALGS[alg], signing_input, signature)
+    if alg in _EC_ALGS:
+        import hashlib
+        crv, hash_name, _ = _EC_ALGS[alg]
+        digest = getattr(hashlib, hash_name)(signing_input).digest()
+        # RFC 7518 §3.4: the signature is raw r || s; ec.py checks lengths and ranges.
+        return _ecdsa_verify(crv, key[0], key[1], digest, signature) is True
+    return _ed25519_verify(key, signing_input, signature) is True
+
+
+def verify_signature(alg, jwk, signing_input, signature):
+    """Verify one JWS signature with one JWK: the raw primitive.
+
+    ``alg`` is a JWS algorithm name: RS256/384/512, PS256/384/512,
+    ES256/384/512, EdDSA or Ed25519. ``jwk`` is a public key as a dict
+    (RFC 7517). ``signing_input`` is ASCII(header "." payload) as bytes and
+    ``signature`` the decoded signature bytes (raw r || s for ECDSA).
+
+    Returns True when the signature verifies and False when it does not.
+    Raises TokenVerificationError when the algorithm or the key is
+    unacceptable: alg none, HS* or unknown; a symmetric (oct) key; kty or crv
+    not fitting the alg; a JWK alg other than ``alg``; use other than sig;
+    key_ops without verify; an RSA modulus outside 2048..16384 bits or even;
+    an RSA exponent other than 65537.
+    """
+    _check_alg(alg)
+    return _verify_with_key(alg, _load_key(alg, jwk), signing_input, signature)
+
+
+def _select_key(alg, kid, jwks):
+    """Pick the key for a token from a JWKS or one JWK and load it (RFC 7515 §6).
+
+    ``kid`` is the header's kid or None.
+    """
+    if not isinstance(jwks, dict):
+        raise TokenVerificationError("JWKS must be a JSON object")
+    if "keys" not in jwks:
+        # One JWK: the caller chose it. Its kid, when both sides have one, must match.
+        if kid is not None and "kid" in jwks and jwks["kid"] != kid:
+            raise _UnknownKidError(f"no key with kid {_show(kid)}: the JWK has another kid")
+        return _load_key(alg, jwks)
+    keys = jwks["keys"]
+    if not isinstance(keys, list):
+        raise TokenVerificationError("JWKS keys member must be an array")
+    # RFC 7517 §5: members that are not keys are ignored.
+    keys = [jwk for jwk in keys if isinstance(jwk, dict)]
+    seen = set()
+    for jwk in keys:
+        key_id = jwk.get("kid")
+        if isinstance(key_id, str):
+            if key_id in seen:
+                raise TokenVerificationError(f"JWKS has more than one key with kid {_show(key_id)}")
+            seen.add(key_id)
+    if kid is not None:
+        for jwk in keys:
+            if jwk.get("kid") == kid:
+                # The issuer named this key: if it breaks policy, that is an error,
+                # not a reason to try another key.
+                return _load_key(alg, jwk)
+        raise _UnknownKidError(f"no key with kid {_show(kid)} in the JWKS")
+    # No kid: usable only when exactly one key in the set fits the alg and policy.
+    loaded, reasons = [], []
+    for jwk in keys:
+        try:
+            loaded.append(_load_key(alg, jwk))
+        except TokenVerificationError as exc:
+            reasons.append(str(exc))
+    if len(loaded) == 1:
+        return loaded[0]
+    if loaded:
+        raise TokenVerificationError(
+            f"token has no kid and {len(loaded)} keys in the JWKS fit alg {alg}")
+    detail = f" ({'; '.join(reasons[:3])})" if reasons else ""
+    raise TokenVerificationError(f"no key in the JWKS fits alg {alg}{detail}")
+
+
+def verify_jws(token, jwks, algorithms=None):
+    """Verify a compact JWS against a JWK Set and return ``(header, payload)``.
+
+    ``jwks`` is a JWK Set (``{"keys": [...]}``) or one JWK; ``algorithms``
+    optionally narrows the built-in allow-list (RS*, PS*, ES*, EdDSA,
+    Ed25519). The payload is returned as raw bytes, whatever it holds.
+
+    Keys come only from ``jwks``: jku, x5u, jwk and x5c headers are ignored;
+    crit, b64 and zip headers are rejected. A header kid is matched exactly;
+    without one, exactly one key in the set must fit the alg. Duplicate kids
+    in the set are an error. Raises _UnknownKidError (a
+    TokenVerificationError) when the kid is not in the set, so the caller can
+    refetch the JWKS once after a key rotation, and TokenVerificationError
+    for every other failure, including "signature does not verify".
+    """
+    header, parts = _parse_compact(token)
+    if "alg" not in header:
+        raise TokenVerificationError("token header has no alg")
+    if algorithms is None:
+        allowed = None
+    elif isinstance(algorithms, str):
+        allowed = frozenset((algorithms,))
+    else:
+        allowed = frozenset(algorithms)
+    alg = header["alg"]
+    _check_alg(alg, allowed)
+    for name, message in _REJECTED_HEADERS:
+        if name in header:
+            raise TokenVerificationError(message)
+    kid = header.get("kid")
+    if "kid" in header and not isinstance(kid, str):
+        raise TokenVerificationError("kid header must be a string")
+    payload = _b64_part(parts[1], "token payload")
+    signature = _b64_part(parts[2], "token signature")
+    # jku, x5u, jwk and x5c are never read: a token must not choose its own key.
+    key = _select_key(alg, kid, jwks)
+    signing_input = (parts[0] + "." + parts[1]).encode("ascii")  # RFC 7515 §5.2 step 8
+    if not _verify_with_key(alg, key, signing_input, signature):
+        raise TokenVerificationError("signature does not verify")
+    return header, payload
+
+
+def _media_type(value):
+    # RFC 7515 §4.1.9: a typ without "/" means "application/" + typ; media
+    # types compare case-insensitively (RFC 2045 §5.1).
+    value = value.lower()
+    return value if "/" in value else "application/" + value
+
+
+def _check_typ(header, typ):
+    negate = typ.startswith("!")
+    wanted = _media_type(typ[1:] if negate else typ)
+    actual = header.get("typ")
+    if "typ" in header and not isinstance(actual, str):
+        raise TokenVerificationError("typ header must be a string")
+    matches = actual is not None and _media_type(actual) == wanted
+    if negate and matches:
+        raise TokenVerificationError(f"typ {_show(actual)} is not allowed for this token")
+    if not negate and not matches:
+        raise TokenVerificationError(
+            f"typ is {_show(actual) if actual is not None else 'missing'}; expected {typ}")
+
+
+def _numeric_date(claims, name):
+    """A NumericDate claim (RFC 7519 §2) or None when absent; booleans are not numbers."""
+    value = claims.get(name)
+    if name in claims and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise TokenVerificationError(f"{name} claim must be a number, not {_show(value)}")
+    return value
+
+
+def verify_jwt(token, jwks, *, issuer=None, audience=None, algorithms=None, typ=None,
+               leeway=60, now=None, azp=None):
+    """Verify a JWT's signature (verify_jws) and its claims; return the claims dict.
+
+    The payload must be a JSON object (no duplicate keys, NaN or infinities).
+    Always checked: ``exp`` present and numeric with now < exp + leeway;
+    ``nbf`` and ``iat`` numeric when present, nbf <= now + leeway and
+    iat <= now + leeway. Checked when the keyword is given:
+
+    - ``issuer``: ``iss`` equals it exactly.
+    - ``audience``: ``aud`` (a string or an array of strings) contains it.
+    - ``typ``: the header typ is that media type, case-insensitively and with
+      or without "application/" (RFC 9068 §4: pass "at+jwt" for access
+      tokens). ``typ=NOT_AT_JWT`` instead requires that typ is not at+jwt
+      (ID tokens); any typ starting with "!" is negated the same way.
+    - ``azp``: the client id; an ``azp`` claim, when present, must equal it
+      (OpenID Connect Core §3.1.3.7 step 5).
+
+    ``leeway`` is the allowed clock skew in seconds; ``now`` defaults to
+    time.time(). Every failure raises TokenVerificationError (or
+    _UnknownKidError) whose message names the check; it never contains the
+    token.
+    """
+    header, payload = verify_jws(token, jwks, algorithms)
+    if typ is not None:
+        _check_typ(header, typ)
+    claims = _json_object(payload, "token payload")
+    if issuer is not None and claims.get("iss") != issuer:
+        if "iss" not in claims:
+            raise TokenVerificationError(f"token has no iss claim; expected {_show(issuer)}")
+        raise TokenVerificationError(
+            f"iss {_show(claims['iss'])} is not the expected issuer {_show(issuer)}")
+    if audience is not None:
+        if "aud" not in claims:
+            raise TokenVerificationError(f"token has no aud claim; expected {_show(audience)}")
+        aud = claims["aud"]
+        auds = [aud] if isinstance(aud, str) else aud
+        if not isinstance(auds, list) or not all(isinstance(item, str) for item in auds):
+            raise TokenVerificationError("aud must be a string or an array of strings (RFC 7519 §4.1.3)")
+        if audience not in auds:
+            raise TokenVerificationError(f"aud {_show(aud)} does not contain {_show(audience)}")
+    if azp is not None and "azp" in claims and claims["azp"] != azp:
+        raise TokenVerificationError(
+            f"azp {_show(claims['azp'])} is not the client id {_show(azp)}")
+    if now is None:
+        import time
+        now = time.time()
+    exp = _numeric_date(claims, "exp")
+    if exp is None:
+        raise TokenVerificationError("token has no exp claim")
+    if not now < exp + leeway:
+        raise TokenVerificationError(
+            f"token expired at {_format_time(exp)} (now {_format_time(now)}, leeway {leeway} s)")
+    nbf = _numeric_date(claims, "nbf")
+    if nbf is not None and nbf > now + leeway:
+        raise TokenVerificationError(
+            f"token is not valid before {_format_time(nbf)} (now {_format_time(now)}, leeway {leeway} s)")
+    iat = _numeric_date(claims, "iat")
+    if iat is not None and iat > now + leeway:
+        raise TokenVerificationError(
+            f"token issued in the future, at {_format_time(iat)} (now {_format_time(now)}, leeway {leeway} s)")
+    return claims
+
+
+# ============================================================================
+# Elliptic curves: ECDSA P-256/384/521 (SEC 1) and Ed25519 (RFC 8032) verify
+# ============================================================================
+#
+#
+# Verification only, over public data, so nothing here tries to be
+# constant-time.  Both entry points return False for any malformed or
+# invalid input and never raise.
+#
+# ECDSA (JWS ES256/ES384/ES512, RFC 7518 §3.4; math SEC 1 v2 §4.1.4):
+#   * x and y must each be exactly 32/48/66 bytes, each < p, and (x, y) must
+#     satisfy the curve equation (SEC 1 §3.2.2.1).  The NIST curves have
+#     cofactor 1, so this also puts the key in the order-n group; the point
+#     at infinity has no affine encoding and so can never pass.
+#   * The signature must be the raw r||s of exactly 64/96/132 bytes, so a DER
+#     signature is rejected by its length alone.
+#   * r and s must be in [1, n-1]: r = s = 0 (the "psychic signature" bug)
+#     and values >= n are rejected before any curve arithmetic.
+#   * The digest becomes an integer from its leftmost min(bitlen(n),
+#     8*len(digest)) bits (SEC 1 §4.1.3 step 5), so P-521 with SHA-512 uses
+#     all 512 bits.
+#   * u1*G + u2*Q is computed with interleaved wNAF (window 6 for G, from a
+#     table built once per curve on first use; window 5 for Q, per call), in
+#     Jacobian coordinates with the a = -3 doubling; the mixed addition
+#     handles P == Q (falls back to doubling) and P == -Q (gives infinity).
+#     A result at infinity is rejected; x(R) mod n == r is checked as
+#     X == c*Z^2 for c in {r, r+n, ...} < p, which needs no inversion.
+#
+# Ed25519 (JWS EdDSA, RFC 8037; math RFC 8032 §5.1.7):
+#   * Public key exactly 32 bytes, signature exactly 64 bytes.
+#   * S must be < L (S >= L is rejected), so a valid signature cannot be
+#     re-encoded into a second valid one.
+#   * A is decoded strictly (RFC 8032 §5.1.3): y >= p (a non-canonical
+#     encoding) is rejected, x = 0 with the sign bit set is rejected, and a y
+#     with no square root is rejected.
+#   * R is held to the same standard without being decoded: [S]B - [k]A is
+#     encoded canonically and compared byte for byte with R, so an R that is
+#     non-canonical or not on the curve can never match (and a square root
+#     is saved).
+#   * A and R of small order (the 8 points whose order divides 8) are
+#     rejected by comparing their bytes with the 8 canonical encodings of
+#     those points; since A and R only get through in canonical form, the 8
+#     are the complete list.  This closes the "identity key verifies every
+#     message" trick and its small-subgroup relatives.
+#   * The cofactorless equation [S]B == R + [k]A is checked (RFC 8032 §5.1.7 step 3
+#     allows it in place of the cofactored one).  A key with a small-order
+#     component is not rejected; it verifies only what that exact equation
+#     accepts.
+#   * Together these are the acceptance rules of libsodium's
+#     crypto_sign_verify_detached.
+
+_NIST_CURVES = {
+    # name: (p, b, n, Gx, Gy, field size in bytes); FIPS 186-4 §D.1.2, a = -3
+    "P-256": (
+        0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF,
+        0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B,
+        0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+        0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+        0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5,
+        32,
+    ),
+    "P-384": (
+        int(
+            "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFE"
+            "FFFFFFFF0000000000000000FFFFFFFF",
+            16,
+        ),
+        int(
+            "B3312FA7E23EE7E4988E056BE3F82D19181D9C6EFE8141120314088F5013875A"
+            "C656398D8A2ED19D2A85C8EDD3EC2AEF",
+            16,
+        ),
+        int(
+            "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
+            "581A0DB248B0A77AECEC196ACCC52973",
+            16,
+        ),
+        int(
+            "AA87CA22BE8B05378EB1C71EF320AD746E1D3B628BA79B9859F741E082542A38"
+            "5502F25DBF55296C3A545E3872760AB7",
+            16,
+        ),
+        int(
+            "3617DE4A96262C6F5D9E98BF9292DC29F8F41DBD289A147CE9DA3113B5F0B8C0"
+            "0A60B1CE1D7E819D7A431D7C90EA0E5F",
+            16,
+        ),
+        48,
+    ),
+    "P-521": (
+        (1 << 521) - 1,
+        int(
+            "051953EB9618E1C9A1F929A21A0B68540EEA2DA725B99B315F3B8B489918EF10"
+            "9E156193951EC7E937B1652C0BD3BB1BF073573DF883D2C34F1EF451FD46B503F00",
+            16,
+        ),
+        int(
+            "01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"
+            "FA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+            16,
+        ),
+        int(
+            "00C6858E06B70404E9CD9E3ECB662395B4429C648139053FB521F828AF606B4D"
+            "3DBAA14B5E77EFE75928FE1DC127A2FFA8DE3348B3C1856A429BF97E7E31C2E5BD66",
+            16,
+        ),
+        int(
+            "011839296A789A3BC0045C8A5FB42C7D1BD998F54449579B446817AFBD17273E"
+            "662C97EE72995EF42640C550B9013FAD0761353C7086A272C24088BE94769FD16650",
+            16,
+        ),
+        66,
+    ),
+}
+_EC_G_WINDOW = 6
+_EC_Q_WINDOW = 5
+# curve name -> wNAF table of the base point, filled on first use of the curve
+_BASE_TABLES = {}
+
+_ED_P = (1 << 255) - 19
+_ED_L = (1 << 252) + 27742317777372353535851937790883648493
+# d = -121665/121666 mod p and sqrt(-1) = 2^((p-1)/4) mod p, RFC 8032 §5.1
+_ED_D = 37095705934669439343138083508754565189542113879843219016388785533085940283555
+_ED_SQRT_M1 = (
+    19681161376707505956807079304988542015446066515923890162744021073123829784752
+)
+_ED_BX = 15112221349535400772501151409588531511454012693041857206046113283949847762202
+_ED_BY = 46316835694926478169428394003475163141307993866256225615783033603165251855960
+_ED_B_WINDOW = 6
+_ED_A_WINDOW = 5
+# The 8 points of order dividing 8, canonically encoded: one order 1, one order 2,
+# two order 4, four order 8 (non-canonical encodings never get this far)
+_ED_SMALL_ORDER = frozenset(
+    bytes.fromhex(h)
+    for h in (
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000080",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+    )
+)
+
+
+def _inv(x, m):
+    # pow(x, -1, m) needs Python 3.8; Fermat's little theorem covers 3.6/3.7 (m is prime)
+    try:
+        return pow(x, -1, m)
+    except ValueError:
+        return pow(x, m - 2, m)
+
+
+def _batch_inv(values, m):
+    # Montgomery's trick: n inverses for the price of one inversion and 3n products
+    prefix = []
+    acc = 1
+    for v in values:
+        prefix.append(acc)
+        acc = acc * v % m
+    inv = _inv(acc, m)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = prefix[i] * inv % m
+        inv = inv * values[i] % m
+    return out
+
+
+def _wnaf(k, w):
+    # Width-w NAF, least significant digit first: odd digits with |d| < 2^(w-1),
+    # each followed by at least w-1 zeros; runs of zeros are emitted in one go
+    digits = []
+    full = 1 << w
+    half = full >> 1
+    mask = full - 1
+    while k:
+        if k & 1:
+            d = k & mask
+            if d >= half:
+                d -= full
+            k = (k - d) >> 1
+            digits.append(d)
+        else:
+            zeros = (k & -k).bit_length() - 1
+            digits.extend([0] * zeros)
+            k >>= zeros
+    return digits
+
+
+def _straus_schedule(k1, table1, w1, k2, table2, w2):
+    # Interleaved wNAF of two scalars: for each bit position, most significant
+    # first, the table points to add after that position's doubling
+    n1 = _wnaf(k1, w1)
+    n2 = _wnaf(k2, w2)
+    schedule = [()] * max(len(n1), len(n2))
+    for i, d in enumerate(n1):
+        if d:
+            schedule[i] = (table1[d],)
+    for i, d in enumerate(n2):
+        if d:
+            schedule[i] += (table2[d],)
+    schedule.reverse()
+    return schedule
+
+
+def _jac_double(X, Y, Z, p):
+    # dbl-2001-b (a = -3); Z = 0 (infinity) stays at Z = 0
+    delta = Z * Z % p
+    gamma = Y * Y % p
+    beta = X * gamma % p
+    alpha = 3 * (X - delta) * (X + delta) % p
+    X3 = (alpha * alpha - 8 * beta) % p
+    Y3 = (alpha * (4 * beta - X3) - 8 * gamma * gamma) % p
+    Z3 = 2 * Y * Z % p
+    return X3, Y3, Z3
+
+
+def _jac_add_affine(X1, Y1, Z1, x2, y2, p):
+    # madd-2004-hmv: Jacobian + affine, with the cases the formula cannot take
+    if not Z1:
+        return x2, y2, 1
+    Z1Z1 = Z1 * Z1 % p
+    H = (x2 * Z1Z1 - X1) % p
+    r = (y2 * Z1 * Z1Z1 - Y1) % p
+    if not H:
+        if not r:
+            # P == Q: the chord is undefined, use the tangent
+            return _jac_double(X1, Y1, Z1, p)
+        # P == -Q
+        return 1, 1, 0
+    HH = H * H % p
+    HHH = H * HH % p
+    V = X1 * HH % p
+    X3 = (r * r - HHH - 2 * V) % p
+    Y3 = (r * (V - X3) - Y1 * HHH) % p
+    Z3 = Z1 * H % p
+    return X3, Y3, Z3
+
+
+def _ec_odd_multiples(x, y, w, p):
+    # [1]P, [3]P, ..., [2^(w-1) - 1]P in affine form, indexed by the wNAF digit;
+    # -[k]P = (x, p - y) sits at the negative index so a digit indexes directly
+    X2, Y2, Z2 = _jac_double(x, y, 1, p)
+    zi = _inv(Z2, p)
+    zi2 = zi * zi % p
+    x2 = X2 * zi2 % p
+    y2 = Y2 * zi2 * zi % p
+    points = [(x, y, 1)]
+    for _ in range((1 << (w - 2)) - 1):
+        X, Y, Z = points[-1]
+        points.append(_jac_add_affine(X, Y, Z, x2, y2, p))
+    inverses = _batch_inv([Z for _, _, Z in points], p)
+    table = [None] * (1 << w)
+    for i, (X, Y, _), zi in zip(range(1, 1 << (w - 1), 2), points, inverses):
+        zi2 = zi * zi % p
+        ax = X * zi2 % p
+        ay = Y * zi2 * zi % p
+        table[i] = (ax, ay)
+        table[-i] = (ax, p - ay)
+    return table
+
+
+def _ec_mul_add(crv, u1, u2, qx, qy):
+    # u1*G + u2*Q by interleaved (Straus) wNAF; returns Jacobian (X, Y, Z), Z = 0 at infinity
+    p, _, _, gx, gy, _ = _NIST_CURVES[crv]
+    g_table = _BASE_TABLES.get(crv)
+    if g_table is None:
+        g_table = _BASE_TABLES[crv] = _ec_odd_multiples(gx, gy, _EC_G_WINDOW, p)
+    q_table = _ec_odd_multiples(qx, qy, _EC_Q_WINDOW, p)
+    schedule = _straus_schedule(u1, g_table, _EC_G_WINDOW, u2, q_table, _EC_Q_WINDOW)
+    X, Y, Z = 1, 1, 0
+    # _jac_double and _jac_add_affine inlined: this loop is nearly all of the verify time
+    for points in schedule:
+        if Z:
+            delta = Z * Z % p
+            gamma = Y * Y % p
+            beta = X * gamma % p
+            alpha = 3 * (X - delta) * (X + delta) % p
+            X = (alpha * alpha - 8 * beta) % p
+            Z = 2 * Y * Z % p
+            Y = (alpha * (4 * beta - X) - 8 * gamma * gamma) % p
+        for x2, y2 in points:
+            if not Z:
+                X, Y, Z = x2, y2, 1
+                continue
+            Z1Z1 = Z * Z % p
+            H = (x2 * Z1Z1 - X) % p
+            r = (y2 * Z % p * Z1Z1 - Y) % p
+            if not H:
+                X, Y, Z = _jac_add_affine(X, Y, Z, x2, y2, p)
+                continue
+            HH = H * H % p
+            HHH = H * HH % p
+            V = X * HH % p
+            X = (r * r - HHH - 2 * V) % p
+            Y = (r * (V - X) - Y * HHH) % p
+            Z = Z * H % p
+    return X, Y, Z
+
+
+def _ecdsa_verify(crv, x, y, digest, signature):
+    """Verify a JWS ES256/ES384/ES512 signature (raw r||s) over a precomputed digest."""
+    if not isinstance(crv, str) or crv not in _NIST_CURVES:
+        return False
+    for value in (x, y, digest, signature):
+        if not isinstance(value, (bytes, bytearray)):
+            return False
+    p, b, n, _, _, size = _NIST_CURVES[crv]
+    # SEC 1 §3.2.2.1: the key must be a finite point on the curve
+    if len(x) != size or len(y) != size:
+        return False
+    qx = int.from_bytes(x, "big")
+    qy = int.from_bytes(y, "big")
+    if qx >= p or qy >= p:
+        return False
+    if (qy * qy - (qx * qx * qx - 3 * qx + b)) % p:
+        return False
+    # RFC 7518 §3.4: fixed-width r||s, nothing else
+    if len(signature) != 2 * size:
+        return False
+    r = int.from_bytes(signature[:size], "big")
+    s = int.from_bytes(signature[size:], "big")
+    # SEC 1 §4.1.4 step 1
+    if not (0 < r < n and 0 < s < n):
+        return False
+    # SEC 1 §4.1.4 step 3 (leftmost bits, §4.1.3 step 5)
+    e = int.from_bytes(digest, "big")
+    excess = 8 * len(digest) - n.bit_length()
+    if excess > 0:
+        e >>= excess
+    # SEC 1 §4.1.4 step 4
+    w = _inv(s, n)
+    u1 = e * w % n
+    u2 = r * w % n
+    # SEC 1 §4.1.4 step 5
+    X, _, Z = _ec_mul_add(crv, u1, u2, qx, qy)
+    if not Z:
+        return False
+    # SEC 1 §4.1.4 steps 6-7: x_R = X/Z^2 and v = x_R mod n, so x_R is r + k*n below p
+    zz = Z * Z % p
+    c = r
+    while c < p:
+        if (c * zz - X) % p == 0:
+            return True
+        c += n
+    return False
+
+
+def _ed_decode(s):
+    # RFC 8032 §5.1.3, strictly: returns (x, y) or None
+    p = _ED_P
+    y = int.from_bytes(s, "little")
+    sign = y >> 255
+    y &= (1 << 255) - 1
+    # step 1
+    if y >= p:
+        return None
+    # step 2: x = u v^3 (u v^7)^((p-5)/8)
+    yy = y * y % p
+    u = (yy - 1) % p
+    v = (_ED_D * yy + 1) % p
+    v3 = v * v * v % p
+    x = u * v3 * pow(u * v3 * v3 * v % p, (p - 5) // 8, p) % p
+    # step 3
+    vxx = v * x * x % p
+    if vxx != u:
+        if vxx != p - u:
+            return None
+        x = x * _ED_SQRT_M1 % p
+    # step 4
+    if x == 0 and sign:
+        return None
+    if x & 1 != sign:
+        x = p - x
+    return x, y
+
+
+def _ed_double(X, Y, Z, p):
+    # RFC 8032 §5.1.4 doubling; T is not an input, so it is left to the caller
+    A = X * X % p
+    B = Y * Y % p
+    C = 2 * Z * Z % p
+    H = A + B
+    E = H - (X + Y) * (X + Y) % p
+    G = A - B
+    F = C + G
+    return E * F % p, G * H % p, F * G % p, E * H % p
+
+
+def _ed_add(X1, Y1, Z1, T1, yp, ym, t2d, z2, p):
+    # RFC 8032 §5.1.4 addition, second point pre-cached as (Y+X, Y-X, 2dT, 2Z);
+    # the formula is complete on edwards25519, so no special cases
+    A = (Y1 - X1) * ym % p
+    B = (Y1 + X1) * yp % p
+    C = T1 * t2d % p
+    D = Z1 * z2 % p
+    E = B - A
+    F = D - C
+    G = D + C
+    H = B + A
+    return E * F % p, G * H % p, F * G % p, E * H % p
+
+
+def _ed_cached(X, Y, Z, T, p):
+    return (Y + X) % p, (Y - X) % p, 2 * _ED_D * T % p, 2 * Z % p
+
+
+def _ed_odd_multiples(x, y, w):
+    # [1]P, [3]P, ..., [2^(w-1) - 1]P cached for _ed_add and indexed by the wNAF
+    # digit; -(Y+X, Y-X, 2dT, 2Z) = (Y-X, Y+X, -2dT, 2Z) sits at the negative index
+    p = _ED_P
+    P = (x, y, 1, x * y % p)
+    P2 = _ed_cached(*_ed_double(x, y, 1, p), p=p)
+    points = [P]
+    for _ in range((1 << (w - 2)) - 1):
+        points.append(_ed_add(*points[-1], *P2, p=p))
+    table = [None] * (1 << w)
+    for i, point in zip(range(1, 1 << (w - 1), 2), points):
+        yp, ym, t2d, z2 = _ed_cached(*point, p=p)
+        table[i] = (yp, ym, t2d, z2)
+        table[-i] = (ym, yp, (p - t2d) % p, z2)
+    return table
+
+
+def _ed_base_table():
+    # Odd multiples of B normalised to Z = 1 with one inversion, built on first use
+    table = _BASE_TABLES.get("Ed25519")
+    if table is None:
+        p = _ED_P
+        table = _ed_odd_multiples(_ED_BX, _ED_BY, _ED_B_WINDOW)
+        digits = range(1, 1 << (_ED_B_WINDOW - 1), 2)
+        inverses = _batch_inv([table[i][3] for i in digits], p)
+        for i, zi in zip(digits, inverses):
+            # each cached coordinate scales with Z, so times 1/Z; zi is 1/(2Z)
+            zi2 = 2 * zi
+            for j in (i, -i):
+                yp, ym, t2d, _ = table[j]
+                table[j] = (yp * zi2 % p, ym * zi2 % p, t2d * zi2 % p, 2)
+        _BASE_TABLES["Ed25519"] = table
+    return table
+
+
+def _ed25519_verify(public_key, message, signature):
+    """Verify a JWS EdDSA (Ed25519) signature; see the policy comment above."""
+    for value in (public_key, message, signature):
+        if not isinstance(value, (bytes, bytearray)):
+            return False
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    p = _ED_P
+    public_key = bytes(public_key)
+    r_bytes = bytes(signature[:32])
+    # RFC 8032 §5.1.7 step 1
+    S = int.from_bytes(signature[32:], "little")
+    if S >= _ED_L:
+        return False
+    # small-order A or R, see the policy above
+    if public_key in _ED_SMALL_ORDER or r_bytes in _ED_SMALL_ORDER:
+        return False
+    point_a = _ed_decode(public_key)
+    if point_a is None:
+        return False
+    # RFC 8032 §5.1.7 step 2
+    import hashlib
+
+    h = hashlib.sha512(r_bytes)
+    h.update(public_key)
+    h.update(message)
+    k = int.from_bytes(h.digest(), "little") % _ED_L
+    # RFC 8032 §5.1.7 step 3, cofactorless, as [S]B + [k](-A) == R
+    a_table = _ed_odd_multiples(-point_a[0] % p, point_a[1], _ED_A_WINDOW)
+    schedule = _straus_schedule(
+        S, _ed_base_table(), _ED_B_WINDOW, k, a_table, _ED_A_WINDOW
+    )
+    X, Y, Z = 0, 1, 1
+    # _ed_double and _ed_add inlined (this loop is nearly all of the verify time);
+    # T = E*H is only formed when an addition needs it
+    for points in schedule:
+        A = X * X % p
+        B = Y * Y % p
+        C = 2 * Z * Z % p
+        H = A + B
+        E = H - (X + Y) * (X + Y) % p
+        G = A - B
+        F = C + G
+        X = E * F % p
+        Y = G * H % p
+        Z = F * G % p
+        for yp, ym, t2d, z2 in points:
+            A = (Y - X) * ym % p
+            B = (Y + X) * yp % p
+            C = E * H % p * t2d % p
+            D = Z * z2 % p
+            E = B - A
+            F = D - C
+            G = D + C
+            H = B + A
+            X = E * F % p
+            Y = G * H % p
+            Z = F * G % p
+    # compare encodings: R needs no decoding, and a non-canonical R can never match
+    zi = _inv(Z, p)
+    x = X * zi % p
+    y = Y * zi % p
+    return (y | (x & 1) << 255).to_bytes(32, "little") == r_bytes
 
 
 # ============================================================================
@@ -1812,7 +2828,7 @@ def token_result(issuer, client_id, document, terminal=None, requested_scope=Non
     terminal = terminal or _Terminal(quiet=True)
     now = time.time() if now is None else now
     what = "token response"
-    access_token = _string_field(document, "access_token", what, MAX_TOKEN_BYTES)
+    access_token = _string_field(document, "access_token", what, _MAX_TOKEN_LENGTH)
     if not all("\x21" <= ch <= "\x7e" for ch in access_token):
         raise ProtocolError("%s: access_token contains characters outside printable ASCII" % what)
     token_type = _string_field(document, "token_type", what, 64)
@@ -1822,7 +2838,7 @@ def token_result(issuer, client_id, document, terminal=None, requested_scope=Non
     optional = {}
     for name in ("refresh_token", "id_token", "scope"):
         if document.get(name) is not None:
-            optional[name] = _string_field(document, name, what, MAX_TOKEN_BYTES)
+            optional[name] = _string_field(document, name, what, _MAX_TOKEN_LENGTH)
     claims = _claims_of(access_token, "access token")
     id_claims = None
     if "id_token" in optional:
@@ -2218,6 +3234,103 @@ def _revoke(config, http, terminal, metadata, result):
     return failures
 
 
+class _KeySource(object):
+    """The JWKS to verify with: --jwks FILE, --jwks-uri, discovery, or a cached copy.
+
+    Fetched on first use; an unknown kid may refetch it once (key rotation).
+    """
+
+    def __init__(self, config, http, metadata, cached=None):
+        self.config = config
+        self.http = http
+        self.metadata = metadata
+        self.jwks = cached
+        self.fetched_at = None
+        self.refetched = False
+
+    def keys(self):
+        import time
+        if self.jwks is None:
+            if self.config.jwks_file:
+                self.jwks = _read_jwks_file(self.config.jwks_file)
+            else:
+                self.jwks = self._fetch()
+                self.fetched_at = time.time()
+        return self.jwks
+
+    def refetch(self):
+        """A fresh JWKS from the network, at most once; None when not possible."""
+        import time
+        if self.config.jwks_file or self.refetched:
+            return None
+        self.refetched = True
+        self.http.terminal.debug("unknown kid; fetching the JWKS again")
+        self.jwks = self._fetch()
+        self.fetched_at = time.time()
+        return self.jwks
+
+    def _fetch(self):
+        url = self.config.jwks_uri or self.metadata.get("jwks_uri")
+        if not url:
+            raise TokenVerificationError("--verify: the issuer metadata names no jwks_uri; pass --jwks-uri or --jwks")
+        response = self.http.get(url, "JWKS")
+        if response.status != 200:
+            _raise_http_status(response, "JWKS (%s)" % _sanitize(url))
+        # Judged by parsing, not by Content-Type: providers use several +json types.
+        return _check_jwks(_loads_or_none(response.body), url)
+
+
+def _loads_or_none(data):
+    try:
+        return _loads_json(data)
+    except ValueError:
+        return None
+
+
+def _check_jwks(document, source):
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise TokenVerificationError("%s is not a JWK Set (a JSON object with a keys array)" % _sanitize(source))
+    return document
+
+
+def _read_jwks_file(path):
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_BODY_BYTES + 1)
+    except OSError as exc:
+        raise UsageError("--jwks %s: %s" % (path, exc.strerror or exc))
+    return _check_jwks(_loads_or_none(data), path)
+
+
+def _verify_token(token, source, **checks):
+    try:
+        return verify_jwt(token, source.keys(), **checks)
+    except _UnknownKidError:
+        jwks = source.refetch()
+        if jwks is None:
+            raise
+        return verify_jwt(token, jwks, **checks)
+
+
+def _verify_result(config, source, result):
+    """Check every token of a result against the issuer's JWKS (SPEC §3)."""
+    if result.get("claims") is None:
+        raise TokenVerificationError("--verify: the access token is opaque (not a JWT), so it cannot be verified")
+    issuer = source.metadata.get("issuer") or config.issuer
+    try:
+        _verify_token(result["access_token"], source, issuer=issuer, audience=config.audience,
+                      typ="at+jwt", leeway=config.leeway)
+    except TokenVerificationError as exc:
+        raise TokenVerificationError("access token: %s" % exc)
+    if result.get("id_token"):
+        try:
+            _verify_token(result["id_token"], source, issuer=issuer, audience=config.client_id,
+                          typ=NOT_AT_JWT, azp=config.client_id, leeway=config.leeway)
+        except TokenVerificationError as exc:
+            raise TokenVerificationError("ID token: %s" % exc)
+    result["verified"] = True
+
+
 def _check_policy(config, result):
     """Apply --require-hardware and --require-aaguid (exit 8 when not met)."""
     if config.require_hardware and result.get("hardware_verified") is not True:
@@ -2242,7 +3355,10 @@ def _fresh_result(config, http, terminal, entry):
                           requested_scope=config.scope or None, now=time.time())
     if config.userinfo:
         _add_userinfo(config, http, terminal, metadata, result)
-    return result, metadata
+    source = _KeySource(config, http, metadata)
+    if config.verify:
+        _verify_result(config, source, result)
+    return result, metadata, source
 
 
 def _add_userinfo(config, http, terminal, metadata, result):
@@ -2270,30 +3386,66 @@ def _run(config, http, terminal):
     if config.logout:
         _logout(config, http, terminal)
         return None
+    if config.inspect is not None:
+        return _inspect(config, http)
     if not config.cache:
-        result, _metadata = _fresh_result(config, http, terminal, None)
+        result = _fresh_result(config, http, terminal, None)[0]
         _check_policy(config, result)
         return result
     cache = _cache_for(config)
-    result = _reusable(cache.load(), config.min_ttl, time.time())
+    entry = cache.load()
+    result = _reusable(entry, config.min_ttl, time.time())
     if result is None:
         cache.acquire(terminal)
         try:
             entry = cache.load()
             result = _reusable(entry, config.min_ttl, time.time())
             if result is None:
-                result, metadata = _fresh_result(config, http, terminal, entry)
-                cache.save({"result": result, "metadata": _metadata_subset(metadata)})
+                result, metadata, source = _fresh_result(config, http, terminal, entry)
+                stored = {"result": result, "metadata": _metadata_subset(metadata)}
+                if source.fetched_at is not None:
+                    stored.update(jwks=source.jwks, jwks_fetched_at=source.fetched_at)
+                cache.save(stored)
                 result["cached"] = False
         finally:
             cache.release()
     if "cached" not in result:
-        result["verified"] = False
+        _remember_secrets(terminal, result)
         terminal.info("using the cached token (%s left)" % _format_duration(result["expires_at"] - time.time()))
-        result["cached"] = True
+        result.update(cached=True, verified=False)
+        metadata = entry.get("metadata") or {}
         if config.userinfo and "userinfo" not in result:
-            _add_userinfo(config, http, terminal, _resolve_endpoints(config, http), result)
+            _add_userinfo(config, http, terminal, metadata, result)
+        if config.verify:
+            fetched_at = entry.get("jwks_fetched_at")
+            fresh = _is_number(fetched_at) and 0 <= time.time() - fetched_at < CACHED_JWKS_TTL
+            _verify_result(config, _KeySource(config, http, metadata, entry.get("jwks") if fresh else None), result)
     _check_policy(config, result)
+    return result
+
+
+def _inspect(config, http):
+    """--inspect: decode (and with --verify, verify) a token given by the user."""
+    try:
+        header, claims = decode_jwt(config.inspect)
+    except TokenVerificationError as exc:
+        if config.verify:
+            raise
+        raise UsageError("--inspect: %s" % exc)
+    result = {"header": header, "claims": claims, "verified": False}
+    hardware_verified, aaguid = _hardware_claims([("token", claims)], http.terminal)
+    if config.verify:
+        metadata = {} if (config.jwks_file or config.jwks_uri) else discover(http, config.issuer)
+        source = _KeySource(config, http, metadata)
+        typ = header.get("typ")
+        access = isinstance(typ, str) and _media_type(typ) == "application/at+jwt"
+        checks = {"issuer": metadata.get("issuer") or config.issuer, "audience": config.audience,
+                  "leeway": config.leeway, "typ": "at+jwt" if access else NOT_AT_JWT}
+        if not access:
+            checks["azp"] = config.client_id
+        _verify_token(config.inspect, source, **checks)
+        result["verified"] = True
+    _check_policy(config, {"hardware_verified": hardware_verified, "hardware_aaguid": aaguid})
     return result
 
 
@@ -2379,6 +3531,17 @@ def _argument_parser():
     add("--copy", action="store_true", help="put the code on the clipboard (OSC 52) when stderr is a terminal")
     add("-v", "--verbose", action="store_true", help="log each request and response (secrets masked)")
     add("--version", action="version", version="%s %s" % (_PROG, __version__))
+    group = parser.add_argument_group("verification")
+    add = group.add_argument
+    add("--verify", action="store_true",
+        help="verify token signatures and claims against the issuer's JWKS (exit 7 when they fail)")
+    add("--jwks-uri", metavar="URL", help="with --verify: fetch the JWKS here instead of from discovery")
+    add("--jwks", metavar="FILE", help="with --verify: use the JWK Set in FILE (offline)")
+    add("--audience", metavar="AUD", help="with --verify: required access-token audience (default: the client id)")
+    add("--leeway", metavar="SECONDS", type=int, default=60,
+        help="with --verify: allowed clock skew for exp/nbf/iat (default 60)")
+    add("--inspect", metavar="TOKEN",
+        help="print the header and claims of TOKEN (or @FILE) as JSON without signing in; add --verify to check it")
     group = parser.add_argument_group("sessions and policy")
     add = group.add_argument
     add("--cache", action="store_true",
@@ -2401,8 +3564,24 @@ def _config_from_args(args, environ, terminal):
     """Combine flags, environment and defaults into a _Config, or raise UsageError."""
     issuer = args.issuer or environ.get("VOUCH_ISSUER") or DEFAULT_ISSUER
     client_id = args.client_id or environ.get("VOUCH_CLIENT_ID")
-    if not client_id:
+    inspect = _inspect_argument(args.inspect)
+    if not client_id and inspect is None:
         raise UsageError("no client id: pass --client-id or set VOUCH_CLIENT_ID")
+    audience = args.audience or client_id
+    if inspect is not None:
+        if args.format != "json":
+            raise UsageError("--inspect prints JSON only; drop --format %s" % args.format)
+        if args.verify and not audience:
+            raise UsageError("--inspect --verify needs the expected audience: pass --audience or --client-id")
+    if not 0 <= args.leeway <= 600:
+        raise UsageError("--leeway must be between 0 and 600 seconds")
+    if args.jwks_uri is not None:
+        try:
+            _parse_url(args.jwks_uri, "--jwks-uri")
+        except ProtocolError as exc:
+            raise UsageError(str(exc))
+    if args.jwks and args.jwks_uri:
+        raise UsageError("pass --jwks or --jwks-uri, not both")
     scope = args.scope if args.scope is not None else environ.get("VOUCH_SCOPE", DEFAULT_SCOPE)
     for what, url in (("--issuer", issuer), ("--device-authorization-endpoint", args.device_authorization_endpoint),
                       ("--token-endpoint", args.token_endpoint)):
@@ -2438,7 +3617,13 @@ def _config_from_args(args, environ, terminal):
         cacert=args.cacert,
         output_format=args.format,
         max_restarts=max_restarts,
-        needs_metadata=args.userinfo,
+        needs_metadata=args.userinfo or (args.verify and not (args.jwks or args.jwks_uri)),
+        verify=args.verify,
+        jwks_uri=args.jwks_uri,
+        jwks_file=args.jwks,
+        audience=audience,
+        leeway=args.leeway,
+        inspect=inspect,
         extra_device_parameters=extra,
         qr=args.qr,
         copy=args.copy,
@@ -2456,6 +3641,23 @@ def _config_from_args(args, environ, terminal):
 
 
 MAX_AUTHORIZATION_DETAILS = 8 * 1024
+
+
+def _inspect_argument(value):
+    """The token of --inspect TOKEN or --inspect @FILE (surrounding white space dropped)."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        try:
+            with open(value[1:], "rb") as handle:
+                data = handle.read(_MAX_TOKEN_LENGTH + 1)
+        except OSError as exc:
+            raise UsageError("--inspect %s: %s" % (value[1:], exc.strerror or exc))
+        try:
+            value = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise UsageError("--inspect %s: not an ASCII token" % value[1:])
+    return value.strip()
 
 
 def _authorization_details(value):
