@@ -78,6 +78,8 @@ def b64url(raw):
 class EcKey(object):
     """A P-256 signing key for the test issuer."""
 
+    alg = "ES256"
+
     def __init__(self, kid):
         self.kid = kid
         self.d = secrets.randbelow(P256_N - 1) + 1
@@ -98,10 +100,26 @@ class EcKey(object):
                 return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
+class RsaKey(object):
+    """The test issuer's RS256 key: the RFC 7520 §3.4 key pair (defined with the JOSE tests)."""
+
+    alg = "RS256"
+
+    def __init__(self, kid):
+        self.kid = kid
+
+    def jwk(self):
+        return dict(ISSUER_JWK, kid=self.kid)
+
+    def sign(self, message):
+        return ISSUER_SIGN(message)
+
+
 def make_jwt(key, claims, header=None):
-    """A compact JWS signed with key (an EcKey); header entries override."""
-    head = {"alg": "ES256", "typ": "at+jwt", "kid": key.kid}
+    """A compact JWS signed with key (an EcKey or RsaKey); header entries override."""
+    head = {"alg": key.alg, "typ": "at+jwt", "kid": key.kid}
     head.update(header or {})
+    head = {k: v for k, v in head.items() if v is not None}
     signing_input = (b64url(json.dumps(head).encode()) + "." + b64url(json.dumps(claims).encode())).encode()
     return signing_input.decode() + "." + b64url(key.sign(signing_input))
 
@@ -165,7 +183,7 @@ class LocalIssuer(object):
 
     def __init__(self, interval=1, expires_in=600, discovery="both", path="", rate_limit=True,
                  enforce_interval=True, approve_after_polls=None, user=None, clients=("cli",),
-                 refresh_tokens=False):
+                 refresh_tokens=False, access_alg="ES256", id_tokens=False):
         self.interval = interval
         self.expires_in = expires_in
         self.discovery = discovery
@@ -177,7 +195,9 @@ class LocalIssuer(object):
         self.refresh_tokens = refresh_tokens
         self.user = {"sub": "user-1234", "email": "ada@example.com", "hardware_verified": True}
         self.user.update(user or {})
-        self.keys = [EcKey("ec-1")]
+        self.keys = [EcKey("ec-1"), RsaKey("rsa-1")]
+        self.access_alg = access_alg
+        self.id_tokens = id_tokens
         self.overrides = {}
         self.token_script = []
         self.requests = []
@@ -222,8 +242,15 @@ class LocalIssuer(object):
             for device in self.devices.values():
                 device["created"] -= 10 ** 6
 
+    def key(self, alg):
+        return next(k for k in self.keys if k.alg == alg)
+
     def rotate_key(self):
-        self.keys = [EcKey("ec-%d" % (len(self.keys) + random.randrange(10 ** 6)))]
+        """A new EC key; the old one disappears from the JWKS at once, as in Vouch."""
+        self.keys = [EcKey("ec-%d" % random.randrange(10 ** 9))] + [k for k in self.keys if k.alg != "ES256"]
+
+    def jwks(self):
+        return {"keys": [k.jwk() for k in self.keys]}
 
     def metadata(self):
         return {
@@ -251,7 +278,14 @@ class LocalIssuer(object):
         if "hardware_aaguid" in self.user:
             claims["hardware_aaguid"] = self.user["hardware_aaguid"]
         claims.update(extra)
-        return make_jwt(self.keys[0], claims)
+        return make_jwt(self.key(self.access_alg), claims)
+
+    def id_token(self, client_id, **extra):
+        now = int(time.time())
+        claims = {"iss": self.issuer, "sub": self.user["sub"], "aud": client_id, "azp": client_id,
+                  "exp": now + 3600, "iat": now, "email": self.user["email"]}
+        claims.update(extra)
+        return make_jwt(self.key("RS256"), claims, {"typ": "JWT"})
 
     # -- request handling -------------------------------------------------
 
@@ -272,7 +306,7 @@ class LocalIssuer(object):
             return handler.send(200, self.metadata())
         local = route[len(self.path):] if route.startswith(self.path + "/") else None
         if local == "/oauth/jwks" and method == "GET":
-            return handler.send(200, {"keys": [k.jwk() for k in self.keys]})
+            return handler.send(200, self.jwks(), content_type="application/jwk-set+json")
         if local == "/oauth/userinfo" and method == "GET":
             return self._userinfo(handler)
         if method == "POST" and local in ("/oauth/device", "/oauth/token", "/oauth/revoke"):
@@ -364,6 +398,8 @@ class LocalIssuer(object):
         token = self.access_token(client_id, scope)
         self.issued.append(token)
         answer = {"access_token": token, "token_type": "Bearer", "expires_in": 28800, "email": self.user["email"]}
+        if self.id_tokens:
+            answer["id_token"] = self.id_token(client_id)
         if self.refresh_tokens:
             answer["refresh_token"] = "rt-" + secrets.token_hex(16)
             self.refresh_issued.append(answer["refresh_token"])
@@ -992,7 +1028,7 @@ class SignInTests(IssuerTest):
         self.assertIsNone(out["expires_at"])
 
     def test_other_providers_fields_pass_through(self):
-        id_token = make_jwt(self.issuer.keys[0], {"iss": self.issuer.issuer, "aud": "cli", "sub": "s",
+        id_token = make_jwt(self.issuer.key("ES256"), {"iss": self.issuer.issuer, "aud": "cli", "sub": "s",
                                                   "exp": int(time.time()) + 60, "hardware_verified": True,
                                                   "hardware_aaguid": "CB69481E-8FF7-4039-93EC-0A2729A154A8"},
                             {"typ": "JWT"})
@@ -1014,6 +1050,154 @@ class SignInTests(IssuerTest):
         self.assertEqual(result.code, 0, result.stderr)
         self.assertIsNone(result.json()["hardware_verified"])
         self.assertIn("not a boolean", result.stderr)
+
+
+# ============================================================================
+# --verify and --inspect through the real CLI
+# ============================================================================
+
+class VerifyCliTests(IssuerTest):
+    issuer_options = {"rate_limit": False}
+
+    def test_es256_access_token_and_rs256_id_token_verify(self):
+        self.issuer.id_tokens = True
+        result = self.sign_in("--verify")
+        self.assertEqual(result.code, 0, result.stderr)
+        out = result.json()
+        self.assertIs(out["verified"], True)
+        self.assertEqual(vdl.decode_jwt(out["id_token"])[0]["alg"], "RS256")
+        self.assertIn("/oauth/jwks", [r["path"] for r in self.issuer.requests])
+
+    def test_rs256_access_tokens_verify_too(self):
+        self.issuer.access_alg = "RS256"
+        result = self.sign_in("--verify")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIs(result.json()["verified"], True)
+
+    def test_key_rotation_refetches_the_jwks_once(self):
+        old = self.issuer.jwks()
+        self.issuer.rotate_key()
+        fetches = []
+
+        def lagging_jwks(handler, body):
+            fetches.append(1)
+            return 200, old if len(fetches) == 1 else self.issuer.jwks()
+
+        self.issuer.overrides["/oauth/jwks"] = lagging_jwks
+        result = self.sign_in("--verify")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(len(fetches), 2)
+        self.issuer.overrides["/oauth/jwks"] = lambda h, b: (fetches.append(1), (200, old))[1]
+        fetches.clear()
+        self.assertFailed(self.sign_in("--verify"), 7, "access token:")
+        self.assertEqual(len(fetches), 2)
+
+    def test_every_failed_check_exits_7_naming_it(self):
+        now = int(time.time())
+        cases = [
+            ({"exp": now - 3600}, [], "expired"),
+            ({"nbf": now + 3600}, [], "not valid before"),
+            ({"iss": "https://evil.example"}, [], "iss"),
+            ({}, ["--audience", "other-api"], "aud"),
+            ({"exp": True}, [], "exp"),
+        ]
+        for extra, flags, fragment in cases:
+            with self.subTest(fragment=fragment):
+                token = self.issuer.access_token("cli", "openid", **extra)
+                self.issuer.overrides["/oauth/token"] = lambda h, b, token=token: (
+                    200, {"access_token": token, "token_type": "Bearer"})
+                self.assertFailed(self.sign_in("--verify", *flags), 7, fragment)
+
+    def test_hostile_tokens_exit_7(self):
+        key = self.issuer.key("ES256")
+        claims = vdl.decode_jwt(self.issuer.access_token("cli", "openid"))[1]
+        good = make_jwt(key, claims)
+        tampered = good[:-6] + ("AAAAAA" if not good.endswith("AAAAAA") else "BBBBBB")
+        cases = [
+            (raw_jwt(b'{"alg":"none","typ":"at+jwt"}', json.dumps(claims).encode(), b""), "none"),
+            (make_jwt(key, claims, {"typ": "JWT"}), "typ"),
+            (make_jwt(key, claims, {"kid": None}), None),
+            (tampered, "signature"),
+            (make_jwt(key, claims, {"crit": ["exp"]}), "crit"),
+            (make_jwt(EcKey("ec-1"), claims), "signature"),
+        ]
+        for token, fragment in cases:
+            with self.subTest(token=token[:40]):
+                self.issuer.overrides["/oauth/token"] = lambda h, b, token=token: (
+                    200, {"access_token": token, "token_type": "Bearer"})
+                result = self.sign_in("--verify")
+                if fragment is None:
+                    self.assertEqual(result.code, 0, result.stderr)
+                else:
+                    self.assertFailed(result, 7, fragment)
+
+    def test_id_token_rules(self):
+        self.issuer.id_tokens = True
+        for extra, fragment in (({"azp": "someone-else"}, "azp"), ({"aud": "other"}, "aud")):
+            with self.subTest(fragment=fragment):
+                id_token = self.issuer.id_token("cli", **extra)
+                self.issuer.overrides["/oauth/token"] = lambda h, b, id_token=id_token: (200, {
+                    "access_token": self.issuer.access_token("cli", "openid"), "token_type": "Bearer",
+                    "id_token": id_token})
+                self.assertFailed(self.sign_in("--verify"), 7, "ID token: " + fragment)
+        at_typed = make_jwt(self.issuer.key("RS256"), vdl.decode_jwt(self.issuer.id_token("cli"))[1])
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {
+            "access_token": self.issuer.access_token("cli", "openid"), "token_type": "Bearer", "id_token": at_typed})
+        self.assertFailed(self.sign_in("--verify"), 7, "ID token: ")
+
+    def test_opaque_token_cannot_be_verified(self):
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": "opaque", "token_type": "Bearer"})
+        self.assertFailed(self.sign_in("--verify"), 7, "opaque")
+
+    def test_inspect_offline_with_a_jwks_file(self):
+        token = self.issuer.access_token("cli", "openid")
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        jwks_file = os.path.join(folder, "jwks.json")
+        token_file = os.path.join(folder, "token")
+        with open(jwks_file, "w") as handle:
+            json.dump(self.issuer.jwks(), handle)
+        with open(token_file, "w") as handle:
+            handle.write(token + "\n")
+        result = run_main(["--inspect", "@" + token_file])
+        self.assertEqual(result.code, 0, result.stderr)
+        out = result.json()
+        self.assertEqual(out["header"]["alg"], "ES256")
+        self.assertEqual(out["claims"]["sub"], "user-1234")
+        self.assertIs(out["verified"], False)
+        self.issuer.__exit__()
+        argv = ["--inspect", token, "--verify", "--jwks", jwks_file, "--issuer", self.issuer.issuer]
+        self.assertFailed(run_main(argv), 2, "--audience or --client-id")
+        result = run_main(argv + ["--client-id", "cli"])
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIs(result.json()["verified"], True)
+        self.assertFailed(run_main(argv + ["--audience", "other"]), 7, "aud")
+        self.assertFailed(run_main(["--inspect", "not-a-token"]), 2, "--inspect")
+        self.assertFailed(run_main(argv[:2] + ["--verify", "--jwks", token_file, "--client-id", "cli"]), 7, "JWK Set")
+
+    def test_inspect_discovers_the_jwks_and_applies_policy(self):
+        token = self.issuer.access_token("cli", "openid")
+        result = run_main(["--inspect", token, "--verify", "--issuer", self.issuer.issuer, "--client-id", "cli",
+                           "--require-hardware"])
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIs(result.json()["verified"], True)
+        self.issuer.user["hardware_verified"] = False
+        token = self.issuer.access_token("cli", "openid")
+        self.assertFailed(run_main(["--inspect", token, "--require-hardware"]), 8, "hardware_verified")
+
+    def test_a_cached_token_is_verified_again_from_the_cached_jwks(self):
+        home = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, home)
+        env = {"XDG_CACHE_HOME": home}
+        first = self.sign_in("--cache", "--verify", env=env)
+        self.assertEqual(first.code, 0, first.stderr)
+        requests = len(self.issuer.requests)
+        second = self.sign_in("--cache", "--verify", env=env)
+        self.assertEqual(second.code, 0, second.stderr)
+        self.assertEqual((second.json()["cached"], second.json()["verified"]), (True, True))
+        self.assertEqual(len(self.issuer.requests), requests)
+        third = self.sign_in("--cache", env=env)
+        self.assertIs(third.json()["verified"], False)
 
 
 # ============================================================================

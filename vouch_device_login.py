@@ -210,7 +210,8 @@ class _Terminal(object):
 
     def add_secret(self, value):
         """Remember a value that must never reach a log line."""
-        if isinstance(value, str) and len(value) >= 4:
+        # Short values would mask ordinary words; real tokens and codes are long.
+        if isinstance(value, str) and len(value) >= 12:
             self._secrets.add(value)
 
     def mask(self, text):
