@@ -130,6 +130,103 @@ def raw_jwt(header_bytes, payload_bytes, signature=b"\0" * 64):
 
 
 # ============================================================================
+# TLS material for the local issuer, valid until 2125 (made with cryptography)
+# ============================================================================
+# TEST_CA signs a certificate for 127.0.0.1 and localhost. ROGUE_* is what a
+# TLS-inspecting corporate proxy would present for us.vouch.sh: a chain to a
+# CA nobody configured.
+
+TEST_CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIB1TCCAXygAwIBAgIUC0liYgRzPI8i1xNqDejQjxLtutcwCgYIKoZIzj0EAwIw
+SDEjMCEGA1UEAwwadm91Y2hfZGV2aWNlX2xvZ2luIHRlc3QgQ0ExITAfBgNVBAoM
+GHZvdWNoX2RldmljZV9sb2dpbiB0ZXN0czAgFw0yNjAxMDEwMDAwMDBaGA8yMTI1
+MTIzMTAwMDAwMFowSDEjMCEGA1UEAwwadm91Y2hfZGV2aWNlX2xvZ2luIHRlc3Qg
+Q0ExITAfBgNVBAoMGHZvdWNoX2RldmljZV9sb2dpbiB0ZXN0czBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABLr3ghYAEKj0PfmdNKVv+sQ4EEyZRhZu2ELi2lF1d5VA
+ULKSsQwutPJxI9h0zljLW+illqCGqxq8Lm3FPIiCOzSjQjBAMA8GA1UdEwEB/wQF
+MAMBAf8wDgYDVR0PAQH/BAQDAgGGMB0GA1UdDgQWBBQgHtz7haSm99WOIzwf2Rg2
+nRwExzAKBggqhkjOPQQDAgNHADBEAiAa4BPrWsW34mH6HK07RhOEqVHfKCFpJNGs
+V8JZgPoPBAIgecXNci44f8nBqFey+JbNyttfLQQTALNKsGlCdr7AF8s=
+-----END CERTIFICATE-----
+"""
+
+TEST_SERVER_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIB5TCCAYugAwIBAgIURLsZ1+s0NHhZbF3AZ5NA6JMDGF4wCgYIKoZIzj0EAwIw
+SDEjMCEGA1UEAwwadm91Y2hfZGV2aWNlX2xvZ2luIHRlc3QgQ0ExITAfBgNVBAoM
+GHZvdWNoX2RldmljZV9sb2dpbiB0ZXN0czAgFw0yNjAxMDEwMDAwMDBaGA8yMTI1
+MTIzMTAwMDAwMFowNzESMBAGA1UEAwwJMTI3LjAuMC4xMSEwHwYDVQQKDBh2b3Vj
+aF9kZXZpY2VfbG9naW4gdGVzdHMwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAS5
+b+p93Aafxz+ZwhNMjP2rUKoisaQBYHBWxuq1oZ04c8QHknbyEFCSJLdjuZ2LOzBc
+3Gzaz7lRMkNZmxQMCvsIo2IwYDAaBgNVHREEEzARgglsb2NhbGhvc3SHBH8AAAEw
+DAYDVR0TAQH/BAIwADATBgNVHSUEDDAKBggrBgEFBQcDATAfBgNVHSMEGDAWgBQg
+Htz7haSm99WOIzwf2Rg2nRwExzAKBggqhkjOPQQDAgNIADBFAiBK27vAyVuOJ1JN
+1f0VeZvLjI4CC613RtWTEf3ebuMFnwIhAKRTu3AP4sDPqY1eR636H+3ki9jGQGqN
+UnEZoc/XnKZG
+-----END CERTIFICATE-----
+"""
+
+TEST_SERVER_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgcyl3QBdYBUPnceCh
+//tOt+jCS49B8IDQNz6VOpQ8KImhRANCAAS5b+p93Aafxz+ZwhNMjP2rUKoisaQB
+YHBWxuq1oZ04c8QHknbyEFCSJLdjuZ2LOzBc3Gzaz7lRMkNZmxQMCvsI
+-----END PRIVATE KEY-----
+"""
+
+ROGUE_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIB0DCCAXagAwIBAgIUGthoim7EOnBW6HrMCA8GmjDNr98wCgYIKoZIzj0EAwIw
+PTEkMCIGA1UEAwwbQ29ycG9yYXRlIFRMUyBJbnNwZWN0aW9uIENBMRUwEwYDVQQK
+DAxFeGFtcGxlIENvcnAwIBcNMjYwMTAxMDAwMDAwWhgPMjEyNTEyMzEwMDAwMDBa
+MC0xFDASBgNVBAMMC3VzLnZvdWNoLnNoMRUwEwYDVQQKDAxFeGFtcGxlIENvcnAw
+WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAR+EV904vwLOi0AhMBgiXV8a7frJR1W
+txjZFQTuaMb77EGltupmZfDQwPb4pQ3rq3lEICsvCCR3i2QXTYGXCe7vo2IwYDAa
+BgNVHREEEzARgglsb2NhbGhvc3SHBH8AAAEwDAYDVR0TAQH/BAIwADATBgNVHSUE
+DDAKBggrBgEFBQcDATAfBgNVHSMEGDAWgBTYguBO7Ibyx0pW8ikc32OoA9didjAK
+BggqhkjOPQQDAgNIADBFAiBspNn3cGH1CS2LqUeuWHUQ/fkQ4A4hw7rnyPYhMDG6
+3AIhAN6hEkefncbRQJ2wzt0GM42iFRCb+JBKQu+1BJ6DQu0N
+-----END CERTIFICATE-----
+-----BEGIN CERTIFICATE-----
+MIIBwDCCAWagAwIBAgIUGkE9l00FaJqlguhUtrMhb8fnBVIwCgYIKoZIzj0EAwIw
+PTEkMCIGA1UEAwwbQ29ycG9yYXRlIFRMUyBJbnNwZWN0aW9uIENBMRUwEwYDVQQK
+DAxFeGFtcGxlIENvcnAwIBcNMjYwMTAxMDAwMDAwWhgPMjEyNTEyMzEwMDAwMDBa
+MD0xJDAiBgNVBAMMG0NvcnBvcmF0ZSBUTFMgSW5zcGVjdGlvbiBDQTEVMBMGA1UE
+CgwMRXhhbXBsZSBDb3JwMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEJdp23uSC
+OPEAuLRxZgEPtpqjhGmcIzMRPxcnESLkQ9E53YczoedNv90yc6SLQjq5ExabV7gj
+sdc7fjoUYdyB2qNCMEAwDwYDVR0TAQH/BAUwAwEB/zAOBgNVHQ8BAf8EBAMCAYYw
+HQYDVR0OBBYEFNiC4E7shvLHSlbyKRzfY6gD12J2MAoGCCqGSM49BAMCA0gAMEUC
+IF2DKq1c7+NH9fGEiIrHLxtuDetWcEyrQSREIGK0M43XAiEAnZeqB8Ee75msKS+A
+Umzun49axS6mDO/r3yMfyfroNrQ=
+-----END CERTIFICATE-----
+"""
+
+ROGUE_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgFp1GKq4U6J2pwUXt
+glxPq2QANMDxBd4bgEmtB4LY6SKhRANCAAR+EV904vwLOi0AhMBgiXV8a7frJR1W
+txjZFQTuaMb77EGltupmZfDQwPb4pQ3rq3lEICsvCCR3i2QXTYGXCe7v
+-----END PRIVATE KEY-----
+"""
+
+
+def pem_file(name, text):
+    """Write PEM text to a file under a per-process temporary folder; returns its path."""
+    import tempfile
+    folder = getattr(pem_file, "folder", None)
+    if folder is None:
+        folder = pem_file.folder = tempfile.mkdtemp(prefix="vdl-tls-")
+        import atexit
+        atexit.register(shutil.rmtree, folder, True)
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        with open(path, "w") as handle:
+            handle.write(text)
+    return path
+
+
+# ============================================================================
 # The local issuer: an http.server that behaves like Vouch (SPEC §1)
 # ============================================================================
 
@@ -140,14 +237,31 @@ class _Server(ThreadingMixIn, HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def handle_error(self, request, client_address):
+        """Hostile-client cases (resets, bad TLS) are expected; keep test output clean."""
+
     def get_request(self):
         conn, addr = HTTPServer.get_request(self)
         self.issuer.connections += 1
+        if self.issuer.tls_context is not None:
+            conn = self.issuer.tls_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         return conn, addr
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        # The TLS handshake runs here, on the connection's own thread.
+        if hasattr(self.request, "do_handshake"):
+            self.request.settimeout(10)
+            try:
+                self.request.do_handshake()
+            except (OSError, ValueError):
+                self.request.close()
+                raise
+            self.server.issuer.tls_handshakes += 1
+        BaseHTTPRequestHandler.setup(self)
 
     def log_message(self, *args):
         pass
@@ -183,7 +297,7 @@ class LocalIssuer(object):
 
     def __init__(self, interval=1, expires_in=600, discovery="both", path="", rate_limit=True,
                  enforce_interval=True, approve_after_polls=None, user=None, clients=("cli",),
-                 refresh_tokens=False, access_alg="ES256", id_tokens=False):
+                 refresh_tokens=False, access_alg="ES256", id_tokens=False, tls=None):
         self.interval = interval
         self.expires_in = expires_in
         self.discovery = discovery
@@ -208,10 +322,20 @@ class LocalIssuer(object):
         self.revoked = []
         self._buckets = {}
         self.lock = threading.Lock()
+        self.tls_context = None
+        self.tls_handshakes = 0
+        if tls is not None:
+            import ssl
+            self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            if tls == "rogue":
+                self.tls_context.load_cert_chain(pem_file("rogue.pem", ROGUE_CERT_PEM), pem_file("rogue.key", ROGUE_KEY_PEM))
+            else:
+                self.tls_context.load_cert_chain(pem_file("server.pem", TEST_SERVER_CERT_PEM),
+                                                 pem_file("server.key", TEST_SERVER_KEY_PEM))
         self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.issuer = self
         self.port = self.server.server_address[1]
-        self.base = "http://127.0.0.1:%d" % self.port
+        self.base = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
         self.issuer = self.base + path
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
         self._thread.daemon = True
@@ -506,6 +630,7 @@ class IssuerTest(unittest.TestCase):
 
     def setUp(self):
         self.issuer = LocalIssuer(**self.issuer_options)
+        self.cacert = pem_file("ca.pem", TEST_CA_PEM)
         self.issuer.__enter__()
         self.addCleanup(self.issuer.__exit__)
 
