@@ -42,18 +42,18 @@ test: $(VENV)/.installed system-deps
 	@logs=$$(mktemp -d); n=0; \
 	for py in $(VENV_PY) $$(ls -d $(PYENV_ROOT)/versions/3.*/bin/python3 | sort -V) $$(command -v pypy3); do \
 	  n=$$((n + 1)); echo "$$py" > $$logs/$$n.name; \
-	  ( if [ "$$py" = "$(VENV_PY)" ]; then "$$py" -m unittest test_vouch_device_login; \
-	    else "$$py" -E -s -m unittest test_vouch_device_login; fi ) > $$logs/$$n.log 2>&1 & \
+	  ( if [ "$$py" = "$(VENV_PY)" ]; then "$$py" -m unittest -v test_vouch_device_login; \
+	    else "$$py" -E -s -m unittest -v test_vouch_device_login; fi ) > $$logs/$$n.log 2>&1 & \
 	done; wait; \
 	passed=0; failed=0; \
 	for i in $$(seq 1 $$n); do \
-	  log=$$logs/$$i.log; ran=$$(sed -n 's/^Ran \([0-9]*\) tests\?.*/\1/p' $$log); ran=$${ran:-0}; \
+	  log=$$logs/$$i.log; ok=$$(grep -c ' \.\.\. ok$$' $$log); \
 	  bad=0; for k in failures errors; do c=$$(grep -o "$$k=[0-9]*" $$log | tail -1 | cut -d= -f2); bad=$$((bad + $${c:-0})); done; \
-	  skip=$$(grep -o "skipped=[0-9]*" $$log | tail -1 | cut -d= -f2); skip=$${skip:-0}; \
+	  skip=$$(grep -c " \.\.\. skipped " $$log); \
 	  if tail -1 $$log | grep -q '^OK'; then status=ok; else status=FAILED; [ $$bad -gt 0 ] || bad=1; fi; \
-	  printf '%-50s %-6s %4d run, %3d skipped, %d failed\n' "$$(cat $$logs/$$i.name)" $$status $$ran $$skip $$bad; \
-	  [ $$status = ok ] || sed 's/^/    /' $$log | tail -60; \
-	  passed=$$((passed + ran - bad - skip)); failed=$$((failed + bad)); \
+	  printf '%-50s %-6s %4d passed, %3d skipped, %d failed\n' "$$(cat $$logs/$$i.name)" $$status $$ok $$skip $$bad; \
+	  [ $$status = ok ] || grep -v ' \.\.\. \(ok\|skipped .*\)$$' $$log | sed 's/^/    /' | tail -80; \
+	  passed=$$((passed + ok)); failed=$$((failed + bad)); \
 	done; rm -rf $$logs; \
 	echo "tests: $$passed passed, $$failed failed"; [ $$failed -eq 0 ]
 

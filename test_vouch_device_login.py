@@ -71,6 +71,51 @@ def _ec_mul(k, point):
     return result
 
 
+_G_POWERS = []
+
+
+def _ec_mul_base(k):
+    """k·G from a table of 2^i·G, in Jacobian coordinates (SEC 1 §2.2.1; Cohen et al. mixed addition).
+
+    The test issuer signs hundreds of tokens; this keeps that from dominating the suite.
+    """
+    if not _G_POWERS:
+        point = P256_G
+        for _ in range(256):
+            _G_POWERS.append(point)
+            point = _ec_add(point, point)
+    p = P256_P
+    X = Y = Z = None
+    for i in range(k.bit_length()):
+        if not (k >> i) & 1:
+            continue
+        x2, y2 = _G_POWERS[i]
+        if Z is None:
+            X, Y, Z = x2, y2, 1
+            continue
+        z2 = Z * Z % p
+        h = (x2 * z2 - X) % p
+        r = (y2 * z2 * Z - Y) % p
+        if h == 0:
+            zi = pow(Z, p - 2, p)
+            point = _ec_add((X * zi * zi % p, Y * zi * zi * zi % p), (x2, y2))
+            if point is None:
+                X = Y = Z = None
+            else:
+                X, Y, Z = point[0], point[1], 1
+            continue
+        h2 = h * h % p
+        h3 = h2 * h % p
+        v = X * h2 % p
+        X = (r * r - h3 - 2 * v) % p
+        Y = (r * (v - X) - Y * h3) % p
+        Z = Z * h % p
+    if Z is None:
+        return None
+    zi = pow(Z, p - 2, p)
+    return X * zi * zi % p, Y * zi * zi * zi % p
+
+
 def b64url(raw):
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
@@ -83,7 +128,7 @@ class EcKey(object):
     def __init__(self, kid):
         self.kid = kid
         self.d = secrets.randbelow(P256_N - 1) + 1
-        self.public = _ec_mul(self.d, P256_G)
+        self.public = _ec_mul_base(self.d)
 
     def jwk(self):
         x, y = self.public
@@ -94,7 +139,7 @@ class EcKey(object):
         z = int.from_bytes(hashlib.sha256(message).digest(), "big")
         while True:
             k = secrets.randbelow(P256_N - 1) + 1
-            r = _ec_mul(k, P256_G)[0] % P256_N
+            r = _ec_mul_base(k)[0] % P256_N
             s = pow(k, P256_N - 2, P256_N) * (z + r * self.d) % P256_N
             if r and s:
                 return r.to_bytes(32, "big") + s.to_bytes(32, "big")
@@ -242,6 +287,9 @@ class _Server(ThreadingMixIn, HTTPServer):
 
     def get_request(self):
         conn, addr = HTTPServer.get_request(self)
+        # http.server writes headers and body separately; without this, Nagle's
+        # algorithm and delayed ACKs add 40 ms to every keep-alive answer.
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.issuer.connections += 1
         if self.issuer.tls_context is not None:
             conn = self.issuer.tls_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
@@ -658,6 +706,13 @@ class IssuerTest(unittest.TestCase):
 # Building blocks
 # ============================================================================
 
+class IssuerSignerTests(unittest.TestCase):
+    def test_fast_base_multiplication_matches_double_and_add(self):
+        for k in (1, 2, 3, 255, 2 ** 255 + 7, P256_N - 1, secrets.randbelow(P256_N)):
+            self.assertEqual(_ec_mul_base(k), _ec_mul(k, P256_G), k)
+        self.assertIsNone(_ec_mul_base(P256_N))
+
+
 class StrictDecodingTests(unittest.TestCase):
     def test_base64url_accepts_canonical_unpadded_text(self):
         self.assertEqual(vdl._b64url_decode("aGk"), b"hi")
@@ -852,6 +907,13 @@ class PollerTests(IssuerTest):
         self.assertEqual(clock.sleeps[:2], [5, 12])
         self.assertTrue(28 <= clock.sleeps[2] <= 31, clock.sleeps)
         self.assertEqual(clock.sleeps[3:], [5, 5])
+
+    def test_429_without_retry_after_backs_off_exponentially(self):
+        script = [(429, b"busy", {}, "text/plain")] * 4 + [(200, {"access_token": "t", "token_type": "Bearer"})]
+        outcome, clock, _ = self.poll(script, interval=1)
+        self.assertEqual(outcome["access_token"], "t")
+        for failures, delay in enumerate(clock.sleeps[1:5], start=1):
+            self.assertTrue(2 ** failures / 2 <= delay <= 2 ** failures, clock.sleeps)
 
     def test_retry_after_is_capped_by_the_time_left(self):
         outcome, clock, polls = self.poll([(429, b"busy", {"Retry-After": "100000"}, "text/plain")],
@@ -1504,6 +1566,442 @@ class AuthorizationDetailsTests(IssuerTest):
             with self.subTest(value=value):
                 self.assertFailed(self.sign_in("--resource", value), 2)
         self.assertEqual(self.issuer.requests, [])
+
+
+# ============================================================================
+# Hostile servers and hostile values: nothing leaks, nothing injects, nothing hangs
+# ============================================================================
+
+ENDPOINTS = {
+    "discovery": "/.well-known/openid-configuration",
+    "device": "/oauth/device",
+    "token": "/oauth/token",
+    "jwks": "/oauth/jwks",
+    "userinfo": "/oauth/userinfo",
+}
+# Malformed JWKS documents are verification failures (7); everything else a
+# server gets wrong is a protocol error (6).
+MALFORMED = {"discovery": 6, "device": 6, "token": 6, "jwks": 7, "userinfo": 6}
+
+
+def endless_body(handler, body):
+    """Headers, then a body that never ends (no Content-Length, no close)."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.end_headers()
+    chunk = b"[" + b" " * 65535
+    try:
+        while True:
+            handler.wfile.write(chunk)
+    except OSError:
+        handler.close_connection = True
+
+
+def huge_body(handler, body):
+    """A declared and sent 50 MB body."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(50 * 1024 * 1024))
+    handler.end_headers()
+    chunk = b'{"a": "' + b"x" * (1024 * 1024 - 7)
+    try:
+        for _ in range(50):
+            handler.wfile.write(chunk)
+    except OSError:
+        handler.close_connection = True
+
+
+def trickle_body(handler, body):
+    """One byte a second: each read succeeds, so only a total time limit ends it."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    try:
+        for _ in range(1000):
+            handler.wfile.write(b" ")
+            handler.wfile.flush()
+            time.sleep(1)
+    except OSError:
+        handler.close_connection = True
+
+
+def reset_mid_body(handler, body):
+    """A connection reset after half of the promised body."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", "100")
+    handler.end_headers()
+    handler.wfile.write(b'{"access_token": "abc')
+    handler.wfile.flush()
+    handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    handler.connection.close()
+    handler.close_connection = True
+
+
+class HostileServerTests(IssuerTest):
+    issuer_options = {"rate_limit": False, "enforce_interval": False}
+
+    def run_against(self, endpoint, answer, *extra):
+        """Sign in with `endpoint` answering `answer` (a tuple or a raw handler)."""
+        self.issuer.approve_after_polls = 0
+        self.issuer.overrides[ENDPOINTS[endpoint]] = answer if callable(answer) else (lambda h, b: answer)
+        flags = {"jwks": ["--verify"], "userinfo": ["--userinfo"]}.get(endpoint, [])
+        try:
+            return self.sign_in("--timeout", "2", *(flags + list(extra)))
+        finally:
+            self.issuer.overrides.clear()
+
+    def valid(self, endpoint):
+        """What the endpoint would answer, as a dict."""
+        if endpoint == "discovery":
+            return self.issuer.metadata()
+        if endpoint == "device":
+            return {"device_code": "d" * 43, "user_code": "BCDF-GHJK", "verification_uri": self.issuer.issuer + "/device",
+                    "verification_uri_complete": self.issuer.issuer + "/device?user_code=BCDF-GHJK",
+                    "expires_in": 600, "interval": 1}
+        if endpoint == "token":
+            token = self.issuer.access_token("cli", "openid email")
+            self.issuer.issued.append(token)
+            return {"access_token": token, "token_type": "Bearer", "expires_in": 28800, "email": "ada@example.com"}
+        if endpoint == "jwks":
+            return self.issuer.jwks()
+        return {"sub": "user-1234", "email": "ada@example.com", "hardware_verified": True}
+
+    def test_malformed_documents_at_every_endpoint(self):
+        for endpoint in ENDPOINTS:
+            code = MALFORMED[endpoint]
+            for name, answer in (
+                    ("html", (200, b"<html><body>Sign in</body></html>", {}, "text/html")),
+                    ("array", (200, [1, 2, 3])),
+                    ("string", (200, "just a string")),
+                    ("empty", (200, b"", {}, "application/json")),
+                    ("deep", (200, b"[" * 200000 + b"]" * 200000)),
+                    ("nan", (200, b'{"interval": NaN, "keys": NaN}')),
+                    ("duplicate", (200, b'{"issuer": "a", "issuer": "b", "keys": [], "keys": []}')),
+                    ("bad utf-8", (200, b'{"issuer": "\xff\xfe"}'))):
+                with self.subTest(endpoint=endpoint, case=name):
+                    self.assertFailed(self.run_against(endpoint, answer), code)
+
+    def test_bodies_that_are_too_big_never_end_or_break(self):
+        for endpoint in ENDPOINTS:
+            for name, answer, fragment in (("50 MB", huge_body, "larger than"),
+                                           ("endless", endless_body, "larger than"),
+                                           ("reset", reset_mid_body, None)):
+                with self.subTest(endpoint=endpoint, case=name):
+                    self.assertFailed(self.run_against(endpoint, answer), 5, fragment)
+
+    def test_a_trickling_body_is_cut_off_by_the_total_time_limit(self):
+        self.issuer.approve_after_polls = 0
+        self.issuer.overrides[ENDPOINTS["device"]] = trickle_body
+        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--timeout", "2"], timeout=30)
+        self.assertFailed(result, 5, "no complete answer within 2 s")
+
+    def test_redirects_are_never_followed_and_the_device_code_stays_home(self):
+        for endpoint in ENDPOINTS:
+            with self.subTest(endpoint=endpoint):
+                before = len(self.issuer.requests)
+                answer = (307, b"", {"Location": "https://evil.example/steal"}, "text/plain")
+                self.assertFailed(self.run_against(endpoint, answer), 6, "https://evil.example/steal")
+                paths = [r["path"] for r in self.issuer.requests[before:]]
+                self.assertEqual(paths[-1], ENDPOINTS[endpoint])
+        for request in self.issuer.requests:
+            if b"device_code=" in request["body"]:
+                self.assertEqual(request["path"], "/oauth/token")
+
+    def test_wrong_types_in_every_field(self):
+        for endpoint in ("discovery", "device", "token", "userinfo"):
+            for field in list(self.valid(endpoint)):
+                for value in (None, True, 12, "x" * 5000, [], {}, -1):
+                    document = self.valid(endpoint)
+                    document[field] = value
+                    with self.subTest(endpoint=endpoint, field=field, value=str(value)[:10]):
+                        result = self.run_against(endpoint, (200, document))
+                        self.assertIn(result.code, (0, 5, 6), result.stderr)
+                        self.assertClean(result)
+
+    def test_missing_required_fields(self):
+        for endpoint, fields, code in (("device", ("device_code", "user_code", "verification_uri"), 6),
+                                       ("token", ("access_token", "token_type"), 6),
+                                       ("jwks", ("keys",), 7),
+                                       ("discovery", ("issuer", "token_endpoint"), 6)):
+            for field in fields:
+                document = self.valid(endpoint)
+                del document[field]
+                with self.subTest(endpoint=endpoint, field=field):
+                    self.assertFailed(self.run_against(endpoint, (200, document)), code, field if code == 6 else None)
+
+    def test_interval_and_expires_in_extremes(self):
+        clock = FakeClock()
+        for field, value, expected in (("interval", 0, 0), ("interval", -5, 0), ("interval", "3", 0),
+                                       ("interval", "soon", 6), ("interval", 1e9, 0), ("interval", 2 ** 80, 0),
+                                       ("expires_in", 0, 6), ("expires_in", -1, 6), ("expires_in", 1e12, 0),
+                                       ("expires_in", None, 0), ("expires_in", "abc", 6)):
+            document = self.valid("device")
+            document[field] = value
+            if value is None:
+                del document[field]
+            with self.subTest(field=field, value=value):
+                self.issuer.approve_after_polls = 0
+                self.issuer.overrides["/oauth/device"] = lambda h, b, d=document: (200, d)
+                self.issuer.overrides["/oauth/token"] = lambda h, b: (200, self.valid("token"))
+                result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli"], clock=clock)
+                self.assertEqual(result.code, expected, result.stderr)
+                self.assertClean(result)
+        self.assertLessEqual(max(clock.sleeps), vdl.MAX_INTERVAL)
+
+    def test_issuer_mix_up_and_plain_http_endpoints(self):
+        for field, value, fragment in (
+                ("issuer", "https://evil.example", "issuer mix-up"),
+                ("token_endpoint", "http://evil.example/token", "plain http"),
+                ("device_authorization_endpoint", "http://10.0.0.1/device", "plain http"),
+                ("jwks_uri", "ftp://evil.example/jwks", "https"),
+                ("userinfo_endpoint", "https://user:pw@evil.example/", "credentials")):
+            document = self.valid("discovery")
+            document[field] = value
+            with self.subTest(field=field):
+                self.assertFailed(self.run_against("discovery", (200, document)), 6, fragment)
+
+    def test_success_without_access_token_and_broken_jwts(self):
+        self.assertFailed(self.run_against("token", (200, {"token_type": "Bearer"})), 6, "access_token")
+        for payload, fragment in ((b"not json", "malformed"), (b'{"sub": "a", "sub": "b"}', "duplicate"),
+                                  (b"[1, 2]", "malformed"), (b'{"exp": NaN}', "malformed")):
+            token = raw_jwt(b'{"alg": "ES256", "typ": "at+jwt"}', payload)
+            with self.subTest(payload=payload):
+                self.assertFailed(self.run_against("token", (200, {"access_token": token, "token_type": "Bearer"})),
+                                  6, fragment)
+
+    def test_hardware_verified_must_be_a_json_boolean(self):
+        for value in ("true", 1, "yes", [True], {"value": True}):
+            self.issuer.user["hardware_verified"] = value
+            with self.subTest(value=value):
+                result = self.sign_in()
+                self.assertEqual(result.code, 0, result.stderr)
+                self.assertIsNone(result.json()["hardware_verified"])
+                self.assertIn("not a boolean; reporting null", result.stderr)
+                self.assertFailed(self.sign_in("--require-hardware"), 8, "hardware_verified is null")
+
+    def test_generated_mutations_of_valid_responses(self):
+        rng = random.Random(8628)
+        pool = [None, True, False, 0, -1, 1.5, 10 ** 30, "", "x" * 3000, [], {}, [None], {"a": {"b": []}},
+                "\x1b]52;c;ZXZpbA==\x07", "\x1b[2J\x1b[H", "a\rb", "\u202egnp.exe", "javascript:alert(1)",
+                "http://evil.example/", "https://evil.example/", "$(touch /tmp/pwned-vdl)", "'\"`\\\n"]
+        cases = 0
+        for endpoint in ("discovery", "device", "token", "jwks", "userinfo"):
+            for _ in range(60):
+                status, body = self.mutate(self.valid(endpoint), rng, pool)
+                with self.subTest(endpoint=endpoint, case=cases, body=body[:60]):
+                    result = self.run_against(endpoint, (status, body, {}, "application/json"))
+                    self.assertIn(result.code, (0, 3, 4, 5, 6, 7), result.stderr)
+                    self.assertClean(result)
+                cases += 1
+        self.assertFalse(os.path.exists("/tmp/pwned-vdl"))
+
+    @staticmethod
+    def mutate(document, rng, pool):
+        """A random mutation of a valid response: (status, body bytes)."""
+        operation = rng.randrange(8)
+        keys = sorted(document)
+        key = rng.choice(keys) if keys else "x"
+        if operation == 0:
+            document.pop(key, None)
+        elif operation == 1:
+            document[key] = rng.choice(pool)
+        elif operation == 2:
+            document[rng.choice(["error", "error_description", "keys", "access_token", "interval"])] = rng.choice(pool)
+        elif operation == 3:
+            document = [document]
+        elif operation == 4:
+            document = {k: (str(v) if isinstance(v, (int, float)) else v) for k, v in document.items()}
+        body = json.dumps(document).encode()
+        if operation == 5:
+            body = body[:rng.randrange(len(body))]
+        elif operation == 6:
+            position = rng.randrange(len(body))
+            body = body[:position] + bytes([rng.randrange(256)]) + body[position + 1:]
+        elif operation == 7 and isinstance(document, dict) and keys:
+            body = body[:-1] + b', "%s": 1}' % key.encode()
+        return rng.choice([200, 200, 200, 200, 400, 401, 500, 503, 429]), body
+
+    def assertClean(self, result):
+        """Success prints one JSON object; failure prints nothing and one error line; never a traceback."""
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertNotIn("\x1b", result.stderr)
+        self.assertNotEqual(result.code, 1, result.stderr)
+        if result.code == 0:
+            self.assertEqual(result.stdout.count("\n"), 1)
+            self.assertIsInstance(result.json()["access_token"], str)
+        else:
+            self.assertFailed(result, result.code)
+
+
+class TerminalInjectionTests(IssuerTest):
+    HOSTILE = ("\x1b]8;;https://evil.example/\x07click\x1b]8;;\x07 \x1b]52;c;ZXZpbA==\x07 \x1b[2J\x1b[1;1H"
+               "\rOK \u202egnp.exe\u202c \u2066x\u2069 \x9b31m \x07\x08\x7f")
+
+    def assertNoControl(self, text):
+        for bad in ("\x1b", "\r", "\x9b", "\x07", "\x08", "\x7f", "\u202e", "\u2066", "\u2069", "\u202c"):
+            self.assertNotIn(bad, text)
+
+    def test_error_descriptions_are_sanitised(self):
+        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error("invalid_grant", self.HOSTILE)
+        result = self.sign_in(approve=False)
+        line = self.assertFailed(result, 6, "invalid_grant")
+        self.assertIn("click", line)
+        self.assertNoControl(result.stderr)
+
+    def test_prompt_fields_with_controls_are_refused_or_dropped(self):
+        device = {"device_code": "d" * 43, "user_code": "BCDF-GHJK", "verification_uri": self.issuer.issuer + "/device",
+                  "verification_uri_complete": self.issuer.issuer + "/device?c=" + self.HOSTILE, "interval": 1}
+        self.issuer.overrides["/oauth/device"] = lambda h, b: (200, device)
+        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error("access_denied")
+        result = self.sign_in()
+        self.assertFailed(result, 3)
+        self.assertIn("ignoring verification_uri_complete", result.stderr)
+        self.assertNoControl(result.stderr)
+        for field in ("user_code", "verification_uri"):
+            bad = dict(device, **{field: device[field] + self.HOSTILE})
+            self.issuer.overrides["/oauth/device"] = lambda h, b, bad=bad: (200, bad)
+            with self.subTest(field=field):
+                result = self.sign_in()
+                self.assertFailed(result, 6, field)
+                self.assertNoControl(result.stderr)
+
+    def test_claims_quoted_in_messages_are_sanitised(self):
+        token = self.issuer.access_token("cli", "openid", iss=self.HOSTILE)
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": token, "token_type": "Bearer"})
+        result = self.sign_in("--verify")
+        self.assertFailed(result, 7, "iss")
+        self.assertNoControl(result.stderr)
+        self.issuer.user["hardware_aaguid"] = self.HOSTILE
+        self.issuer.overrides.clear()
+        result = self.sign_in("--require-aaguid", "cb69481e-8ff7-4039-93ec-0a2729a154a8")
+        self.assertFailed(result, 8)
+        self.assertNoControl(result.stderr)
+
+    def test_long_values_are_capped(self):
+        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error("invalid_grant", "A" * 100000)
+        line = self.assertFailed(self.sign_in(approve=False), 6)
+        self.assertLess(len(line), 600)
+
+
+class SecretsTests(IssuerTest):
+    issuer_options = {"rate_limit": False, "refresh_tokens": True, "id_tokens": True}
+
+    def test_verbose_logs_never_show_a_secret(self):
+        home = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, home)
+        env = {"XDG_CACHE_HOME": home}
+        runs = [self.sign_in("-v", "--cache", "--userinfo", "--verify", env=env),
+                self.sign_in("-v", "--cache", "--min-ttl", "30000", env=env),
+                self.sign_in("-v", "--logout", env=env)]
+        self.assertEqual([r.code for r in runs], [0, 0, 0], runs[0].stderr)
+        secrets_seen = set(self.issuer.issued) | set(self.issuer.refresh_issued)
+        for run in runs[:2]:
+            out = run.json()
+            secrets_seen |= {out["access_token"], out["id_token"], out["refresh_token"]}
+        secrets_seen |= set(self.issuer.devices)
+        for request in self.issuer.requests:
+            secrets_seen |= {v for k, v in parse_qsl(request["body"].decode()) if k in ("refresh_token", "token")}
+        stderr = "".join(r.stderr for r in runs)
+        self.assertIn("debug: POST", stderr)
+        self.assertIn("Authorization", stderr)
+        self.assertGreater(len(secrets_seen), 5)
+        for secret in secrets_seen:
+            self.assertNotIn(secret, stderr)
+            for part in secret.split("."):
+                if len(part) > 16:
+                    self.assertNotIn(part, stderr)
+
+
+class TransportTests(unittest.TestCase):
+    def test_tls_sign_in_uses_one_connection_and_one_handshake(self):
+        with LocalIssuer(tls=True, rate_limit=False, enforce_interval=False, approve_after_polls=4) as issuer:
+            result = run_main(["--issuer", issuer.issuer, "--client-id", "cli", "--cacert",
+                               pem_file("ca.pem", TEST_CA_PEM), "--verify", "--userinfo"])
+            self.assertEqual(result.code, 0, result.stderr)
+            self.assertGreaterEqual(len(issuer.requests), 9)
+            self.assertEqual((issuer.connections, issuer.tls_handshakes), (1, 1))
+
+    def test_a_server_closing_kept_alive_connections_is_reconnected_transparently(self):
+        with LocalIssuer(rate_limit=False, enforce_interval=False, approve_after_polls=3) as issuer:
+            original = _Handler.send
+
+            def send_and_close(handler, *args, **kwargs):
+                original(handler, *args, **kwargs)
+                handler.close_connection = True
+
+            with mock.patch.object(_Handler, "send", send_and_close):
+                result = run_main(["--issuer", issuer.issuer, "--client-id", "cli"])
+            self.assertEqual(result.code, 0, result.stderr)
+            self.assertEqual(issuer.connections, len(issuer.requests))
+
+    def test_certificate_failures_name_the_presented_certificate(self):
+        with LocalIssuer(tls="rogue") as issuer:
+            result = run_main(["--issuer", issuer.issuer, "--client-id", "cli", "--cacert",
+                               pem_file("ca.pem", TEST_CA_PEM)])
+        self.assertEqual((result.code, result.stdout), (5, ""))
+        for text in ("TLS certificate verification failed", "subject CN=us.vouch.sh, O=Example Corp",
+                     "issuer CN=Corporate TLS Inspection CA", "SHA-256 fingerprint", "--cacert"):
+            self.assertIn(text, result.stderr)
+        fingerprint = hashlib.sha256(__import__("ssl").PEM_cert_to_DER_cert(ROGUE_CERT_PEM.split("-----END CERTIFICATE-----")[0]
+                                                                             + "-----END CERTIFICATE-----\n")).hexdigest().upper()
+        self.assertIn(":".join(fingerprint[i:i + 2] for i in range(0, 64, 2)), result.stderr)
+
+    def test_ssl_cert_file_is_honoured(self):
+        with LocalIssuer(tls=True, approve_after_polls=0) as issuer:
+            result = run_main(["--issuer", issuer.issuer, "--client-id", "cli"],
+                              env={"SSL_CERT_FILE": pem_file("ca.pem", TEST_CA_PEM)})
+        self.assertEqual(result.code, 0, result.stderr)
+
+    def test_https_proxy_is_tunnelled_with_connect(self):
+        """A tiny CONNECT proxy on loopback; the target is named by host so that it is not bypassed."""
+        tunnels = []
+        with LocalIssuer(tls=True, approve_after_polls=0, rate_limit=False) as issuer:
+            proxy = socket.socket()
+            proxy.bind(("127.0.0.1", 0))
+            proxy.listen(5)
+            self.addCleanup(proxy.close)
+
+            def serve():
+                while True:
+                    try:
+                        client, _ = proxy.accept()
+                    except OSError:
+                        return
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        request += client.recv(4096)
+                    tunnels.append(request.split(b"\r\n")[0].decode())
+                    upstream = socket.create_connection(("127.0.0.1", issuer.port))
+                    client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    for a, b in ((client, upstream), (upstream, client)):
+                        threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+            def pipe(source, target):
+                try:
+                    while True:
+                        data = source.recv(65536)
+                        if not data:
+                            break
+                        target.sendall(data)
+                except OSError:
+                    pass
+                finally:
+                    target.close()
+
+            threading.Thread(target=serve, daemon=True).start()
+            issuer.issuer = "https://vouch.test:%d" % issuer.port
+            client = vdl._HttpClient(timeout=5, cafile=pem_file("ca.pem", TEST_CA_PEM), environ={
+                "HTTPS_PROXY": "http://127.0.0.1:%d" % proxy.getsockname()[1]})
+            self.addCleanup(client.close)
+            with mock.patch("socket.getaddrinfo", wraps=socket.getaddrinfo) as resolver:
+                with self.assertRaises(vdl.NetworkError) as failure:
+                    client.get(issuer.issuer + "/oauth/jwks", "JWKS")
+            # The request, then the look at the certificate for the error message: both tunnelled.
+            self.assertEqual({line.rsplit("/", 1)[0] for line in tunnels}, {"CONNECT vouch.test:%d HTTP" % issuer.port})
+            self.assertNotIn("vouch.test", str([c.args[0] for c in resolver.call_args_list]))
+            self.assertIn("certificate", str(failure.exception))
 
 
 # ============================================================================
@@ -2704,9 +3202,6 @@ class TestCryptographyJWT(unittest.TestCase):
                 self.assertEqual(verify(token, jwks=jwks, typ="at+jwt"), CLAIMS)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 # ============================================================================
 # Elliptic curves: reference arithmetic, RFC vectors, cryptography cross-checks
@@ -3719,9 +4214,6 @@ class CryptographyCrossCheckTest(unittest.TestCase):
         public.verify(b64u(sig), signing_input.encode())
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 # ============================================================================
 # QR code: structure, capacity, masks, rendering, segno and zxing-cpp
@@ -4269,10 +4761,6 @@ class TestDecode(unittest.TestCase):
                 self.assertEqual(found and found.text, url)
 
 
-if __name__ == '__main__':
-    unittest.main()
-
-
 # ============================================================================
 # The prompt on a real terminal: QR block, countdown, OSC 52, browser
 # ============================================================================
@@ -4376,7 +4864,6 @@ class TerminalPromptTests(IssuerTest):
         browser = {"BROWSER": recorder + " %s"}
         cases = [({"DISPLAY": ":99"}, [], True),
                  ({"DISPLAY": ":99", "SSH_CONNECTION": "10.0.0.1 5000 10.0.0.2 22"}, [], False),
-                 ({"DISPLAY": ":99", "SSH_TTY": "/dev/pts/3"}, [], False),
                  ({}, [], False),
                  ({"DISPLAY": ":99"}, ["--no-browser"], False),
                  ({"SSH_TTY": "/dev/pts/3"}, ["--browser"], True)]
@@ -4403,6 +4890,7 @@ class TerminalPromptTests(IssuerTest):
             self.assertFalse(vdl._browser_visible({}, err, "linux"))
             self.assertTrue(vdl._browser_visible({}, err, "darwin"))
             self.assertFalse(vdl._browser_visible({"SSH_CLIENT": "x"}, err, "darwin"))
+            self.assertFalse(vdl._browser_visible({"SSH_TTY": "/dev/pts/3", "DISPLAY": ":0"}, err, "linux"))
 
 
 class PlainPromptTests(IssuerTest):

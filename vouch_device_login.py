@@ -94,6 +94,10 @@ class PolicyError(VouchError):
     exit_code = 8
 
 
+class _TimeLimitError(NetworkError):
+    """A request hit --timeout; retrying it at once would only wait as long again."""
+
+
 class _DeviceCodeExpired(Exception):
     """The current device code died; the caller may start a new one."""
 
@@ -509,22 +513,22 @@ class _HttpClient(object):
             raise
         except (ssl.SSLError, ssl.CertificateError) as exc:
             if fired:
-                raise NetworkError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
+                raise _TimeLimitError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
             if _is_certificate_failure(exc):
                 raise NetworkError(_tls_failure_message(url, exc, self))
             raise NetworkError("%s: TLS failure: %s" % (_origin(url), _sanitize(str(exc))))
         except (socket.timeout, TimeoutError):
-            raise NetworkError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
+            raise _TimeLimitError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
         except _BodyTooLarge:
             raise NetworkError("%s: response body larger than %d bytes" % (_origin(url), MAX_BODY_BYTES))
         except (OSError, http.client.HTTPException, ValueError) as exc:
             if fired:
-                raise NetworkError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
+                raise _TimeLimitError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
             raise NetworkError("%s: %s" % (_origin(url), _sanitize(_describe_os_error(exc))))
         finally:
             watchdog.cancel()
         if fired:
-            raise NetworkError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
+            raise _TimeLimitError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
         headers_in = {}
         for name, value in response.getheaders():
             headers_in[name.lower()] = value
@@ -886,7 +890,8 @@ def parse_device_authorization(document, received_at, terminal=None):
     if _sanitize(user_code) != user_code or user_code.strip() != user_code:
         raise ProtocolError("%s: user_code contains control or invisible characters: %s"
                             % (what, _sanitize(user_code)))
-    name = "verification_uri" if "verification_uri" in document else "verification_url"
+    name = "verification_url" if "verification_uri" not in document and "verification_url" in document \
+        else "verification_uri"
     verification_uri = _string_field(document, name, what, 2048)
     _check_shown_url(verification_uri, name, what, terminal, required=True)
     complete = _string_field(document, "verification_uri_complete", what, 2048, required=False)
@@ -965,6 +970,8 @@ def _post_with_retries(http, url, what, form, attempts=4):
             _sleep(delay)
         try:
             last = http.post(url, what, form)
+        except _TimeLimitError:
+            raise
         except NetworkError:
             if attempt == attempts - 1:
                 raise
@@ -1075,7 +1082,12 @@ def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=No
             return _json_document(response, what)
         if status == 429:
             asked = _retry_after(response.header("retry-after"), time.time())
-            delay = interval if asked is None else max(interval, min(asked, deadline - arrived))
+            if asked is None:
+                # No hint from the server: back off as for a server error.
+                failures += 1
+                delay = max(interval, _backoff_delay(failures, rng))
+            else:
+                delay = max(interval, min(asked, deadline - arrived))
             terminal.debug("rate limited; next poll in %.1f s" % delay)
             next_poll = arrived + delay
             continue
