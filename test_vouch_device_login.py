@@ -9,7 +9,6 @@ import base64
 import contextlib
 import hashlib
 import io
-from fractions import Fraction
 import json
 import os
 import random
@@ -21,6 +20,7 @@ import sys
 import threading
 import time
 import unittest
+from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from socketserver import ThreadingMixIn
 from unittest import mock
@@ -120,7 +120,7 @@ def b64url(raw):
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-class EcKey(object):
+class EcKey:
     """A P-256 signing key for the test issuer."""
 
     alg = "ES256"
@@ -145,7 +145,7 @@ class EcKey(object):
                 return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
-class RsaKey(object):
+class RsaKey:
     """The test issuer's RS256 key: the RFC 7520 §3.4 key pair (defined with the JOSE tests)."""
 
     alg = "RS256"
@@ -333,7 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class LocalIssuer(object):
+class LocalIssuer:
     """A Vouch-like issuer on 127.0.0.1 for tests and the demo.
 
     Knobs: interval, expires_in, discovery ("both", "oidc", "oauth"), path
@@ -604,7 +604,7 @@ class LocalIssuer(object):
 # Helpers for driving the real CLI
 # ============================================================================
 
-class FakeClock(object):
+class FakeClock:
     """A monotonic clock that sleep() advances instantly, recording each sleep."""
 
     def __init__(self, start=1000.0):
@@ -623,7 +623,7 @@ _ENV_KEYS = ("VOUCH_ISSUER", "VOUCH_CLIENT_ID", "VOUCH_SCOPE", "HTTPS_PROXY", "h
              "http_proxy", "NO_PROXY", "no_proxy", "SSL_CERT_FILE", "VOUCH_CACHE", "NO_COLOR")
 
 
-class Result(object):
+class Result:
     def __init__(self, code, stdout, stderr):
         self.code = code
         self.stdout = stdout
@@ -666,7 +666,7 @@ def run_cli(args, env=None, timeout=60, stdin=subprocess.DEVNULL, input_bytes=No
     environment.update(env or {})
     command = [sys.executable] + ([argv0] if argv0 else [SCRIPT]) + list(args)
     streams = {"stdin": stdin} if input_bytes is None else {"input": input_bytes}
-    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False,
                           env=environment, timeout=timeout, cwd=HERE, **streams)
     return Result(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
 
@@ -891,7 +891,7 @@ class PollerTests(IssuerTest):
                                     "client_id": "cli"})
 
     def test_slow_down_adds_five_seconds_to_every_later_poll(self):
-        outcome, clock, _ = self.poll([SLOW_DOWN, PENDING, SLOW_DOWN, PENDING, (200, {"access_token": "t",
+        _outcome, clock, _ = self.poll([SLOW_DOWN, PENDING, SLOW_DOWN, PENDING, (200, {"access_token": "t",
                                                                                     "token_type": "Bearer"})])
         self.assertEqual(clock.sleeps, [5, 10, 10, 15, 15])
 
@@ -1429,7 +1429,7 @@ class CacheTests(IssuerTest):
 
     def test_insecure_or_foreign_cache_files_are_refused(self):
         self.cached_sign_in()
-        entry = os.path.join(self.directory, [f for f in self.cache_files() if f.endswith(".json")][0])
+        entry = os.path.join(self.directory, next(f for f in self.cache_files() if f.endswith(".json")))
         os.chmod(entry, 0o644)
         line = self.assertFailed(self.cached_sign_in(), 2, "readable by group or others")
         self.assertIn("chmod 600 " + entry, line)
@@ -1543,7 +1543,7 @@ class AuthorizationDetailsTests(IssuerTest):
         result = self.sign_in("--authorization-details", json.dumps(self.DETAILS),
                               "--resource", "https://api.example.com/", "--resource", "urn:example:ledger")
         self.assertEqual(result.code, 0, result.stderr)
-        device = [r for r in self.issuer.requests if r["path"] == "/oauth/device"][0]
+        device = next(r for r in self.issuer.requests if r["path"] == "/oauth/device")
         form = parse_qsl(device["body"].decode())
         self.assertEqual(json.loads(dict(form)["authorization_details"]), self.DETAILS)
         self.assertEqual([v for k, v in form if k == "resource"], ["https://api.example.com/", "urn:example:ledger"])
@@ -1698,13 +1698,13 @@ class HostileServerTests(IssuerTest):
         self.assertFailed(result, 5, "no complete answer within 2 s")
 
     def test_redirects_are_never_followed_and_the_device_code_stays_home(self):
-        for endpoint in ENDPOINTS:
+        for endpoint, path in ENDPOINTS.items():
             with self.subTest(endpoint=endpoint):
                 before = len(self.issuer.requests)
                 answer = (307, b"", {"Location": "https://evil.example/steal"}, "text/plain")
                 self.assertFailed(self.run_against(endpoint, answer), 6, "https://evil.example/steal")
                 paths = [r["path"] for r in self.issuer.requests[before:]]
-                self.assertEqual(paths[-1], ENDPOINTS[endpoint])
+                self.assertEqual(paths[-1], path)
         for request in self.issuer.requests:
             if b"device_code=" in request["body"]:
                 self.assertEqual(request["path"], "/oauth/token")
@@ -1995,9 +1995,9 @@ class TransportTests(unittest.TestCase):
             client = vdl._HttpClient(timeout=5, cafile=pem_file("ca.pem", TEST_CA_PEM), environ={
                 "HTTPS_PROXY": "http://127.0.0.1:%d" % proxy.getsockname()[1]})
             self.addCleanup(client.close)
-            with mock.patch("socket.getaddrinfo", wraps=socket.getaddrinfo) as resolver:
-                with self.assertRaises(vdl.NetworkError) as failure:
-                    client.get(issuer.issuer + "/oauth/jwks", "JWKS")
+            with mock.patch("socket.getaddrinfo", wraps=socket.getaddrinfo) as resolver, \
+                    self.assertRaises(vdl.NetworkError) as failure:
+                client.get(issuer.issuer + "/oauth/jwks", "JWKS")
             # The request, then the look at the certificate for the error message: both tunnelled.
             self.assertEqual({line.rsplit("/", 1)[0] for line in tunnels}, {"CONNECT vouch.test:%d HTTP" % issuer.port})
             self.assertNotIn("vouch.test", str([c.args[0] for c in resolver.call_args_list]))
@@ -2035,7 +2035,7 @@ class EndToEndTests(IssuerTest):
                 "runpy.run_path(sys.argv[0], run_name='__main__')")
         proc = subprocess.run([sys.executable, "-c", code, SCRIPT, "--issuer", self.issuer.issuer,
                                "--client-id", "cli", "--format", "token"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, check=False)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(proc.stdout.decode(), self.issuer.issued[0] + "\n")
 
@@ -2048,9 +2048,10 @@ class EndToEndTests(IssuerTest):
         self.assertEqual(result.code, 0, result.stderr)
         for shell in shells:
             with self.subTest(shell=shell):
-                proc = subprocess.run([shell, "-c", 'eval "$1"; printf %s "$VOUCH_EMAIL"; printf "\\0";'
-                                       'printf %s "$VOUCH_SUBJECT"; printf "\\0"; printf %s "$VOUCH_ACCESS_TOKEN"',
-                                       "sh", result.stdout], stdout=subprocess.PIPE, timeout=30)
+                script = ('eval "$1"; printf %s "$VOUCH_EMAIL"; printf "\\0";'
+                          'printf %s "$VOUCH_SUBJECT"; printf "\\0"; printf %s "$VOUCH_ACCESS_TOKEN"')
+                proc = subprocess.run([shell, "-c", script, "sh", result.stdout], stdout=subprocess.PIPE,
+                                      timeout=30, check=True)
                 email, subject, token = proc.stdout.decode("utf-8").split("\0")
                 self.assertEqual(email, self.issuer.user["email"])
                 self.assertEqual(subject, self.issuer.user["sub"])
@@ -2065,7 +2066,10 @@ class EndToEndTests(IssuerTest):
 try:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+    from cryptography.hazmat.primitives.asymmetric.utils import (
+        decode_dss_signature,
+        encode_dss_signature,
+    )
     HAVE_CRYPTO = True
     _CURVES = {"P-256": (ec.SECP256R1, hashes.SHA256, 32),
                "P-384": (ec.SECP384R1, hashes.SHA384, 48),

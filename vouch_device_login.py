@@ -23,19 +23,19 @@ import sys
 __version__ = "1.0.0"
 
 __all__ = [
-    "main",
-    "decode_jwt",
-    "verify_signature",
-    "verify_jws",
-    "verify_jwt",
-    "VouchError",
-    "UsageError",
     "AccessDeniedError",
     "ExpiredError",
     "NetworkError",
+    "PolicyError",
     "ProtocolError",
     "TokenVerificationError",
-    "PolicyError",
+    "UsageError",
+    "VouchError",
+    "decode_jwt",
+    "main",
+    "verify_jws",
+    "verify_jwt",
+    "verify_signature",
 ]
 
 # Start-up time is measured (`--version` must cost little more than a bare
@@ -139,7 +139,7 @@ def _sleep(seconds):
     time.sleep(seconds)
 
 
-class _Config(object):
+class _Config:
     """Everything the command line and the environment decided, in one place."""
 
     def __init__(self, **values):
@@ -176,7 +176,7 @@ def _sanitize(text, limit=_MAX_SHOWN):
     return text
 
 
-class _Terminal(object):
+class _Terminal:
     """Writes messages for the person to stderr, honouring -q and -v."""
 
     def __init__(self, quiet=False, verbose=False, stream=None):
@@ -326,7 +326,7 @@ def _proxy_for(scheme, host, port, environ):
         entry_host = entry_host.lstrip("*").lstrip(".").rstrip(".")
         if host_l == entry_host or host_l.endswith("." + entry_host):
             return None
-    from urllib.parse import urlsplit, unquote
+    from urllib.parse import unquote, urlsplit
     if "://" not in proxy:
         proxy = "http://" + proxy
     try:
@@ -344,7 +344,7 @@ def _proxy_for(scheme, host, port, environ):
     return parts.hostname, proxy_port, headers
 
 
-class _Response(object):
+class _Response:
     """A fully read HTTP response."""
 
     def __init__(self, status, reason, headers, body, url):
@@ -362,7 +362,7 @@ class _StaleConnection(Exception):
     """A kept-alive connection was closed by the server before it answered."""
 
 
-class _HttpClient(object):
+class _HttpClient:
     """HTTP/1.1 client keeping one connection per origin for a whole sign-in.
 
     Polling reuses the connection, so it pays for one TLS handshake, not one
@@ -750,7 +750,7 @@ def _retry_after(value, now_epoch):
     value = value.strip()
     if value.isdigit() and len(value) < 10:
         return float(int(value))
-    from email.utils import parsedate_tz, mktime_tz
+    from email.utils import mktime_tz, parsedate_tz
     try:
         parsed = parsedate_tz(value)
         if parsed is None:
@@ -837,7 +837,7 @@ def _raise_http_status(response, what):
 # Device flow: authorization request (RFC 8628 §3.1-3.2), prompt, polling
 # ============================================================================
 
-class DeviceAuthorization(object):
+class DeviceAuthorization:
     """The checked answer of the device authorization endpoint (RFC 8628 §3.2)."""
 
     def __init__(self, device_code, user_code, verification_uri, verification_uri_complete,
@@ -1620,7 +1620,7 @@ def _spoken(user_code):
     return "  -  ".join(groups)
 
 
-class _Countdown(object):
+class _Countdown:
     """Shows the time left while the poller waits.
 
     On a terminal one line is rewritten in place every second; elsewhere
@@ -2994,7 +2994,7 @@ def _check_private(path, stat_result, kind):
                          % (kind, path, stat_result.st_mode & 0o777, wanted, path))
 
 
-class _Cache(object):
+class _Cache:
     """The cache entry of one (issuer, client, scope, details, resources).
 
     Written atomically (temporary file, then rename), every file 0600, the
@@ -3247,7 +3247,7 @@ def _revoke(config, http, terminal, metadata, result):
     return failures
 
 
-class _KeySource(object):
+class _KeySource:
     """The JWKS to verify with: --jwks FILE, --jwks-uri, discovery, or a cached copy.
 
     Fetched on first use; an unknown kid may refetch it once (key rotation).
@@ -3617,7 +3617,7 @@ def _config_from_args(args, environ, terminal):
     details = _authorization_details(args.authorization_details)
     for resource in args.resource:
         _check_resource(resource)
-    extra = list(("resource", r) for r in args.resource)
+    extra = [("resource", r) for r in args.resource]
     if details is not None:
         extra.insert(0, ("authorization_details", details))
     return _Config(
@@ -3752,7 +3752,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         terminal.write("\n%s: interrupted\n" % _PROG)
         return 130
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
         if terminal.verbose:
             import traceback
             terminal.write(traceback.format_exc())
