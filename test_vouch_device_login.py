@@ -345,7 +345,7 @@ class LocalIssuer:
 
     def __init__(self, interval=1, expires_in=600, discovery="both", path="", rate_limit=True,
                  enforce_interval=True, approve_after_polls=None, user=None, clients=("cli",),
-                 refresh_tokens=False, access_alg="ES256", id_tokens=False, tls=None):
+                 refresh_tokens=False, access_alg="ES256", id_tokens=False, tls=None, burst=8):
         self.interval = interval
         self.expires_in = expires_in
         self.discovery = discovery
@@ -369,6 +369,9 @@ class LocalIssuer:
         self.refresh_issued = []
         self.revoked = []
         self._buckets = {}
+        self._blocked_until = {}
+        self.rate_limited = 0
+        self.burst = burst
         self.lock = threading.Lock()
         self.tls_context = None
         self.tls_handshakes = 0
@@ -501,14 +504,17 @@ class LocalIssuer:
         return paths
 
     def _take_token(self, address):
+        """Vouch's limiter: a burst (8), then one request per 2 s; 429 says when to come back."""
         if not self.rate_limit:
             return True
         now = time.monotonic()
         with self.lock:
-            tokens, last = self._buckets.get(address, (8.0, now))
-            tokens = min(8.0, tokens + (now - last) / 2.0)
-            if tokens < 1:
-                self._buckets[address] = (tokens, now)
+            tokens, last = self._buckets.get(address, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) / 2.0)
+            self._buckets[address] = (tokens, now)
+            if now < self._blocked_until.get(address, 0) or tokens < 1:
+                self.rate_limited += 1
+                self._blocked_until[address] = max(self._blocked_until.get(address, 0), now + 2)
                 return False
             self._buckets[address] = (tokens - 1, now)
             return True
@@ -1835,6 +1841,44 @@ class HostileServerTests(IssuerTest):
             self.assertFailed(result, result.code)
 
 
+class ShellSafetyTests(IssuerTest):
+    issuer_options = {"rate_limit": False}
+    HOSTILE = [
+        "o'brien", "'\\''", "\"$(touch /tmp/pwned-vdl)\"", "`touch /tmp/pwned-vdl`", "$(touch /tmp/pwned-vdl)",
+        "${IFS}; touch /tmp/pwned-vdl && echo | cat", "line1\nline2\r\n\ttab\n\n", "back\\slash \\n \\0 \\x41 %s %n",
+        "-n", "\u00fc\u65e5\u672c\U0001F511 \u202egnp.exe \u200f", "'" * 50 + "x'y" * 5000, "",
+    ]
+
+    def test_eval_restores_every_value_byte_for_byte_in_every_shell(self):
+        shells = [s for s in ("sh", "dash", "bash", "zsh") if shutil.which(s)]
+        self.assertIn("sh", shells)
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        script = ('eval "$(cat "$1")"; printf %s "$VOUCH_EMAIL"; printf "\\0"; printf %s "$VOUCH_SUBJECT";'
+                  'printf "\\0"; printf %s "$VOUCH_TOKEN_TYPE"; printf "\\0"; printf %s "$VOUCH_HARDWARE_VERIFIED"')
+        for number, value in enumerate(self.HOSTILE):
+            self.issuer.user.update(email=value, sub=value[::-1])
+            self.issuer.overrides["/oauth/token"] = lambda h, b, value=value: (200, {
+                "access_token": self.issuer.access_token("cli", "openid"), "token_type": value[:64] or "Bearer"})
+            result = self.sign_in("--format", "shell")
+            self.assertEqual(result.code, 0, result.stderr)
+            path = os.path.join(folder, "out%d" % number)
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(result.stdout)
+            for shell in shells:
+                with self.subTest(value=value[:30], shell=shell):
+                    proc = subprocess.run([shell, "-c", script, "sh", path], stdout=subprocess.PIPE,
+                                          timeout=30, check=True)
+                    self.assertEqual(proc.stdout.decode("utf-8").split("\0"),
+                                     [value, value[::-1], value[:64] or "Bearer", "true"])
+                    self.assertFalse(os.path.exists("/tmp/pwned-vdl"))
+
+    def test_a_value_no_shell_variable_can_hold_is_refused(self):
+        self.issuer.user["email"] = "a\u0000b"
+        self.assertFailed(self.sign_in("--format", "shell"), 6, "NUL")
+        self.assertEqual(self.sign_in().json()["email"], "a\u0000b")
+
+
 class TerminalInjectionTests(IssuerTest):
     HOSTILE = ("\x1b]8;;https://evil.example/\x07click\x1b]8;;\x07 \x1b]52;c;ZXZpbA==\x07 \x1b[2J\x1b[1;1H"
                "\rOK \u202egnp.exe\u202c \u2066x\u2069 \x9b31m \x07\x08\x7f")
@@ -2019,6 +2063,14 @@ class EndToEndTests(IssuerTest):
         self.assertEqual(device["polls"], 2)
         polls = [r for r in self.issuer.requests if r["path"] == "/oauth/token"]
         self.assertEqual(len(polls), 2)
+
+    def test_rate_limited_polls_wait_for_retry_after(self):
+        self.issuer.burst = 2
+        self.issuer.approve_after_polls = 2
+        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "token"])
+        self.assertEqual(result.code, 0, result.stderr)
+        # One 429 and no second one: the client came back only after Retry-After.
+        self.assertEqual(self.issuer.rate_limited, 1)
 
     def test_piped_into_python_with_stdin_as_the_script(self):
         self.issuer.approve_after_polls = 0
