@@ -241,6 +241,57 @@ def _masked(secret):
 
 
 # ============================================================================
+# Strict decoding: JSON from servers and base64url (RFC 8259 §4, RFC 7515 §2)
+# ============================================================================
+
+_B64URL_ALPHABET = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _b64url_decode(text):
+    """Strict base64url: alphabet only, no padding, canonical trailing bits."""
+    import base64
+    if not isinstance(text, str) or len(text) % 4 == 1 or not _B64URL_ALPHABET.issuperset(text):
+        raise ValueError("not base64url")
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64url_encode(raw) != text:
+        raise ValueError("non-canonical base64url")
+    return raw
+
+
+def _b64url_encode(raw):
+    import base64
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _reject_constant(name):
+    raise ValueError("JSON constant %s is not allowed" % name)
+
+
+def _unique_object(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError("duplicate JSON key %r" % _sanitize(key, 40))
+        obj[key] = value
+    return obj
+
+
+def _loads_json(data):
+    """Parse JSON strictly: UTF-8, no duplicate keys, no NaN or infinities.
+
+    Raises ValueError (json.JSONDecodeError and UnicodeDecodeError included).
+    """
+    import json
+    if isinstance(data, bytes):
+        data = data.decode("utf-8")
+    try:
+        return json.loads(data, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply")
+
+
+# ============================================================================
 # HTTP: one persistent connection per origin, verified TLS, hard limits
 # ============================================================================
 
@@ -1664,55 +1715,10 @@ class _Countdown:
 
 
 # ============================================================================
-# JOSE: base64url and JSON, strictly (RFC 7515 §2, RFC 8259 §4)
+# JOSE: compact JWS (RFC 7515) and JWT (RFC 7519) verification against a JWKS
+# (RFC 7517), algorithms from RFC 7518 and RFC 8037, access-token typ from
+# RFC 9068
 # ============================================================================
-
-_B64URL_ALPHABET = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-
-
-def _b64url_decode(text):
-    """Strict base64url: alphabet only, no padding, canonical trailing bits."""
-    import base64
-    if not isinstance(text, str) or len(text) % 4 == 1 or not _B64URL_ALPHABET.issuperset(text):
-        raise ValueError("not base64url")
-    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    if _b64url_encode(raw) != text:
-        raise ValueError("non-canonical base64url")
-    return raw
-
-
-def _b64url_encode(raw):
-    import base64
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _reject_constant(name):
-    raise ValueError("JSON constant %s is not allowed" % name)
-
-
-def _unique_object(pairs):
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError("duplicate JSON key %r" % _sanitize(key, 40))
-        obj[key] = value
-    return obj
-
-
-def _loads_json(data):
-    """Parse JSON strictly: UTF-8, no duplicate keys, no NaN or infinities.
-
-    Raises ValueError (json.JSONDecodeError and UnicodeDecodeError included).
-    """
-    import json
-    if isinstance(data, bytes):
-        data = data.decode("utf-8")
-    try:
-        return json.loads(data, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply")
-
 
 def _jws_parts(token):
     """The three parts of a compact JWS, or None when the token has another shape."""
@@ -1723,12 +1729,6 @@ def _jws_parts(token):
         return None
     return parts
 
-
-# ============================================================================
-# JOSE: compact JWS (RFC 7515) and JWT (RFC 7519) verification against a JWKS
-# (RFC 7517), algorithms from RFC 7518 and RFC 8037, access-token typ from
-# RFC 9068
-# ============================================================================
 
 _MAX_TOKEN_LENGTH = 64 * 1024
 
