@@ -1879,6 +1879,155 @@ class ShellSafetyTests(IssuerTest):
         self.assertEqual(self.sign_in().json()["email"], "a\u0000b")
 
 
+class HostileEdgeCaseTests(IssuerTest):
+    """Cases a security review found; each once ended in exit 1 or a leak."""
+
+    issuer_options = {"rate_limit": False}
+
+    def test_unicode_digits_are_not_numbers(self):
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (429, b"busy", {"Retry-After": "\u00b2"}, "text/plain")
+        self.issuer.expires_in = 30
+        self.assertFailed(self.sign_in(approve=False), 4)
+        device = {"device_code": "d" * 43, "user_code": "BCDF-GHJK", "verification_uri": self.issuer.issuer + "/device",
+                  "interval": "\u00b2"}
+        self.issuer.overrides["/oauth/device"] = lambda h, b: (200, device)
+        self.assertFailed(self.sign_in(), 6, "interval must be a number")
+
+    def test_numbers_must_be_finite_and_short(self):
+        for claim in (b"1e400", b"-1e400", b"1" * 5000):
+            token = raw_jwt(b'{"alg": "ES256", "typ": "at+jwt"}', b'{"sub": "a", "exp": ' + claim + b"}")
+            self.issuer.overrides["/oauth/token"] = lambda h, b, token=token: (
+                200, {"access_token": token, "token_type": "Bearer"})
+            with self.subTest(claim=claim[:10]):
+                self.assertFailed(self.sign_in(), 6, "malformed")
+        self.assertEqual(vdl.render_output({"access_token": "t", "n": 1.5}, "json"),
+                         '{"access_token": "t", "n": 1.5}\n')
+
+    def test_deep_nesting_is_refused_before_anything_walks_it(self):
+        deep = b"[" * 65 + b"]" * 65
+        token = raw_jwt(b'{"alg": "ES256", "typ": "at+jwt"}', b'{"sub": "a", "x": ' + deep + b"}")
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": token, "token_type": "Bearer"})
+        self.assertFailed(self.sign_in(), 6, "nested deeper than 64")
+        self.assertEqual(len(json.dumps(vdl._loads_json(b"[" * 64 + b"]" * 64))), 128)
+
+    def test_control_and_non_ascii_characters_in_discovered_urls(self):
+        for url in ("https://ex\x01ample.com/token", "https://example.com/t\u00f6ken", "https://example.com/a\x7f"):
+            metadata = dict(self.issuer.metadata(), token_endpoint=url)
+            self.issuer.overrides["/.well-known/openid-configuration"] = lambda h, b, m=metadata: (200, m)
+            with self.subTest(url=url):
+                self.assertFailed(self.sign_in(), 6, "control or non-ASCII")
+
+    def test_verbose_log_never_prints_a_body_it_cannot_mask(self):
+        secret = "at-SECRET-" + "A" * 30
+        for body in (b"\xef\xbb\xbf" + json.dumps({"access_token": secret, "token_type": "Bearer"}).encode(),
+                     ('{"access_token": "%s", "token_type": "Bearer", "token_type": "x"}' % secret).encode(),
+                     ("access_token=%s&token_type=bearer" % secret).encode()):
+            self.issuer.overrides["/oauth/token"] = lambda h, b, body=body: (200, body, {}, "application/json")
+            with self.subTest(body=body[:20]):
+                result = self.sign_in("-v")
+                self.assertFailed(result, 6)
+                self.assertNotIn(secret, result.stderr)
+                self.assertIn("not a JSON object; not shown", result.stderr)
+
+    def test_proxy_credentials_never_reach_an_error(self):
+        result = run_main(["--issuer", "https://id.example.com", "--client-id", "cli"],
+                          env={"HTTPS_PROXY": "http://alice:hunter2-secret@proxy.corp:99999"})
+        self.assertFailed(result, 2, "proxy.corp:99999")
+        self.assertNotIn("hunter2", result.stderr)
+
+    def test_broken_or_closed_stdout(self):
+        for args in (["--version"], ["--issuer", self.issuer.issuer, "--client-id", "cli"]):
+            self.issuer.approve_after_polls = 0
+            with self.subTest(args=args[0]):
+                proc = subprocess.run(["/bin/sh", "-c", 'exec "$@" >&-', "sh", sys.executable, SCRIPT] + args,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, check=False)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertNotIn(b"Traceback", proc.stderr)
+                self.assertIn(b"cannot write the result to stdout", proc.stderr)
+        proc = subprocess.run(["/bin/sh", "-c", '"$@" | true', "sh", sys.executable, SCRIPT, "--help"],
+                              stderr=subprocess.PIPE, timeout=60, check=False)
+        self.assertNotIn(b"Traceback", proc.stderr)
+
+
+class CacheHardeningTests(IssuerTest):
+    issuer_options = {"rate_limit": False}
+
+    def setUp(self):
+        IssuerTest.setUp(self)
+        self.home = os.path.realpath(__import__("tempfile").mkdtemp())
+        self.addCleanup(shutil.rmtree, self.home, True)
+        self.env = {"XDG_CACHE_HOME": os.path.join(self.home, "cache")}
+        self.directory = os.path.join(self.home, "cache", "vouch-device-login")
+
+    def entry_path(self, suffix=".json"):
+        return next(os.path.join(self.directory, f) for f in os.listdir(self.directory) if f.endswith(suffix))
+
+    def test_a_permissive_umask_never_opens_the_cache_or_its_parents(self):
+        old = os.umask(0)
+        try:
+            result = self.sign_in("--cache", env=self.env)
+        finally:
+            os.umask(old)
+        self.assertEqual(result.code, 0, result.stderr)
+        for path in (os.path.join(self.home, "cache"), self.directory):
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o700, path)
+        for name in os.listdir(self.directory):
+            self.assertEqual(os.stat(os.path.join(self.directory, name)).st_mode & 0o777, 0o600, name)
+
+    def test_symlinks_and_odd_files_are_refused_cleanly(self):
+        self.sign_in("--cache", env=self.env)
+        entry, lock = self.entry_path(), self.entry_path(".lock")
+        for path in (entry, lock):
+            os.rename(path, path + ".real")
+            os.symlink(path + ".real", path)
+            with self.subTest(path=os.path.basename(path)):
+                self.assertFailed(self.sign_in("--cache", "--min-ttl", "30000", env=self.env), 2, "remove it")
+            os.unlink(path)
+            os.rename(path + ".real", path)
+        os.unlink(entry)
+        os.mkdir(entry, 0o700)
+        self.assertFailed(self.sign_in("--cache", env=self.env), 2, "remove it")
+        os.rmdir(entry)
+        os.rename(self.directory, self.directory + ".real")
+        os.symlink(self.directory + ".real", self.directory)
+        self.assertFailed(self.sign_in("--cache", env=self.env), 2, "not a directory")
+
+    def test_corrupted_entries_are_ignored_and_replaced(self):
+        self.sign_in("--cache", env=self.env)
+        with open(self.entry_path(), "wb") as handle:
+            handle.write(b'{"format": 1, "result": [')
+        result = self.sign_in("--cache", env=self.env)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIs(result.json()["cached"], False)
+
+    def test_a_cache_that_cannot_be_written_still_prints_the_token(self):
+        self.sign_in("--cache", env=self.env)
+        with mock.patch("os.replace", side_effect=OSError(28, "No space left on device")):
+            result = self.sign_in("--cache", "--min-ttl", "30000", env=self.env)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIn("the token was not cached", result.stderr)
+        self.assertIn("No space left on device", result.stderr)
+        self.assertEqual([f for f in os.listdir(self.directory) if f.endswith(".tmp")], [])
+
+    def test_a_cache_hit_discovers_what_explicit_endpoints_left_out(self):
+        explicit = ["--device-authorization-endpoint", self.issuer.issuer + "/oauth/device",
+                    "--token-endpoint", self.issuer.issuer + "/oauth/token"]
+        self.assertEqual(self.sign_in("--cache", *explicit, env=self.env).code, 0)
+        for flag in ("--userinfo", "--verify"):
+            with self.subTest(flag=flag):
+                result = self.sign_in("--cache", flag, env=self.env)
+                self.assertEqual(result.code, 0, result.stderr)
+                self.assertIs(result.json()["cached"], True)
+
+    def test_a_cached_refresh_token_is_masked_in_logs(self):
+        self.issuer.refresh_tokens = True
+        first = self.sign_in("--cache", env=self.env).json()
+        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error(
+            "invalid_grant", "refresh token %s was revoked" % dict(parse_qsl(b.decode())).get("refresh_token"))
+        result = self.sign_in("--cache", "--min-ttl", "30000", "-v", approve=False, env=self.env)
+        self.assertNotIn(first["refresh_token"], result.stderr)
+
+
 class TerminalInjectionTests(IssuerTest):
     HOSTILE = ("\x1b]8;;https://evil.example/\x07click\x1b]8;;\x07 \x1b]52;c;ZXZpbA==\x07 \x1b[2J\x1b[1;1H"
                "\rOK \u202egnp.exe\u202c \u2066x\u2069 \x9b31m \x07\x08\x7f")

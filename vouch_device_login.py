@@ -277,18 +277,57 @@ def _unique_object(pairs):
     return obj
 
 
+# Legitimate documents nest a few levels; a deep one only exhausts recursion
+# later, in whatever walks it (json.dumps with indent among them).
+MAX_JSON_DEPTH = 64
+# exp and friends need 10 digits; a million-digit number costs quadratic time
+# to convert before Python 3.11 limits it.
+MAX_JSON_INTEGER_DIGITS = 100
+
+
+def _finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("JSON number %s is out of range" % _sanitize(text, 40))
+    return value
+
+
+def _bounded_int(text):
+    if len(text.lstrip("-")) > MAX_JSON_INTEGER_DIGITS:
+        raise ValueError("JSON integer with more than %d digits" % MAX_JSON_INTEGER_DIGITS)
+    return int(text)
+
+
 def _loads_json(data):
     """Parse JSON strictly: UTF-8, no duplicate keys, no NaN or infinities.
 
-    Raises ValueError (json.JSONDecodeError and UnicodeDecodeError included).
+    Numbers must be finite (1e400 is not) and integers shorter than 100
+    digits; nesting deeper than 64 levels is refused. Raises ValueError
+    (json.JSONDecodeError and UnicodeDecodeError included).
     """
     import json
     if isinstance(data, bytes):
         data = data.decode("utf-8")
     try:
-        return json.loads(data, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+        value = json.loads(data, object_pairs_hook=_unique_object, parse_constant=_reject_constant,
+                           parse_float=_finite_float, parse_int=_bounded_int)
     except RecursionError:
         raise ValueError("JSON nested too deeply")
+    _check_depth(value)
+    return value
+
+
+def _check_depth(value):
+    """Refuse containers nested deeper than MAX_JSON_DEPTH, without recursion."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= MAX_JSON_DEPTH:
+                    raise ValueError("JSON nested deeper than %d levels" % MAX_JSON_DEPTH)
+                pending.append((child, depth + 1))
 
 
 # ============================================================================
@@ -324,6 +363,9 @@ def _parse_url(url, what):
     from urllib.parse import urlsplit
     if not isinstance(url, str) or not url:
         raise ProtocolError("%s is not a URL" % what)
+    if not all("\x21" <= ch <= "\x7e" for ch in url):
+        raise ProtocolError("%s contains white space, control or non-ASCII characters: %s"
+                            % (what, _sanitize(url)))
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -335,8 +377,6 @@ def _parse_url(url, what):
         raise ProtocolError("%s must be an absolute https URL: %s" % (what, _sanitize(url)))
     if parts.username is not None or parts.password is not None:
         raise ProtocolError("%s must not carry credentials: %s" % (what, _sanitize(url.split("@")[-1])))
-    if any(ch in url for ch in " \t\r\n\x00"):
-        raise ProtocolError("%s contains whitespace or control characters" % what)
     if scheme == "http" and not _is_loopback_host(host):
         raise ProtocolError(
             "%s uses plain http on a non-loopback host (%s); only https is allowed"
@@ -384,7 +424,7 @@ def _proxy_for(scheme, host, port, environ):
         parts = urlsplit(proxy)
         proxy_port = parts.port or 80
     except ValueError:
-        raise UsageError("the proxy setting is not a valid URL: %s" % _sanitize(proxy))
+        raise UsageError("the proxy setting is not a valid URL: %s" % _sanitize(proxy.rpartition("@")[2]))
     if parts.scheme.lower() != "http" or not parts.hostname:
         raise UsageError("only http:// proxies are supported (got %s)" % _sanitize(parts.scheme))
     headers = {}
@@ -602,7 +642,6 @@ class _HttpClient:
     def _log_response(self, response):
         if not self.terminal.verbose:
             return
-        shown = response.body[:2000]
         try:
             document = _loads_json(response.body)
         except ValueError:
@@ -615,8 +654,11 @@ class _HttpClient:
                     self.terminal.add_secret(value)
                     document[name] = _masked(value)
             shown = json.dumps(document)[:2000]
-        elif isinstance(shown, bytes):
-            shown = shown.decode("utf-8", "replace")
+        else:
+            # Only a JSON object can be masked field by field; anything else
+            # (a form-encoded token answer, JSON with a BOM) might hold a token.
+            shown = "<%d bytes of %s, not a JSON object; not shown>" % (
+                len(response.body), response.header("content-type") or "unknown type")
         self.terminal.debug("-> %d %s %s" % (response.status, response.reason, shown))
 
 
@@ -794,12 +836,17 @@ def _describe_oauth_error(error, description):
     return text
 
 
+def _is_ascii_digits(text, most):
+    """1 to `most` ASCII digits: str.isdigit() also accepts "²", which int() refuses."""
+    return 0 < len(text) <= most and all("0" <= ch <= "9" for ch in text)
+
+
 def _retry_after(value, now_epoch):
     """Seconds a Retry-After header asks for (RFC 9110 §10.2.3), or None."""
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit() and len(value) < 10:
+    if _is_ascii_digits(value, 9):
         return float(int(value))
     from email.utils import mktime_tz, parsedate_tz
     try:
@@ -907,7 +954,7 @@ def _number_field(document, name, default, what, terminal):
     value = document.get(name)
     if value is None:
         return default
-    if isinstance(value, str) and value.strip().isdigit() and len(value) < 12:
+    if isinstance(value, str) and _is_ascii_digits(value.strip(), 11):
         terminal.warn("%s: %s is a string; using it as a number" % (what, name))
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -2946,20 +2993,34 @@ def render_output(result, output_format, pretty=False):
         return "".join("export %s=%s\n" % (name, _shell_quote(_shell_value(result, key)))
                        for name, key in _SHELL_VARIABLES)
     # ensure_ascii keeps every server-supplied control character escaped.
-    return json.dumps(result, indent=2 if pretty else None, ensure_ascii=True) + "\n"
+    return json.dumps(result, indent=2 if pretty else None, ensure_ascii=True, allow_nan=False) + "\n"
 
 
 def _write_stdout(text):
+    """Write the result in one go; a closed or broken stdout is a clean UsageError."""
     stream = sys.stdout
-    if stream is None:
-        raise UsageError("stdout is closed; nowhere to print the result")
-    buffer = getattr(stream, "buffer", None)
-    if buffer is not None:
-        buffer.write(text.encode("utf-8"))
-        buffer.flush()
-    else:
-        stream.write(text)
-        stream.flush()
+    try:
+        if stream is None:
+            raise OSError("stdout is closed")
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None:
+            buffer.write(text.encode("utf-8"))
+            buffer.flush()
+        else:
+            stream.write(text)
+            stream.flush()
+    except (OSError, ValueError) as exc:
+        _silence_stdout()
+        raise UsageError("cannot write the result to stdout: %s" % (getattr(exc, "strerror", None) or exc))
+
+
+def _silence_stdout():
+    """Point a broken stdout at /dev/null, so the interpreter's last flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 # ============================================================================
@@ -3012,25 +3073,57 @@ class _Cache:
         self._lock_fd = None
 
     def _ensure_directory(self):
+        # Since Python 3.7 makedirs applies its mode to the leaf only: the umask
+        # keeps a missing ~/.cache from being created open to everyone.
+        old_umask = os.umask(0o077)
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            _check_private(self.directory, os.stat(self.directory), "cache directory")
+        except OSError as exc:
+            raise UsageError("cannot create the cache directory %s: %s" % (self.directory, exc.strerror or exc))
+        finally:
+            os.umask(old_umask)
+        self._check_directory()
+
+    def _check_directory(self):
+        import stat
+        try:
+            stat_result = os.lstat(self.directory)
         except OSError as exc:
             raise UsageError("cannot use the cache directory %s: %s" % (self.directory, exc.strerror or exc))
+        if not stat.S_ISDIR(stat_result.st_mode):
+            raise UsageError("cache directory %s is not a directory (a symlink?); remove it" % self.directory)
+        _check_private(self.directory, stat_result, "cache directory")
+
+    def _open_private(self, path, flags):
+        """Open a cache file without following symlinks; refuse it unless it is ours and private.
+
+        FileNotFoundError passes through; every other problem is a UsageError.
+        """
+        try:
+            fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise UsageError("cannot open the cache file %s: %s; remove it" % (path, exc.strerror or exc))
+        try:
+            _check_private(path, os.fstat(fd), "cache file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def load(self):
         """The stored entry as a dict, or None when there is none."""
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
         try:
-            fd = os.open(self.path, flags)
+            fd = self._open_private(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            raise UsageError("cannot read the cache file %s: %s" % (self.path, exc.strerror or exc))
         with os.fdopen(fd, "rb") as handle:
-            _check_private(self.path, os.fstat(fd), "cache file")
-            _check_private(self.directory, os.stat(self.directory), "cache directory")
-            data = handle.read(MAX_BODY_BYTES + 1)
+            self._check_directory()
+            try:
+                data = handle.read(MAX_BODY_BYTES + 1)
+            except OSError as exc:
+                raise UsageError("cannot read the cache file %s: %s" % (self.path, exc.strerror or exc))
         try:
             entry = _loads_json(data)
         except ValueError:
@@ -3041,23 +3134,24 @@ class _Cache:
         return entry
 
     def save(self, entry):
-        """Write the entry atomically, readable by its owner only."""
+        """Write the entry atomically, readable by its owner only; UsageError on failure."""
         import json
         self._ensure_directory()
         entry = dict(entry, format=CACHE_FORMAT)
         data = json.dumps(entry).encode("utf-8")
         temporary = "%s.%d.%s.tmp" % (self.path, os.getpid(), os.urandom(4).hex())
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
+            fd = self._open_private(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, self.path)
-        except BaseException:
+        except OSError as exc:
+            raise UsageError("cannot write the cache file %s: %s" % (self.path, exc.strerror or exc))
+        finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
-            raise
 
     def delete(self):
         """Remove the entry; True when there was one."""
@@ -3075,8 +3169,7 @@ class _Cache:
             terminal.debug("no fcntl here; concurrent runs are not serialised")
             return
         self._ensure_directory()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        _check_private(self.lock_path, os.fstat(fd), "cache file")
+        fd = self._open_private(self.lock_path, os.O_RDWR | os.O_CREAT)
         deadline = _monotonic() + wait
         told = False
         while True:
@@ -3359,6 +3452,8 @@ def _fresh_result(config, http, terminal, entry):
     import time
     metadata = _resolve_endpoints(config, http)
     document = None
+    if entry is not None:
+        _remember_secrets(terminal, entry["result"])
     refresh_token = (entry or {}).get("result", {}).get("refresh_token")
     if isinstance(refresh_token, str):
         document = _refresh(config, http, terminal, metadata, refresh_token)
@@ -3418,7 +3513,10 @@ def _run(config, http, terminal):
                 stored = {"result": result, "metadata": _metadata_subset(metadata)}
                 if source.fetched_at is not None:
                     stored.update(jwks=source.jwks, jwks_fetched_at=source.fetched_at)
-                cache.save(stored)
+                try:
+                    cache.save(stored)
+                except UsageError as exc:
+                    terminal.warn("the token was not cached: %s" % exc)
                 result["cached"] = False
         finally:
             cache.release()
@@ -3427,6 +3525,10 @@ def _run(config, http, terminal):
         terminal.info("using the cached token (%s left)" % _format_duration(result["expires_at"] - time.time()))
         result.update(cached=True, verified=False)
         metadata = entry.get("metadata") or {}
+        wants_jwks_uri = config.verify and not (config.jwks_file or config.jwks_uri)
+        if (config.userinfo and not metadata.get("userinfo_endpoint")) or \
+                (wants_jwks_uri and not metadata.get("jwks_uri")):
+            metadata = dict(discover(http, config.issuer), **metadata)
         if config.userinfo and "userinfo" not in result:
             _add_userinfo(config, http, terminal, metadata, result)
         if config.verify:
@@ -3728,13 +3830,13 @@ def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
     argv = list(argv)
-    if "--version" in argv[: argv.index("--") if "--" in argv else len(argv)]:
-        # Answered before argparse is imported: shell profiles call this often.
-        _write_stdout("%s %s\n" % (_PROG, __version__))
-        return 0
     terminal = _Terminal(verbose="-v" in argv or "--verbose" in argv)
     http = None
     try:
+        if "--version" in argv[: argv.index("--") if "--" in argv else len(argv)]:
+            # Answered before argparse is imported: shell profiles call this often.
+            _write_stdout("%s %s\n" % (_PROG, __version__))
+            return 0
         args = _argument_parser().parse_args(argv)
         terminal = _Terminal(quiet=args.quiet, verbose=args.verbose)
         config = _config_from_args(args, os.environ, terminal)
