@@ -1590,11 +1590,18 @@ ENDPOINTS = {
 MALFORMED = {"discovery": 6, "device": 6, "token": 6, "jwks": 7, "userinfo": 6}
 
 
-def endless_body(handler, body):
-    """Headers, then a body that never ends (no Content-Length, no close)."""
+def start_body(handler, length=None):
+    """A 200 JSON answer's headers, the body left to the caller."""
     handler.send_response(200)
     handler.send_header("Content-Type", "application/json")
+    if length is not None:
+        handler.send_header("Content-Length", str(length))
     handler.end_headers()
+
+
+def endless_body(handler, body):
+    """Headers, then a body that never ends (no Content-Length, no close)."""
+    start_body(handler)
     chunk = b"[" + b" " * 65535
     try:
         while True:
@@ -1605,10 +1612,7 @@ def endless_body(handler, body):
 
 def huge_body(handler, body):
     """A declared and sent 50 MB body."""
-    handler.send_response(200)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(50 * 1024 * 1024))
-    handler.end_headers()
+    start_body(handler, 50 * 1024 * 1024)
     chunk = b'{"a": "' + b"x" * (1024 * 1024 - 7)
     try:
         for _ in range(50):
@@ -1619,10 +1623,7 @@ def huge_body(handler, body):
 
 def trickle_body(handler, body):
     """One byte a second: each read succeeds, so only a total time limit ends it."""
-    handler.send_response(200)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", "1000")
-    handler.end_headers()
+    start_body(handler, 1000)
     try:
         for _ in range(1000):
             handler.wfile.write(b" ")
@@ -1634,10 +1635,7 @@ def trickle_body(handler, body):
 
 def reset_mid_body(handler, body):
     """A connection reset after half of the promised body."""
-    handler.send_response(200)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", "100")
-    handler.end_headers()
+    start_body(handler, 100)
     handler.wfile.write(b'{"access_token": "abc')
     handler.wfile.flush()
     handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")

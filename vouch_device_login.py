@@ -185,12 +185,13 @@ class _Terminal:
         self.stream = stream
         self._secrets = set()
 
-    def _out(self):
+    def output(self):
+        """The stream messages go to: stderr unless a test or caller gave another."""
         return self.stream if self.stream is not None else sys.stderr
 
     def write(self, text):
         """Write text as it is; callers sanitise what came from a server."""
-        stream = self._out()
+        stream = self.output()
         if stream is None:
             return
         try:
@@ -202,13 +203,16 @@ class _Terminal:
     # Messages are sanitised once more here: whatever a server managed to get
     # into one, it cannot reach the terminal as an escape sequence.
     def error(self, message):
+        """The one line a failure prints."""
         self.write("%s: error: %s\n" % (_PROG, _sanitize(self.mask(message), 1000)))
 
     def warn(self, message):
+        """A warning; -q silences it."""
         if not self.quiet:
             self.write("%s: warning: %s\n" % (_PROG, _sanitize(self.mask(message), 1000)))
 
     def info(self, message):
+        """Progress for the person; -q silences it."""
         if not self.quiet:
             self.write("%s: %s\n" % (_PROG, _sanitize(self.mask(message), 1000)))
 
@@ -219,16 +223,19 @@ class _Terminal:
             self._secrets.add(value)
 
     def mask(self, text):
+        """Text with every remembered secret replaced by its masked form."""
         for secret in sorted(self._secrets, key=len, reverse=True):
             text = text.replace(secret, _masked(secret))
         return text
 
     def debug(self, message):
+        """A -v log line, masked and sanitised."""
         if self.verbose:
             self.write("%s: debug: %s\n" % (_PROG, _sanitize(self.mask(message), 2000)))
 
     def isatty(self):
-        stream = self._out()
+        """Whether messages go to a terminal (and so may use colour and cursor control)."""
+        stream = self.output()
         try:
             return bool(stream is not None and stream.isatty())
         except (OSError, ValueError, AttributeError):
@@ -446,6 +453,7 @@ class _Response:
         self.url = url
 
     def header(self, name):
+        """A response header by case-insensitive name, or None."""
         return self.headers.get(name.lower())
 
 
@@ -481,9 +489,11 @@ class _HttpClient:
         self._connections.clear()
 
     def get(self, url, what, headers=None):
+        """GET url; `what` names the request in error messages."""
         return self.request("GET", url, what, headers=headers)
 
     def post(self, url, what, form, headers=None):
+        """POST form (a dict or list of pairs) form-encoded to url."""
         return self.request("POST", url, what, form=form, headers=headers)
 
     def request(self, method, url, what, form=None, headers=None):
@@ -1657,7 +1667,7 @@ def _qr_presenter(environ):
         except ValueError as exc:
             terminal.warn("no QR code: %s" % exc)
             return
-        unicode = _can_encode(terminal._out(), "\u2580\u2584\u2588")
+        unicode = _can_encode(terminal.output(), "\u2580\u2584\u2588")
         text = _qr_render(matrix, unicode=unicode)
         if _color_allowed(terminal, environ):
             # Light modules in bright white on black: right on dark and light themes alike.
@@ -1756,6 +1766,7 @@ class _Countdown:
             self.next_plain = now + self.PLAIN_EVERY
 
     def finish(self):
+        """Clear the countdown line before anything else is written."""
         if self.shown:
             self.terminal.write("\r\x1b[K")
             self.shown = False
@@ -3188,6 +3199,7 @@ class _Cache:
                 _sleep(0.2)
 
     def release(self):
+        """Let the next run in; closing the descriptor drops the flock."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -3355,6 +3367,7 @@ class _KeySource:
         self.refetched = False
 
     def keys(self):
+        """The JWKS, loaded or fetched on first use."""
         import time
         if self.jwks is None:
             if self.config.jwks_file:
@@ -3614,6 +3627,7 @@ def _argument_parser():
         """argparse that reports a usage error as one line and exit code 2."""
 
         def error(self, message):
+            """One line and exit 2 instead of argparse's usage block."""
             raise UsageError("%s (see --help)" % message)
 
     parser = Parser(
