@@ -1397,7 +1397,9 @@ class VerifyCliTests(IssuerTest):
 # Sessions and policy: cache, refresh, logout, userinfo, gates, RAR
 # ============================================================================
 
-class CacheTests(IssuerTest):
+class CacheFixture(IssuerTest):
+    """A private XDG_CACHE_HOME per test."""
+
     issuer_options = {"rate_limit": False}
 
     def setUp(self):
@@ -1407,6 +1409,8 @@ class CacheTests(IssuerTest):
         self.env = {"XDG_CACHE_HOME": os.path.join(self.home, "cache")}
         self.directory = os.path.join(self.home, "cache", "vouch-device-login")
 
+
+class CacheTests(CacheFixture):
     def cached_sign_in(self, *extra, **kwargs):
         return self.sign_in("--cache", *extra, env=dict(self.env, **kwargs.pop("env", {})), **kwargs)
 
@@ -1947,16 +1951,7 @@ class HostileEdgeCaseTests(IssuerTest):
         self.assertNotIn(b"Traceback", proc.stderr)
 
 
-class CacheHardeningTests(IssuerTest):
-    issuer_options = {"rate_limit": False}
-
-    def setUp(self):
-        IssuerTest.setUp(self)
-        self.home = os.path.realpath(__import__("tempfile").mkdtemp())
-        self.addCleanup(shutil.rmtree, self.home, True)
-        self.env = {"XDG_CACHE_HOME": os.path.join(self.home, "cache")}
-        self.directory = os.path.join(self.home, "cache", "vouch-device-login")
-
+class CacheHardeningTests(CacheFixture):
     def entry_path(self, suffix=".json"):
         return next(os.path.join(self.directory, f) for f in os.listdir(self.directory) if f.endswith(suffix))
 

@@ -1921,15 +1921,20 @@ def _key_label(jwk):
     return f"key {_show(kid)}" if isinstance(kid, str) else "key (no kid)"
 
 
-def _jwk_uint(jwk, name, label):
-    """An RSA JWK integer member (RFC 7518 §6.3.1): strict base64url, big-endian."""
+def _jwk_bytes(jwk, name, label):
+    """A JWK member's octets: a string of strict base64url."""
     value = jwk.get(name)
     if not isinstance(value, str):
         raise TokenVerificationError(f"{label} has no string {name} member")
     try:
-        raw = _b64url_decode(value)
+        return _b64url_decode(value)
     except ValueError:
         raise TokenVerificationError(f"{label}: {name} is not strict base64url") from None
+
+
+def _jwk_uint(jwk, name, label):
+    """An RSA JWK integer member (RFC 7518 §6.3.1): strict base64url, big-endian."""
+    raw = _jwk_bytes(jwk, name, label)
     # RFC 7518 §6.3.1.1 forbids leading zero octets, but Java's
     # BigInteger.toByteArray() adds a 0x00 sign octet before a first byte >= 0x80
     # and real issuers publish that (Jenkins' OIDC provider, OpenAM/WrenAM,
@@ -1943,13 +1948,7 @@ def _jwk_uint(jwk, name, label):
 
 def _jwk_octets(jwk, name, size, label):
     """A fixed-size JWK coordinate: RFC 7518 §6.2.1.2-3 (EC), RFC 8037 §2 (OKP)."""
-    value = jwk.get(name)
-    if not isinstance(value, str):
-        raise TokenVerificationError(f"{label} has no string {name} member")
-    try:
-        raw = _b64url_decode(value)
-    except ValueError:
-        raise TokenVerificationError(f"{label}: {name} is not strict base64url") from None
+    raw = _jwk_bytes(jwk, name, label)
     if len(raw) != size:
         raise TokenVerificationError(
             f"{label}: {name} is {len(raw)} octets; the curve needs exactly {size}")
