@@ -2021,6 +2021,39 @@ class CacheHardeningTests(CacheFixture):
         self.assertNotIn(first["refresh_token"], result.stderr)
 
 
+class VerifierHardeningTests(unittest.TestCase):
+    """Findings of an adversarial review of the verifier."""
+
+    def setUp(self):
+        self.key = EcKey("k1")
+        self.token = make_jwt(self.key, {"iss": "i", "aud": "c", "exp": int(time.time()) + 60})
+        self.signing_input, _, signature = self.token.rpartition(".")
+        self.signature = vdl._b64url_decode(signature)
+
+    def test_the_raw_primitive_takes_bytes_only(self):
+        self.assertTrue(vdl.verify_signature("ES256", self.key.jwk(), self.signing_input.encode(), self.signature))
+        for signing_input, signature in ((self.signing_input, self.signature),
+                                         (self.signing_input.encode(), None),
+                                         (self.signing_input.encode(), "x" * 64)):
+            with self.subTest(types=(type(signing_input).__name__, type(signature).__name__)), \
+                    self.assertRaisesRegex(vdl.TokenVerificationError, "must be bytes"):
+                vdl.verify_signature("ES256", self.key.jwk(), signing_input, signature)
+
+    def test_a_published_private_key_is_refused(self):
+        jwk = dict(self.key.jwk(), d=b64url(self.key.d.to_bytes(32, "big")))
+        with self.assertRaisesRegex(vdl.TokenVerificationError, "private key material"):
+            vdl.verify_jwt(self.token, {"keys": [jwk]}, issuer="i", audience="c")
+
+    def test_at_jwt_with_parameters_is_still_at_jwt(self):
+        for typ in ("at+jwt; charset=utf-8", " application/at+jwt ", "AT+JWT"):
+            token = make_jwt(self.key, {"iss": "i", "aud": "c", "exp": int(time.time()) + 60}, {"typ": typ})
+            jwks = {"keys": [self.key.jwk()]}
+            with self.subTest(typ=typ):
+                self.assertEqual(vdl.verify_jwt(token, jwks, typ="at+jwt")["iss"], "i")
+                with self.assertRaises(vdl.TokenVerificationError):
+                    vdl.verify_jwt(token, jwks, typ=vdl.NOT_AT_JWT)
+
+
 class TerminalInjectionTests(IssuerTest):
     HOSTILE = ("\x1b]8;;https://evil.example/\x07click\x1b]8;;\x07 \x1b]52;c;ZXZpbA==\x07 \x1b[2J\x1b[1;1H"
                "\rOK \u202egnp.exe\u202c \u2066x\u2069 \x9b31m \x07\x08\x7f")

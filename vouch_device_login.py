@@ -2002,6 +2002,9 @@ def _load_key(alg, jwk):
     if kty != wanted:
         raise TokenVerificationError(
             f"{label} has kty {_show(kty)}; alg {alg} needs kty {wanted}")
+    # RFC 7517 §9.2: a published private key is a compromised one.
+    if any(member in jwk for member in ("d", "p", "q", "dp", "dq", "qi", "oth")):
+        raise TokenVerificationError(f"{label} contains private key material; refusing a compromised key")
     # RFC 7517 §4.4: a key that names its algorithm is for that algorithm only.
     if "alg" in jwk and not _same_alg(jwk["alg"], alg):
         raise TokenVerificationError(f"{label} is for alg {_show(jwk['alg'])}, not {alg}")
@@ -2130,9 +2133,12 @@ def verify_signature(alg, jwk, signing_input, signature):
     unacceptable: alg none, HS* or unknown; a symmetric (oct) key; kty or crv
     not fitting the alg; a JWK alg other than ``alg``; use other than sig;
     key_ops without verify; an RSA modulus outside 2048..16384 bits or even;
-    an RSA exponent other than 65537.
+    an RSA exponent other than 65537; a JWK carrying private key material;
+    ``signing_input`` or ``signature`` not bytes.
     """
     _check_alg(alg)
+    if not isinstance(signing_input, bytes) or not isinstance(signature, bytes):
+        raise TokenVerificationError("signing input and signature must be bytes")
     return _verify_with_key(alg, _load_key(alg, jwk), signing_input, signature)
 
 
@@ -2227,8 +2233,8 @@ def verify_jws(token, jwks, algorithms=None):
 
 def _media_type(value):
     # RFC 7515 §4.1.9: a typ without "/" means "application/" + typ; media
-    # types compare case-insensitively (RFC 2045 §5.1).
-    value = value.lower()
+    # types compare case-insensitively without their parameters (RFC 2045 §5.1).
+    value = value.split(";", 1)[0].strip().lower()
     return value if "/" in value else "application/" + value
 
 
@@ -2273,9 +2279,10 @@ def verify_jwt(token, jwks, *, issuer=None, audience=None, algorithms=None, typ=
       (OpenID Connect Core §3.1.3.7 step 5).
 
     ``leeway`` is the allowed clock skew in seconds; ``now`` defaults to
-    time.time(). Every failure raises TokenVerificationError (or
-    _UnknownKidError) whose message names the check; it never contains the
-    token.
+    time.time(). Whatever the token and the JWKS hold, every failure raises
+    TokenVerificationError (or _UnknownKidError) whose message names the
+    check; it never contains the token. The keyword arguments are the
+    caller's and are trusted to have the documented types.
     """
     header, payload = verify_jws(token, jwks, algorithms)
     if typ is not None:
