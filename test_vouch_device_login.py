@@ -2044,13 +2044,17 @@ class VerifierHardeningTests(unittest.TestCase):
         with self.assertRaisesRegex(vdl.TokenVerificationError, "private key material"):
             vdl.verify_jwt(self.token, {"keys": [jwk]}, issuer="i", audience="c")
 
-    def test_at_jwt_with_parameters_is_still_at_jwt(self):
+    def test_at_jwt_dressed_up_is_no_access_token_and_no_id_token(self):
         for typ in ("at+jwt; charset=utf-8", " application/at+jwt ", "AT+JWT"):
             token = make_jwt(self.key, {"iss": "i", "aud": "c", "exp": int(time.time()) + 60}, {"typ": typ})
             jwks = {"keys": [self.key.jwk()]}
             with self.subTest(typ=typ):
-                self.assertEqual(vdl.verify_jwt(token, jwks, typ="at+jwt")["iss"], "i")
-                with self.assertRaises(vdl.TokenVerificationError):
+                if typ == "AT+JWT":
+                    self.assertEqual(vdl.verify_jwt(token, jwks, typ="at+jwt")["iss"], "i")
+                else:
+                    with self.assertRaisesRegex(vdl.TokenVerificationError, "expected at\\+jwt"):
+                        vdl.verify_jwt(token, jwks, typ="at+jwt")
+                with self.assertRaisesRegex(vdl.TokenVerificationError, "not allowed"):
                     vdl.verify_jwt(token, jwks, typ=vdl.NOT_AT_JWT)
 
 

@@ -2233,8 +2233,8 @@ def verify_jws(token, jwks, algorithms=None):
 
 def _media_type(value):
     # RFC 7515 §4.1.9: a typ without "/" means "application/" + typ; media
-    # types compare case-insensitively without their parameters (RFC 2045 §5.1).
-    value = value.split(";", 1)[0].strip().lower()
+    # types compare case-insensitively (RFC 2045 §5.1).
+    value = value.lower()
     return value if "/" in value else "application/" + value
 
 
@@ -2244,10 +2244,12 @@ def _check_typ(header, typ):
     actual = header.get("typ")
     if "typ" in header and not isinstance(actual, str):
         raise TokenVerificationError("typ header must be a string")
-    matches = actual is not None and _media_type(actual) == wanted
-    if negate and matches:
-        raise TokenVerificationError(f"typ {_show(actual)} is not allowed for this token")
-    if not negate and not matches:
+    if negate:
+        # Refused whatever parameters or spacing dress it up: an ID token must
+        # never be an access token in disguise (RFC 9068 §4).
+        if actual is not None and _media_type(actual.split(";", 1)[0].strip()) == wanted:
+            raise TokenVerificationError(f"typ {_show(actual)} is not allowed for this token")
+    elif actual is None or _media_type(actual) != wanted:
         raise TokenVerificationError(
             f"typ is {_show(actual) if actual is not None else 'missing'}; expected {typ}")
 
