@@ -30,6 +30,14 @@ import vouch_device_login as vdl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "vouch_device_login.py")
+# What planted commands in hostile values try to create.
+PWNED = "/tmp/pwned-vdl"
+
+
+def clear_pwned():
+    """Start from a clean slate, so that only this test's run can create PWNED."""
+    if os.path.exists(PWNED):
+        os.unlink(PWNED)
 
 
 # ============================================================================
@@ -177,81 +185,83 @@ def raw_jwt(header_bytes, payload_bytes, signature=b"\0" * 64):
 # ============================================================================
 # TLS material for the local issuer, valid until 2125 (made with cryptography)
 # ============================================================================
-# TEST_CA signs a certificate for 127.0.0.1 and localhost. ROGUE_* is what a
-# TLS-inspecting corporate proxy would present for us.vouch.sh: a chain to a
-# CA nobody configured.
+# TEST_CA signs a certificate for 127.0.0.1, localhost and vouch.test (a name
+# only reachable through the test proxy). ROGUE_* is what a TLS-inspecting
+# corporate proxy would present for us.vouch.sh: a chain to a CA nobody
+# configured.
 
 TEST_CA_PEM = """\
 -----BEGIN CERTIFICATE-----
-MIIB1TCCAXygAwIBAgIUC0liYgRzPI8i1xNqDejQjxLtutcwCgYIKoZIzj0EAwIw
+MIIB1jCCAXygAwIBAgIULp21cDdudgyxBZreenLr+2pON5UwCgYIKoZIzj0EAwIw
 SDEjMCEGA1UEAwwadm91Y2hfZGV2aWNlX2xvZ2luIHRlc3QgQ0ExITAfBgNVBAoM
 GHZvdWNoX2RldmljZV9sb2dpbiB0ZXN0czAgFw0yNjAxMDEwMDAwMDBaGA8yMTI1
 MTIzMTAwMDAwMFowSDEjMCEGA1UEAwwadm91Y2hfZGV2aWNlX2xvZ2luIHRlc3Qg
 Q0ExITAfBgNVBAoMGHZvdWNoX2RldmljZV9sb2dpbiB0ZXN0czBZMBMGByqGSM49
-AgEGCCqGSM49AwEHA0IABLr3ghYAEKj0PfmdNKVv+sQ4EEyZRhZu2ELi2lF1d5VA
-ULKSsQwutPJxI9h0zljLW+illqCGqxq8Lm3FPIiCOzSjQjBAMA8GA1UdEwEB/wQF
-MAMBAf8wDgYDVR0PAQH/BAQDAgGGMB0GA1UdDgQWBBQgHtz7haSm99WOIzwf2Rg2
-nRwExzAKBggqhkjOPQQDAgNHADBEAiAa4BPrWsW34mH6HK07RhOEqVHfKCFpJNGs
-V8JZgPoPBAIgecXNci44f8nBqFey+JbNyttfLQQTALNKsGlCdr7AF8s=
+AgEGCCqGSM49AwEHA0IABLXLdg52E2JwBUBZZe5bF9HaO2//Mzg4VFuPr1wlx9r7
+7yYfo3YEy0UpXTTNdGHM9pXHaysIruz2FifIssXz8l+jQjBAMA8GA1UdEwEB/wQF
+MAMBAf8wDgYDVR0PAQH/BAQDAgGGMB0GA1UdDgQWBBRYTImHltKcGgsojcr/Qm5q
+Oc8XBjAKBggqhkjOPQQDAgNIADBFAiEArN5PkUlXZb+3xFqPLSA3AHhxuZhZqwSu
+S+iBFEuo7icCIHYqvL2fMSr45OufYrYrnjINCJwWPuZq/RqW1g+amqsV
 -----END CERTIFICATE-----
 """
 
 TEST_SERVER_CERT_PEM = """\
 -----BEGIN CERTIFICATE-----
-MIIB5TCCAYugAwIBAgIURLsZ1+s0NHhZbF3AZ5NA6JMDGF4wCgYIKoZIzj0EAwIw
+MIIB8DCCAZegAwIBAgIURhtd4K6jn+LPzfv2CJjuH2bJw84wCgYIKoZIzj0EAwIw
 SDEjMCEGA1UEAwwadm91Y2hfZGV2aWNlX2xvZ2luIHRlc3QgQ0ExITAfBgNVBAoM
 GHZvdWNoX2RldmljZV9sb2dpbiB0ZXN0czAgFw0yNjAxMDEwMDAwMDBaGA8yMTI1
 MTIzMTAwMDAwMFowNzESMBAGA1UEAwwJMTI3LjAuMC4xMSEwHwYDVQQKDBh2b3Vj
-aF9kZXZpY2VfbG9naW4gdGVzdHMwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAS5
-b+p93Aafxz+ZwhNMjP2rUKoisaQBYHBWxuq1oZ04c8QHknbyEFCSJLdjuZ2LOzBc
-3Gzaz7lRMkNZmxQMCvsIo2IwYDAaBgNVHREEEzARgglsb2NhbGhvc3SHBH8AAAEw
-DAYDVR0TAQH/BAIwADATBgNVHSUEDDAKBggrBgEFBQcDATAfBgNVHSMEGDAWgBQg
-Htz7haSm99WOIzwf2Rg2nRwExzAKBggqhkjOPQQDAgNIADBFAiBK27vAyVuOJ1JN
-1f0VeZvLjI4CC613RtWTEf3ebuMFnwIhAKRTu3AP4sDPqY1eR636H+3ki9jGQGqN
-UnEZoc/XnKZG
+aF9kZXZpY2VfbG9naW4gdGVzdHMwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATS
+J2puLCqlkz/53tOBK5w9tOTWmNI2fWVa9bf9S6T4yFV7k/suEdrUmf4ip2uEZpY/
+q1e3JDHvYLt+9841RU0Po24wbDAmBgNVHREEHzAdgglsb2NhbGhvc3SCCnZvdWNo
+LnRlc3SHBH8AAAEwDAYDVR0TAQH/BAIwADATBgNVHSUEDDAKBggrBgEFBQcDATAf
+BgNVHSMEGDAWgBRYTImHltKcGgsojcr/Qm5qOc8XBjAKBggqhkjOPQQDAgNHADBE
+AiAIMD8fP5478+13xVx8sq+wWCUqnSYx1/+wx3meYV3w0AIgGENFFQ8iQ9tC6DHf
+JwzFXik7zs5zpzqY5HpeiIOe6Ik=
 -----END CERTIFICATE-----
 """
 
 TEST_SERVER_KEY_PEM = """\
 -----BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgcyl3QBdYBUPnceCh
-//tOt+jCS49B8IDQNz6VOpQ8KImhRANCAAS5b+p93Aafxz+ZwhNMjP2rUKoisaQB
-YHBWxuq1oZ04c8QHknbyEFCSJLdjuZ2LOzBc3Gzaz7lRMkNZmxQMCvsI
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg4r3Qhi0YsBDMUtMO
+QgtrmTzpvNg7EsHna3Jseb6sYdmhRANCAATSJ2puLCqlkz/53tOBK5w9tOTWmNI2
+fWVa9bf9S6T4yFV7k/suEdrUmf4ip2uEZpY/q1e3JDHvYLt+9841RU0P
 -----END PRIVATE KEY-----
 """
 
 ROGUE_CERT_PEM = """\
 -----BEGIN CERTIFICATE-----
-MIIB0DCCAXagAwIBAgIUGthoim7EOnBW6HrMCA8GmjDNr98wCgYIKoZIzj0EAwIw
+MIIB3zCCAYSgAwIBAgIUTmKRFLIofqAo+Qo3CtVcth4TOuwwCgYIKoZIzj0EAwIw
 PTEkMCIGA1UEAwwbQ29ycG9yYXRlIFRMUyBJbnNwZWN0aW9uIENBMRUwEwYDVQQK
 DAxFeGFtcGxlIENvcnAwIBcNMjYwMTAxMDAwMDAwWhgPMjEyNTEyMzEwMDAwMDBa
 MC0xFDASBgNVBAMMC3VzLnZvdWNoLnNoMRUwEwYDVQQKDAxFeGFtcGxlIENvcnAw
-WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAR+EV904vwLOi0AhMBgiXV8a7frJR1W
-txjZFQTuaMb77EGltupmZfDQwPb4pQ3rq3lEICsvCCR3i2QXTYGXCe7vo2IwYDAa
-BgNVHREEEzARgglsb2NhbGhvc3SHBH8AAAEwDAYDVR0TAQH/BAIwADATBgNVHSUE
-DDAKBggrBgEFBQcDATAfBgNVHSMEGDAWgBTYguBO7Ibyx0pW8ikc32OoA9didjAK
-BggqhkjOPQQDAgNIADBFAiBspNn3cGH1CS2LqUeuWHUQ/fkQ4A4hw7rnyPYhMDG6
-3AIhAN6hEkefncbRQJ2wzt0GM42iFRCb+JBKQu+1BJ6DQu0N
+WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAQSuDn3tqOhFRm02N1k+OV5fi5OkgSD
+YuC5UPjIPqeyR+ww8JKw1zaNJblmPiw7ArfGNVwfGno0kYp8ywyHPSVAo3AwbjAo
+BgNVHREEITAfggt1cy52b3VjaC5zaIIKdm91Y2gudGVzdIcEfwAAATAMBgNVHRMB
+Af8EAjAAMBMGA1UdJQQMMAoGCCsGAQUFBwMBMB8GA1UdIwQYMBaAFPg6ziW6L1SR
+8ooxZtihNHS0ap1aMAoGCCqGSM49BAMCA0kAMEYCIQD/IAKubi5+Q4TvhXeNZeL0
+5Orz9q1sBJPSrYY9VfAVGQIhAJP+OxKKOvAd/pyahLd+iiNKELKvOwiuTsKMfl5O
+QK2P
 -----END CERTIFICATE-----
 -----BEGIN CERTIFICATE-----
-MIIBwDCCAWagAwIBAgIUGkE9l00FaJqlguhUtrMhb8fnBVIwCgYIKoZIzj0EAwIw
+MIIBwDCCAWagAwIBAgIUJWVayg4fUmGS5Fdp0PIgpIKLPZQwCgYIKoZIzj0EAwIw
 PTEkMCIGA1UEAwwbQ29ycG9yYXRlIFRMUyBJbnNwZWN0aW9uIENBMRUwEwYDVQQK
 DAxFeGFtcGxlIENvcnAwIBcNMjYwMTAxMDAwMDAwWhgPMjEyNTEyMzEwMDAwMDBa
 MD0xJDAiBgNVBAMMG0NvcnBvcmF0ZSBUTFMgSW5zcGVjdGlvbiBDQTEVMBMGA1UE
-CgwMRXhhbXBsZSBDb3JwMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEJdp23uSC
-OPEAuLRxZgEPtpqjhGmcIzMRPxcnESLkQ9E53YczoedNv90yc6SLQjq5ExabV7gj
-sdc7fjoUYdyB2qNCMEAwDwYDVR0TAQH/BAUwAwEB/zAOBgNVHQ8BAf8EBAMCAYYw
-HQYDVR0OBBYEFNiC4E7shvLHSlbyKRzfY6gD12J2MAoGCCqGSM49BAMCA0gAMEUC
-IF2DKq1c7+NH9fGEiIrHLxtuDetWcEyrQSREIGK0M43XAiEAnZeqB8Ee75msKS+A
-Umzun49axS6mDO/r3yMfyfroNrQ=
+CgwMRXhhbXBsZSBDb3JwMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEXhjomI8l
+ec53uDk/aacISNpWiVAGZ48Ls6JxqzJV+CWdIDp6AEQtaYgm3zDbXENaI/gx6Mln
+SLkLA4oGbiWNY6NCMEAwDwYDVR0TAQH/BAUwAwEB/zAOBgNVHQ8BAf8EBAMCAYYw
+HQYDVR0OBBYEFPg6ziW6L1SR8ooxZtihNHS0ap1aMAoGCCqGSM49BAMCA0gAMEUC
+IQCa9cgjVFl77OFrHk0A7T7bUUbzLgwYEDu5tusJMh7w/gIgc+3D/Mw92HoZXSj3
+vkzoOhwyX1hoUFtkJ8D6HYXsdlw=
 -----END CERTIFICATE-----
 """
 
 ROGUE_KEY_PEM = """\
 -----BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgFp1GKq4U6J2pwUXt
-glxPq2QANMDxBd4bgEmtB4LY6SKhRANCAAR+EV904vwLOi0AhMBgiXV8a7frJR1W
-txjZFQTuaMb77EGltupmZfDQwPb4pQ3rq3lEICsvCCR3i2QXTYGXCe7v
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg1lITvO35JbJygeLw
+tYDpEWSvXo5wDc1OdsWcLlGmnhWhRANCAAQSuDn3tqOhFRm02N1k+OV5fi5OkgSD
+YuC5UPjIPqeyR+ww8JKw1zaNJblmPiw7ArfGNVwfGno0kYp8ywyHPSVA
 -----END PRIVATE KEY-----
 """
 
@@ -749,6 +759,17 @@ class TerminalSafetyTests(unittest.TestCase):
             self.assertIn(kept, clean)
         self.assertIn("link", clean)
 
+    def test_every_c0_c1_and_bidirectional_control_is_removed(self):
+        controls = [chr(c) for c in list(range(0x20)) + list(range(0x7f, 0xa0))]
+        controls += [chr(c) for c in list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a))]
+        for ch in controls:
+            with self.subTest(ch="U+%04X" % ord(ch)):
+                self.assertNotIn(ch, vdl._sanitize("a" + ch + "b"))
+        for sequence in ("\x1b]8;;https://evil.example/\x07", "\x1b]52;c;ZXZpbA==\x1b\\", "\x9d0;title\x9c",
+                         "\x1b[38;5;196m", "\x9b2J", "\x1bPq#0;2;0;0;0\x1b\\"):
+            with self.subTest(sequence=sequence):
+                self.assertEqual(vdl._sanitize("a" + sequence + "b"), "ab")
+
     def test_long_strings_are_capped(self):
         self.assertEqual(len(vdl._sanitize("x" * 10000)), vdl._MAX_SHOWN)
         self.assertTrue(vdl._sanitize("x" * 10000).endswith("..."))
@@ -916,8 +937,9 @@ class PollerTests(IssuerTest):
 
     def test_429_without_retry_after_backs_off_exponentially(self):
         script = [(429, b"busy", {}, "text/plain")] * 4 + [(200, {"access_token": "t", "token_type": "Bearer"})]
-        outcome, clock, _ = self.poll(script, interval=1)
+        outcome, clock, polls = self.poll(script, interval=1)
         self.assertEqual(outcome["access_token"], "t")
+        self.assertEqual((len(polls), len(clock.sleeps)), (5, 5))
         for failures, delay in enumerate(clock.sleeps[1:5], start=1):
             self.assertTrue(2 ** failures / 2 <= delay <= 2 ** failures, clock.sleeps)
 
@@ -1142,7 +1164,6 @@ class SignInTests(IssuerTest):
         self.assertEqual(len(self.issuer.requests), 1)
 
     def test_denied_exits_3(self):
-        self.issuer.deny_all = True
         clock = FakeClock()
         original = clock.sleep
 
@@ -1440,16 +1461,24 @@ class CacheTests(CacheFixture):
     def test_insecure_or_foreign_cache_files_are_refused(self):
         self.cached_sign_in()
         entry = os.path.join(self.directory, next(f for f in self.cache_files() if f.endswith(".json")))
-        os.chmod(entry, 0o644)
-        line = self.assertFailed(self.cached_sign_in(), 2, "readable by group or others")
-        self.assertIn("chmod 600 " + entry, line)
+        for mode in (0o644, 0o604, 0o640, 0o602):
+            os.chmod(entry, mode)
+            with self.subTest(mode=oct(mode)):
+                line = self.assertFailed(self.cached_sign_in(), 2, "readable by group or others")
+                self.assertIn("chmod 600 " + entry, line)
         os.chmod(entry, 0o600)
-        os.chmod(self.directory, 0o755)
-        self.assertFailed(self.cached_sign_in(), 2, "chmod 700 " + self.directory)
+        for mode in (0o755, 0o705, 0o750):
+            os.chmod(self.directory, mode)
+            with self.subTest(mode=oct(mode)):
+                self.assertFailed(self.cached_sign_in(), 2, "chmod 700 " + self.directory)
         os.chmod(self.directory, 0o700)
-        if os.geteuid() == 0:
-            os.chown(entry, 4242, -1)
-            self.assertFailed(self.cached_sign_in(), 2, "owned by uid 4242")
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "only root can plant a file of another owner")
+    def test_a_cache_file_of_another_owner_is_refused(self):
+        self.cached_sign_in()
+        entry = os.path.join(self.directory, next(f for f in self.cache_files() if f.endswith(".json")))
+        os.chown(entry, 4242, -1)
+        self.assertFailed(self.cached_sign_in(), 2, "owned by uid 4242")
 
     def test_min_ttl_decides_when_a_cached_token_is_too_old(self):
         self.cached_sign_in()
@@ -1702,7 +1731,8 @@ class HostileServerTests(IssuerTest):
     def test_a_trickling_body_is_cut_off_by_the_total_time_limit(self):
         self.issuer.approve_after_polls = 0
         self.issuer.overrides[ENDPOINTS["device"]] = trickle_body
-        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--timeout", "2"], timeout=30)
+        # The subprocess bound is a hang guard: a watchdog five times late would trip it.
+        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--timeout", "2"], timeout=10)
         self.assertFailed(result, 5, "no complete answer within 2 s")
 
     def test_redirects_are_never_followed_and_the_device_code_stays_home(self):
@@ -1790,6 +1820,7 @@ class HostileServerTests(IssuerTest):
                 self.assertFailed(self.sign_in("--require-hardware"), 8, "hardware_verified is null")
 
     def test_generated_mutations_of_valid_responses(self):
+        clear_pwned()
         rng = random.Random(8628)
         pool = [None, True, False, 0, -1, 1.5, 10 ** 30, "", "x" * 3000, [], {}, [None], {"a": {"b": []}},
                 "\x1b]52;c;ZXZpbA==\x07", "\x1b[2J\x1b[H", "a\rb", "\u202egnp.exe", "javascript:alert(1)",
@@ -1803,7 +1834,7 @@ class HostileServerTests(IssuerTest):
                     self.assertIn(result.code, (0, 3, 4, 5, 6, 7), result.stderr)
                     self.assertClean(result)
                 cases += 1
-        self.assertFalse(os.path.exists("/tmp/pwned-vdl"))
+        self.assertFalse(os.path.exists(PWNED))
 
     @staticmethod
     def mutate(document, rng, pool):
@@ -1852,6 +1883,7 @@ class ShellSafetyTests(IssuerTest):
     ]
 
     def test_eval_restores_every_value_byte_for_byte_in_every_shell(self):
+        clear_pwned()
         shells = [s for s in ("sh", "dash", "bash", "zsh") if shutil.which(s)]
         self.assertIn("sh", shells)
         folder = __import__("tempfile").mkdtemp()
@@ -1873,7 +1905,7 @@ class ShellSafetyTests(IssuerTest):
                                           timeout=30, check=True)
                     self.assertEqual(proc.stdout.decode("utf-8").split("\0"),
                                      [value, value[::-1], value[:64] or "Bearer", "true"])
-                    self.assertFalse(os.path.exists("/tmp/pwned-vdl"))
+                    self.assertFalse(os.path.exists(PWNED))
 
     def test_a_value_no_shell_variable_can_hold_is_refused(self):
         self.issuer.user["email"] = "a\u0000b"
@@ -2018,6 +2050,8 @@ class CacheHardeningTests(CacheFixture):
         self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error(
             "invalid_grant", "refresh token %s was revoked" % dict(parse_qsl(b.decode())).get("refresh_token"))
         result = self.sign_in("--cache", "--min-ttl", "30000", "-v", approve=False, env=self.env)
+        self.assertIn("was revoked", result.stderr)
+        self.assertIn("the refresh token was not accepted", result.stderr)
         self.assertNotIn(first["refresh_token"], result.stderr)
 
 
@@ -2178,9 +2212,9 @@ class TransportTests(unittest.TestCase):
         self.assertEqual(result.code, 0, result.stderr)
 
     def test_https_proxy_is_tunnelled_with_connect(self):
-        """A tiny CONNECT proxy on loopback; the target is named by host so that it is not bypassed."""
+        """A tiny CONNECT proxy on loopback; the issuer is named vouch.test, which only the proxy can reach."""
         tunnels = []
-        with LocalIssuer(tls=True, approve_after_polls=0, rate_limit=False) as issuer:
+        with LocalIssuer(tls=True, approve_after_polls=2, rate_limit=False, enforce_interval=False) as issuer:
             proxy = socket.socket()
             proxy.bind(("127.0.0.1", 0))
             proxy.listen(5)
@@ -2215,16 +2249,273 @@ class TransportTests(unittest.TestCase):
 
             threading.Thread(target=serve, daemon=True).start()
             issuer.issuer = "https://vouch.test:%d" % issuer.port
-            client = vdl._HttpClient(timeout=5, cafile=pem_file("ca.pem", TEST_CA_PEM), environ={
-                "HTTPS_PROXY": "http://127.0.0.1:%d" % proxy.getsockname()[1]})
-            self.addCleanup(client.close)
-            with mock.patch("socket.getaddrinfo", wraps=socket.getaddrinfo) as resolver, \
-                    self.assertRaises(vdl.NetworkError) as failure:
-                client.get(issuer.issuer + "/oauth/jwks", "JWKS")
-            # The request, then the look at the certificate for the error message: both tunnelled.
-            self.assertEqual({line.rsplit("/", 1)[0] for line in tunnels}, {"CONNECT vouch.test:%d HTTP" % issuer.port})
+            env = {"HTTPS_PROXY": "http://127.0.0.1:%d" % proxy.getsockname()[1], "NO_PROXY": "localhost,.internal"}
+            with mock.patch("socket.getaddrinfo", wraps=socket.getaddrinfo) as resolver:
+                result = run_main(["--issuer", issuer.issuer, "--client-id", "cli", "--cacert",
+                                   pem_file("ca.pem", TEST_CA_PEM), "--verify"], env=env)
+            self.assertEqual(result.code, 0, result.stderr)
+            self.assertIs(result.json()["verified"], True)
+            self.assertGreaterEqual(len(issuer.requests), 6)
+            # One tunnel for the whole sign-in, and the name never looked up here.
+            self.assertEqual([line.rsplit("/", 1)[0] for line in tunnels], ["CONNECT vouch.test:%d HTTP" % issuer.port])
             self.assertNotIn("vouch.test", str([c.args[0] for c in resolver.call_args_list]))
-            self.assertIn("certificate", str(failure.exception))
+            result = run_main(["--issuer", issuer.issuer, "--client-id", "cli"], env=env)
+            self.assertFailed(result, 5, "subject CN=127.0.0.1")
+            self.assertEqual(len(tunnels), 3)
+
+    assertFailed = IssuerTest.assertFailed
+
+
+# ============================================================================
+# The contract, clause by clause, where a broader test could not tell
+# ============================================================================
+
+class ContractTests(IssuerTest):
+    issuer_options = {"rate_limit": False}
+
+    def test_server_errors_are_network_failures_at_every_endpoint(self):
+        for path, flags in (("/.well-known/openid-configuration", []), ("/oauth/device", []),
+                            ("/oauth/jwks", ["--verify"]), ("/oauth/userinfo", ["--userinfo"])):
+            for status in (500, 502, 503):
+                self.issuer.overrides[path] = lambda h, b, status=status: (status, b"down", {}, "text/plain")
+                with self.subTest(path=path, status=status):
+                    self.assertFailed(self.sign_in(*flags), 5, str(status))
+            del self.issuer.overrides[path]
+
+    def test_required_fields_of_the_wrong_type_are_protocol_errors(self):
+        good_device = {"device_code": "d" * 43, "user_code": "BCDF-GHJK",
+                       "verification_uri": self.issuer.issuer + "/device"}
+        for field in good_device:
+            for value in (None, 12, [], {}, True):
+                device = dict(good_device, **{field: value})
+                self.issuer.overrides["/oauth/device"] = lambda h, b, d=device: (200, d)
+                with self.subTest(field=field, value=value):
+                    self.assertFailed(self.sign_in(), 6, field)
+        del self.issuer.overrides["/oauth/device"]
+        for field in ("access_token", "token_type"):
+            for value in (None, 12, [], {}, True, ""):
+                answer = {"access_token": "opaque-token-1234", "token_type": "Bearer", field: value}
+                self.issuer.overrides["/oauth/token"] = lambda h, b, a=answer: (200, a)
+                with self.subTest(field=field, value=value):
+                    self.assertFailed(self.sign_in(), 6, field)
+
+    def test_a_mix_up_is_caught_on_the_rfc8414_path_too(self):
+        issuer = LocalIssuer(discovery="oauth", path="/t")
+        with issuer:
+            issuer.overrides["/.well-known/oauth-authorization-server/t"] = lambda h, b: (
+                200, dict(issuer.metadata(), issuer=issuer.base + "/other"))
+            self.assertFailed(run_main(["--issuer", issuer.issuer, "--client-id", "cli"]), 6, "issuer mix-up")
+
+    def test_every_redirect_status_is_named_and_not_followed(self):
+        for status in (300, 301, 302, 303, 304, 305, 307, 308):
+            self.issuer.overrides["/oauth/device"] = lambda h, b, s=status: (
+                s, b"", {"Location": "https://evil.example/%d" % s}, "text/plain")
+            with self.subTest(status=status):
+                self.assertFailed(self.sign_in(), 6, "HTTP %d redirect to https://evil.example/%d" % (status, status))
+
+    def test_hardware_claims_come_from_the_access_token_then_id_token_then_userinfo(self):
+        def run(access, id_claims, userinfo):
+            claims = vdl.decode_jwt(self.issuer.access_token("cli", "openid"))[1]
+            claims.pop("hardware_verified", None)
+            claims.update(access)
+            id_token = self.issuer.id_token("cli", **id_claims)
+            token = make_jwt(self.issuer.key("ES256"), claims)
+            self.issuer.issued.append(token)
+            self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": token, "token_type": "Bearer",
+                                                                        "id_token": id_token})
+            self.issuer.overrides["/oauth/userinfo"] = lambda h, b: (200, dict(userinfo, sub="user-1234"))
+            out = self.sign_in("--userinfo").json()
+            return out["hardware_verified"], out["hardware_aaguid"]
+
+        a, b, c = ("aaaaaaaa-0000-0000-0000-000000000001", "bbbbbbbb-0000-0000-0000-000000000002",
+                   "cccccccc-0000-0000-0000-000000000003")
+        full = [({"hardware_verified": False, "hardware_aaguid": a}), ({"hardware_verified": True, "hardware_aaguid": b}),
+                ({"hardware_verified": True, "hardware_aaguid": c})]
+        self.assertEqual(run(*full), (False, a))
+        self.assertEqual(run({}, full[1], full[2]), (True, b))
+        self.assertEqual(run({}, {}, {"hardware_verified": False, "hardware_aaguid": c}), (False, c))
+
+    def test_device_endpoint_429_honours_retry_after(self):
+        answers = [(429, b"slow down", {"Retry-After": "7"}, "text/plain")]
+        self.issuer.overrides["/oauth/device"] = lambda h, b: answers.pop() if answers else self.issuer._device(
+            h, dict(parse_qsl(b.decode())))
+        clock = FakeClock()
+        self.issuer.approve_after_polls = 0
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli"], clock=clock)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(clock.sleeps[0], 7)
+
+    def test_backoff_never_polls_sooner_than_the_interval_and_has_jitter(self):
+        self.issuer.token_script = [(503, b"", {}, "text/plain")] * 6 + [
+            (200, {"access_token": "opaque-token-1234", "token_type": "Bearer"})]
+        clock = FakeClock()
+        device = vdl.DeviceAuthorization("dc-" + "y" * 40, "BCDF-GHJK", self.issuer.issuer + "/device", None,
+                                         600.0, 5.0, clock())
+        http = vdl._HttpClient(timeout=5)
+        self.addCleanup(http.close)
+        vdl.poll_for_token(http, self.issuer.issuer + "/oauth/token", "cli", device, clock=clock, sleep=clock.sleep,
+                           rng=random.Random(1))
+        backoffs = clock.sleeps[1:]
+        self.assertEqual(len(backoffs), 6)
+        self.assertTrue(all(delay >= 5 for delay in backoffs), backoffs)
+        self.assertGreater(backoffs[-1], 16)
+        self.assertTrue(any(delay not in (5, 8, 16, 32, 60) for delay in backoffs), backoffs)
+
+    def test_a_poll_that_times_out_backs_off_and_keeps_the_code(self):
+        calls = []
+
+        def slow_then_fine(handler, body):
+            calls.append(dict(parse_qsl(body.decode()))["device_code"])
+            if len(calls) == 1:
+                time.sleep(1.5)
+            return 200, {"access_token": "opaque-token-1234", "token_type": "Bearer"}
+
+        self.issuer.overrides["/oauth/token"] = slow_then_fine
+        clock = FakeClock()
+        device = vdl.DeviceAuthorization("dc-" + "z" * 40, "BCDF-GHJK", self.issuer.issuer + "/device", None,
+                                         600.0, 1.0, clock())
+        http = vdl._HttpClient(timeout=0.5)
+        self.addCleanup(http.close)
+        outcome = vdl.poll_for_token(http, self.issuer.issuer + "/oauth/token", "cli", device, clock=clock,
+                                     sleep=clock.sleep, rng=random.Random(1))
+        self.assertEqual(outcome["access_token"], "opaque-token-1234")
+        self.assertEqual(calls, ["dc-" + "z" * 40] * 2)
+        self.assertTrue(1 <= clock.sleeps[1] <= 2, clock.sleeps)
+
+    def test_max_restarts_defaults_to_two_on_a_terminal_and_zero_elsewhere(self):
+        args = vdl._argument_parser().parse_args(["--client-id", "cli"])
+        for stream, expected in ((TtyStream(), 2), (io.StringIO(), 0)):
+            config = vdl._config_from_args(args, {}, vdl._Terminal(stream=stream))
+            self.assertEqual(config.max_restarts, expected)
+
+    def test_shell_variables_carry_false_and_the_expiry_time(self):
+        self.issuer.user["hardware_verified"] = False
+        out = self.sign_in().json()
+        lines = self.sign_in("--format", "shell").stdout.splitlines()
+        self.assertIn("export VOUCH_HARDWARE_VERIFIED='false'", lines)
+        expires_at = next(line for line in lines if line.startswith("export VOUCH_EXPIRES_AT="))
+        self.assertTrue(abs(int(expires_at.split("'")[1]) - out["expires_at"]) <= 2, expires_at)
+        self.assertNotEqual(int(expires_at.split("'")[1]), out["expires_in"])
+
+    def test_cache_defaults_environment_and_keys(self):
+        home = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, home)
+        env = {"XDG_CACHE_HOME": home, "VOUCH_CACHE": "1"}
+        self.assertIs(self.sign_in(env=env).json()["cached"], False)
+        self.assertIs(self.sign_in(env=env).json()["cached"], True)
+        self.assertIs(self.sign_in("--scope", "openid", env=env).json()["cached"], False)
+        self.assertEqual(len([f for f in os.listdir(os.path.join(home, "vouch-device-login")) if f.endswith(".json")]), 2)
+        self.assertNotIn("cached", self.sign_in(env={"XDG_CACHE_HOME": home}).json())
+        with clean_env(HOME=home):
+            self.assertEqual(vdl._cache_directory({"HOME": home}),
+                             os.path.join(os.path.expanduser("~"), ".cache", "vouch-device-login"))
+        folder = os.path.join(home, "vouch-device-login")
+
+        def scope_of(name):
+            with open(os.path.join(folder, name)) as handle:
+                return json.load(handle)["result"]["scope"]
+
+        path = next(os.path.join(folder, f) for f in os.listdir(folder)
+                    if f.endswith(".json") and scope_of(f) == "openid email")
+        for left, cached in ((299, False), (301, True)):
+            with open(path) as handle:
+                entry = json.load(handle)
+            entry["result"]["expires_at"] = int(time.time()) + left
+            with open(path, "w") as handle:
+                json.dump(entry, handle)
+            with self.subTest(left=left):
+                self.assertIs(self.sign_in(env=env).json()["cached"], cached)
+
+    def test_verify_defaults_leeway_and_audiences(self):
+        for ago, code in ((-30, 0), (30, 0), (90, 7)):
+            token = self.issuer.access_token("cli", "openid", exp=int(time.time()) - ago)
+            self.issuer.overrides["/oauth/token"] = lambda h, b, token=token: (
+                200, {"access_token": token, "token_type": "Bearer"})
+            with self.subTest(expired_seconds_ago=ago):
+                self.assertEqual(self.sign_in("--verify").code, code)
+        token = self.issuer.access_token("api", "openid")
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": token, "token_type": "Bearer",
+                                                                    "id_token": self.issuer.id_token("cli")})
+        result = self.sign_in("--verify", "--audience", "api")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIs(result.json()["verified"], True)
+
+    def test_jwks_uri_flag_and_one_refetch_in_all(self):
+        fetches = []
+        self.issuer.overrides["/keys-elsewhere"] = lambda h, b: (fetches.append(1), (200, self.issuer.jwks()))[1]
+        self.issuer.overrides["/oauth/jwks"] = lambda h, b: (500, b"not here", {}, "text/plain")
+        result = self.sign_in("--verify", "--jwks-uri", self.issuer.base + "/keys-elsewhere")
+        self.assertEqual((result.code, len(fetches)), (0, 1), result.stderr)
+        # The first JWKS lags a rotation, the second lacks the ID token's key: one refetch in all.
+        self.issuer.id_tokens = True
+        self.issuer.overrides["/oauth/jwks"] = lambda h, b: (fetches.append(1), (200, {"keys": [
+            k.jwk() for k in self.issuer.keys if len(fetches) > 1 and k.alg == "ES256"]}))[1]
+        fetches.clear()
+        self.assertFailed(self.sign_in("--verify"), 7, "ID token")
+        self.assertEqual(len(fetches), 2)
+
+    def test_accept_json_on_every_request(self):
+        self.issuer.refresh_tokens = True
+        home = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, home)
+        env = {"XDG_CACHE_HOME": home}
+        self.sign_in("--cache", "--verify", "--userinfo", env=env)
+        self.sign_in("--cache", "--min-ttl", "30000", env=env)
+        self.sign_in("--logout", env=env)
+        paths = {r["path"] for r in self.issuer.requests}
+        self.assertTrue({"/oauth/jwks", "/oauth/userinfo", "/oauth/revoke", "/oauth/token"} <= paths, paths)
+        self.assertEqual({r["headers"].get("Accept") for r in self.issuer.requests}, {"application/json"})
+
+    def test_logout_without_a_revocation_endpoint_or_with_a_failing_one(self):
+        home = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, home)
+        env = {"XDG_CACHE_HOME": home}
+        self.sign_in("--cache", env=env)
+        self.issuer.overrides["/oauth/revoke"] = lambda h, b: (503, b"down", {}, "text/plain")
+        self.assertFailed(self.sign_in("--logout", env=env), 5, "revocation failed")
+        self.assertIn("no cached sign-in", self.sign_in("--logout", env=env).stderr)
+        metadata = self.issuer.metadata()
+        del metadata["revocation_endpoint"]
+        self.issuer.overrides["/.well-known/openid-configuration"] = lambda h, b: (200, metadata)
+        self.sign_in("--cache", env=env)
+        result = self.sign_in("--logout", env=env)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIn("removing the tokens locally only", result.stderr)
+        self.assertEqual([f for f in os.listdir(os.path.join(home, "vouch-device-login")) if f.endswith(".json")], [])
+
+    def test_clipboard_and_browser_manners(self):
+        self.assertNotIn("\x1b]52", self.sign_in("--copy").stderr)
+        device = vdl.DeviceAuthorization("d" * 43, "BCDF-GHJK", "https://id.example.com/device", None, 600.0, 5.0, 0.0)
+        release, finished = threading.Event(), threading.Event()
+        calls = []
+
+        def blocking_open(url, new=0):
+            calls.append(url)
+            release.wait(2)
+            finished.set()
+            return True
+
+        err = io.StringIO()
+        with mock.patch("webbrowser.open", blocking_open):
+            vdl._browser_presenter(device, vdl._Terminal(stream=err))
+            returned_while_the_browser_was_busy = not finished.is_set()
+            release.set()
+            finished.wait(5)
+        self.assertTrue(returned_while_the_browser_was_busy)
+        self.assertEqual(calls, ["https://id.example.com/device"])
+        for verbose in (False, True):
+            err = io.StringIO()
+            done = threading.Event()
+
+            def failing_open(url, new=0, done=done):
+                done.set()
+                raise OSError("no browser here")
+
+            with mock.patch("webbrowser.open", failing_open):
+                vdl._browser_presenter(device, vdl._Terminal(stream=err, verbose=verbose))
+                done.wait(10)
+                time.sleep(0.1)
+            self.assertEqual("no browser here" in err.getvalue(), verbose, err.getvalue())
 
 
 # ============================================================================
@@ -2271,10 +2562,12 @@ class EndToEndTests(IssuerTest):
         self.assertEqual(proc.stdout.decode(), self.issuer.issued[0] + "\n")
 
     def test_shell_output_round_trips_through_eval(self):
+        clear_pwned()
         self.issuer.user.update(email="o'brien \"$(touch /tmp/pwned-vdl)\" `id` \\ $HOME\nline2 ü",
                                 sub="x';touch /tmp/pwned-vdl;'")
         self.issuer.approve_after_polls = 0
         shells = [s for s in ("sh", "dash", "bash", "zsh") if shutil.which(s)]
+        self.assertIn("sh", shells)
         result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "shell"])
         self.assertEqual(result.code, 0, result.stderr)
         for shell in shells:
@@ -2287,7 +2580,7 @@ class EndToEndTests(IssuerTest):
                 self.assertEqual(email, self.issuer.user["email"])
                 self.assertEqual(subject, self.issuer.user["sub"])
                 self.assertEqual(token, self.issuer.issued[0])
-                self.assertFalse(os.path.exists("/tmp/pwned-vdl"))
+                self.assertFalse(os.path.exists(PWNED))
 
 
 # ============================================================================
@@ -5000,6 +5293,13 @@ class TestDecode(unittest.TestCase):
 # The prompt on a real terminal: QR block, countdown, OSC 52, browser
 # ============================================================================
 
+class TtyStream(io.StringIO):
+    """A captured stream that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
 def run_in_pty(args, env=None, timeout=60):
     """Run the script with stderr on a pseudo-terminal; returns (code, stdout, terminal text)."""
     import pty
@@ -5072,7 +5372,8 @@ class TerminalPromptTests(IssuerTest):
         self.assertIn(osc52, screen)
         self.assertGreaterEqual(screen.count("\r\x1b[KWaiting for approval... "), 2)
         self.assertIn("min", screen.split("Waiting for approval... ")[1][:12])
-        self.assertTrue(screen.rstrip("\r\n").endswith("\r\x1b[K") or "\r\x1b[K" in screen[-200:])
+        last_update = screen.rindex("Waiting for approval... ")
+        self.assertIn("\r\x1b[K", screen[last_update:])
         qr_lines = [line[len("\x1b[97;40m"):line.index("\x1b[0m")] for line in screen.replace("\r", "").split("\n")
                     if line.startswith("\x1b[97;40m")]
         self.assertGreater(len(qr_lines), 10)
@@ -5117,15 +5418,14 @@ class TerminalPromptTests(IssuerTest):
                     self.assertFalse(os.path.exists(opened))
 
     def test_no_browser_when_stderr_is_not_a_terminal(self):
-        err = vdl._Terminal(stream=io.StringIO())
-        self.assertFalse(vdl._browser_visible({"DISPLAY": ":0"}, err, "linux"))
-        with mock.patch.object(err, "isatty", return_value=True):
-            self.assertTrue(vdl._browser_visible({"DISPLAY": ":0"}, err, "linux"))
-            self.assertTrue(vdl._browser_visible({"WAYLAND_DISPLAY": "wayland-0"}, err, "linux"))
-            self.assertFalse(vdl._browser_visible({}, err, "linux"))
-            self.assertTrue(vdl._browser_visible({}, err, "darwin"))
-            self.assertFalse(vdl._browser_visible({"SSH_CLIENT": "x"}, err, "darwin"))
-            self.assertFalse(vdl._browser_visible({"SSH_TTY": "/dev/pts/3", "DISPLAY": ":0"}, err, "linux"))
+        self.assertFalse(vdl._browser_visible({"DISPLAY": ":0"}, vdl._Terminal(stream=io.StringIO()), "linux"))
+        err = vdl._Terminal(stream=TtyStream())
+        self.assertTrue(vdl._browser_visible({"DISPLAY": ":0"}, err, "linux"))
+        self.assertTrue(vdl._browser_visible({"WAYLAND_DISPLAY": "wayland-0"}, err, "linux"))
+        self.assertFalse(vdl._browser_visible({}, err, "linux"))
+        self.assertTrue(vdl._browser_visible({}, err, "darwin"))
+        self.assertFalse(vdl._browser_visible({"SSH_CLIENT": "x"}, err, "darwin"))
+        self.assertFalse(vdl._browser_visible({"SSH_TTY": "/dev/pts/3", "DISPLAY": ":0"}, err, "linux"))
 
 
 class PlainPromptTests(IssuerTest):
