@@ -2367,14 +2367,15 @@ class ContractTests(IssuerTest):
         def slow_then_fine(handler, body):
             calls.append(dict(parse_qsl(body.decode()))["device_code"])
             if len(calls) == 1:
-                time.sleep(1.5)
+                time.sleep(4)
             return 200, {"access_token": "opaque-token-1234", "token_type": "Bearer"}
 
         self.issuer.overrides["/oauth/token"] = slow_then_fine
         clock = FakeClock()
         device = vdl.DeviceAuthorization("dc-" + "z" * 40, "BCDF-GHJK", self.issuer.issuer + "/device", None,
                                          600.0, 1.0, clock())
-        http = vdl._HttpClient(timeout=0.5)
+        # A generous limit, so that only the first, stalled answer can exceed it on a loaded machine.
+        http = vdl._HttpClient(timeout=2)
         self.addCleanup(http.close)
         outcome = vdl.poll_for_token(http, self.issuer.issuer + "/oauth/token", "cli", device, clock=clock,
                                      sleep=clock.sleep, rng=random.Random(1))
