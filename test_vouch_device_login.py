@@ -1685,7 +1685,7 @@ class HostileServerTests(IssuerTest):
         self.issuer.overrides[ENDPOINTS[endpoint]] = answer if callable(answer) else (lambda h, b: answer)
         flags = {"jwks": ["--verify"], "userinfo": ["--userinfo"]}.get(endpoint, [])
         try:
-            return self.sign_in("--timeout", "2", *(flags + list(extra)))
+            return self.sign_in("--timeout", "5", *(flags + list(extra)))
         finally:
             self.issuer.overrides.clear()
 
