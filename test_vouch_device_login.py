@@ -2552,6 +2552,17 @@ class EndToEndTests(IssuerTest):
         self.assertEqual(result.code, 0, result.stderr)
         self.assertEqual(result.stdout, self.issuer.issued[0] + "\n")
 
+    def test_runs_as_a_module_from_bytecode_as_the_readme_recommends(self):
+        import compileall
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        shutil.copy(SCRIPT, folder)
+        self.assertTrue(compileall.compile_dir(folder, quiet=1))
+        environment = dict(os.environ, PYTHONPATH=folder)
+        proc = subprocess.run([sys.executable, "-m", "vouch_device_login", "--version"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=environment, cwd=folder, timeout=60, check=False)
+        self.assertEqual((proc.returncode, proc.stdout.decode()), (0, "vouch_device_login %s\n" % vdl.__version__))
+
     def test_runs_with_stdin_closed_altogether(self):
         self.issuer.approve_after_polls = 0
         code = ("import os, sys, runpy; os.close(0); sys.stdin = None; sys.argv = sys.argv[1:]; "
