@@ -516,7 +516,8 @@ class _HttpClient:
         self.requests += 1
         self._log_request(method, url, all_headers, form)
         key = (scheme, host.lower(), port)
-        for _attempt in (1, 2):
+        # A reused connection the server closed is retried once, on a fresh one.
+        while True:
             conn, reused = self._connection(key)
             try:
                 response = self._exchange(conn, method, target, body, all_headers, url)
@@ -533,7 +534,6 @@ class _HttpClient:
                 self._drop(key)
             self._log_response(response)
             return response
-        raise NetworkError("%s: %s closed the connection without answering" % (what, _sanitize(host)))
 
     def _context(self):
         if self._ssl_context is None:
@@ -712,8 +712,7 @@ def _is_certificate_failure(exc):
 
 
 def _describe_os_error(exc):
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return text
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _tls_failure_message(url, exc, client):
@@ -3376,27 +3375,21 @@ class _KeySource:
 
     def keys(self):
         """The JWKS, loaded or fetched on first use."""
-        import time
         if self.jwks is None:
-            if self.config.jwks_file:
-                self.jwks = _read_jwks_file(self.config.jwks_file)
-            else:
-                self.jwks = self._fetch()
-                self.fetched_at = time.time()
+            self.jwks = _read_jwks_file(self.config.jwks_file) if self.config.jwks_file else self._fetch()
         return self.jwks
 
     def refetch(self):
         """A fresh JWKS from the network, at most once; None when not possible."""
-        import time
         if self.config.jwks_file or self.refetched:
             return None
         self.refetched = True
         self.http.terminal.debug("unknown kid; fetching the JWKS again")
         self.jwks = self._fetch()
-        self.fetched_at = time.time()
         return self.jwks
 
     def _fetch(self):
+        import time
         url = self.config.jwks_uri or self.metadata.get("jwks_uri")
         if not url:
             raise TokenVerificationError("--verify: the issuer metadata names no jwks_uri; pass --jwks-uri or --jwks")
@@ -3404,7 +3397,9 @@ class _KeySource:
         if response.status != 200:
             _raise_http_status(response, "JWKS (%s)" % _sanitize(url))
         # Judged by parsing, not by Content-Type: providers use several +json types.
-        return _check_jwks(_loads_or_none(response.body), url)
+        jwks = _check_jwks(_loads_or_none(response.body), url)
+        self.fetched_at = time.time()
+        return jwks
 
 
 def _loads_or_none(data):
