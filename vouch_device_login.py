@@ -3606,6 +3606,118 @@ def _logout(config, http, terminal):
 
 
 # ============================================================================
+# Installation (--install): a launcher that runs the module from bytecode
+# ============================================================================
+
+# Python compiles a file run as a script from source on every run, and for
+# this file that costs more than everything --version does; a module it
+# imports is loaded from cached bytecode instead. --install keeps the module
+# and its bytecode in a directory of their own and writes a small launcher
+# that imports it, for the shell profiles that run the tool many times a day.
+DEFAULT_INSTALL_PREFIX = "~/.local"
+_LAUNCHER_NAME = "vouch-device-login"
+# -I keeps the working directory, PYTHONPATH and the user's site-packages out
+# of the import path, so no file planted there can stand in for a module.
+_LAUNCHER = """\
+#!{python} -I
+# {name} {version}, written by `vouch_device_login.py --install`: runs the module
+# from its compiled bytecode, which a file run as a script never gets.
+import sys
+sys.path.insert(0, {library!r})
+from vouch_device_login import main
+sys.exit(main())
+"""
+# Linux reads at most 127 bytes of a #! line before 5.1.
+_MAX_SHEBANG = 127
+
+
+def _install(prefix, terminal, source_path=None):
+    """--install: copy this module to PREFIX/lib, compile it, write PREFIX/bin/vouch-device-login.
+
+    Returns the launcher's path. The module and its bytecode come first and
+    the launcher last, so a failure never leaves a launcher without a module.
+    """
+    import py_compile
+    source_path = source_path or globals().get("__file__")
+    if not source_path or not source_path.endswith(".py"):
+        raise UsageError("--install copies this file, and it was not run from one: download "
+                         "vouch_device_login.py, then run python3 vouch_device_login.py --install")
+    python = sys.executable
+    if not python or not os.path.isabs(python) or any(ch.isspace() for ch in python) \
+            or len(os.fsencode(python)) + len(" -I") > _MAX_SHEBANG - len("#!"):
+        raise UsageError("--install: cannot name this interpreter (%s) on a #! line; run it with "
+                         "python3 from PATH instead" % _sanitize(repr(python)))
+    try:
+        with open(source_path, "rb") as handle:
+            source = handle.read()
+        compile(source, source_path, "exec")
+    except OSError as exc:
+        raise UsageError("--install: cannot read %s: %s" % (source_path, exc.strerror or exc))
+    except (SyntaxError, ValueError) as exc:
+        raise UsageError("--install: %s is not a module this Python can run: %s" % (source_path, exc))
+    prefix = os.path.abspath(os.path.expanduser(prefix))
+    library = os.path.join(prefix, "lib", "vouch_device_login")
+    bin_directory = os.path.join(prefix, "bin")
+    module = os.path.join(library, "vouch_device_login.py")
+    launcher = os.path.join(bin_directory, _LAUNCHER_NAME)
+    try:
+        os.makedirs(bin_directory, exist_ok=True)
+        for directory in (library, os.path.join(library, "__pycache__")):
+            # An explicit mode: a umask of 002 must not leave them group-writable.
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+            _check_install_directory(directory)
+        _write_replacing(module, source, 0o644)
+        # optimize=0: the bytecode the launcher (which runs without -O) loads.
+        py_compile.compile(module, doraise=True, optimize=0)
+        text = _LAUNCHER.format(python=python, name=_LAUNCHER_NAME, version=__version__, library=library)
+        _write_replacing(launcher, text.encode("utf-8", "surrogateescape"), 0o755)
+    except OSError as exc:
+        raise UsageError("--install: %s: %s" % (getattr(exc, "filename", None) or prefix, exc.strerror or exc))
+    except py_compile.PyCompileError as exc:
+        raise UsageError("--install: cannot compile %s: %s" % (module, exc.msg))
+    terminal.info("installed %s (%s, for %s)" % (launcher, __version__, python))
+    on_path = [os.path.abspath(os.path.expanduser(entry)) for entry in os.environ.get("PATH", "").split(os.pathsep)
+               if entry]
+    if bin_directory not in on_path:
+        terminal.info("%s is not on PATH: add it, or run %s by its full path" % (bin_directory, launcher))
+    return launcher
+
+
+def _check_install_directory(path):
+    """Refuse a directory for the module that another user could write a module into."""
+    stat_result = os.stat(path)
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is not None and stat_result.st_uid not in (geteuid(), 0):
+        raise UsageError("--install: %s is owned by uid %d, not by you or root" % (path, stat_result.st_uid))
+    if stat_result.st_mode & 0o022:
+        raise UsageError("--install: %s is writable by group or others (mode %03o); fix it with: chmod go-w %s"
+                         % (path, stat_result.st_mode & 0o777, path))
+
+
+def _write_replacing(path, data, mode):
+    """Write data to path through a temporary file and a rename: readers see the old or the new file,
+    and a symlink at path is replaced, never followed."""
+    import tempfile
+    folder, name = os.path.split(path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    fd, temporary = tempfile.mkstemp(prefix="." + name + ".", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+# ============================================================================
 # Command line
 # ============================================================================
 
@@ -3663,6 +3775,9 @@ def _argument_parser():
     add("--copy", action="store_true", help="put the code on the clipboard (OSC 52) when stderr is a terminal")
     add("-v", "--verbose", action="store_true", help="log each request and response (secrets masked)")
     add("--version", action="version", version="%s %s" % (_PROG, __version__))
+    add("--install", metavar="PREFIX", nargs="?", const=DEFAULT_INSTALL_PREFIX,
+        help="install the faster-starting command PREFIX/bin/%s (PREFIX defaults to %s), then exit"
+             % (_LAUNCHER_NAME, DEFAULT_INSTALL_PREFIX))
     group = parser.add_argument_group("verification")
     add = group.add_argument
     add("--verify", action="store_true",
@@ -3856,6 +3971,11 @@ def main(argv=None):
             return 0
         args = _argument_parser().parse_args(argv)
         terminal = _Terminal(quiet=args.quiet, verbose=args.verbose)
+        if args.install is not None:
+            if args.inspect is not None or args.logout:
+                raise UsageError("--install is done on its own; drop --inspect and --logout")
+            _install(args.install, terminal)
+            return 0
         config = _config_from_args(args, os.environ, terminal)
         http = _HttpClient(timeout=config.timeout, cafile=config.cacert, terminal=terminal)
         result = _run(config, http, terminal)
