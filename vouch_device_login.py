@@ -11,6 +11,7 @@ One file, standard library only, CPython 3.6 and later and PyPy3:
     python3 vouch_device_login.py --client-id CLIENT_ID
     curl -fsSL https://example.com/vouch_device_login.py | python3 - --client-id X
     eval "$(python3 vouch_device_login.py --format shell)"
+    python3 vouch_device_login.py --install   # then vouch-device-login: starts faster
 
 Python API: main(), decode_jwt(), verify_jws(), verify_jwt(),
 verify_signature(), and the VouchError family of exceptions, each of which
