@@ -5420,9 +5420,10 @@ class InstallTests(IssuerTest):
         planted = os.path.join(self.prefix, "planted")
         os.mkdir(planted)
         marker = os.path.join(self.prefix, "pwned")
-        for name in ("vouch_device_login", "json", "argparse", "hashlib"):
-            with open(os.path.join(planted, name + ".py"), "w") as handle:
-                handle.write("open(%r, 'a').write(%r)\n" % (marker, name))
+        for folder in (planted, os.path.dirname(self.launcher)):
+            for name in ("vouch_device_login", "json", "argparse", "hashlib"):
+                with open(os.path.join(folder, name + ".py"), "w") as handle:
+                    handle.write("open(%r, 'a').write(%r)\n" % (marker, name))
         result = self.run_launcher(self.offline_inspect_args(), cwd=planted, env={"PYTHONPATH": planted})
         self.assertEqual(result.code, 0, result.stderr)
         self.assertIs(json.loads(result.stdout)["verified"], True)
@@ -5467,7 +5468,17 @@ class InstallTests(IssuerTest):
 
     def test_install_is_an_action_of_its_own(self):
         self.assertFailed(run_main(["--install", self.prefix, "--logout", "--client-id", "cli"]), 2, "on its own")
+        self.assertFailed(run_main(["--install="]), 2, "PREFIX is empty")
         self.assertEqual(os.listdir(self.prefix), [])
+
+    def test_a_file_that_is_not_python_source_is_not_installed(self):
+        compiled = os.path.join(self.prefix, "vouch_device_login.pyc")
+        with open(compiled, "wb") as handle:
+            handle.write(b"\x00\x01binary")
+        with self.assertRaises(vdl.UsageError) as caught:
+            vdl._install(self.prefix, vdl._Terminal(), source_path=compiled)
+        self.assertIn("is not a module this Python can run", str(caught.exception))
+        self.assertEqual(os.listdir(self.prefix), ["vouch_device_login.pyc"])
 
 
 class TerminalPromptTests(IssuerTest):

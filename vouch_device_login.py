@@ -3640,12 +3640,15 @@ def _install(prefix, terminal, source_path=None):
     """
     import py_compile
     source_path = source_path or globals().get("__file__")
-    if not source_path or not source_path.endswith(".py"):
+    if not source_path or not os.path.isfile(source_path):
+        # Run from stdin, the name is "<stdin>" or missing altogether.
         raise UsageError("--install copies this file, and it was not run from one: download "
                          "vouch_device_login.py, then run python3 vouch_device_login.py --install")
+    if not prefix:
+        raise UsageError("--install: the PREFIX is empty")
     python = sys.executable
-    if not python or not os.path.isabs(python) or any(ch.isspace() for ch in python) \
-            or len(os.fsencode(python)) + len(" -I") > _MAX_SHEBANG - len("#!"):
+    if not python or not os.path.isabs(python) or not python.isprintable() or any(ch.isspace() for ch in python) \
+            or len(python.encode("utf-8", "replace")) + len(" -I") > _MAX_SHEBANG - len("#!"):
         raise UsageError("--install: cannot name this interpreter (%s) on a #! line; run it with "
                          "python3 from PATH instead" % _sanitize(repr(python)))
     try:
@@ -3671,7 +3674,7 @@ def _install(prefix, terminal, source_path=None):
         # optimize=0: the bytecode the launcher (which runs without -O) loads.
         py_compile.compile(module, doraise=True, optimize=0)
         text = _LAUNCHER.format(python=python, name=_LAUNCHER_NAME, version=__version__, library=library)
-        _write_replacing(launcher, text.encode("utf-8", "surrogateescape"), 0o755)
+        _write_replacing(launcher, text.encode("utf-8"), 0o755)
     except OSError as exc:
         raise UsageError("--install: %s: %s" % (getattr(exc, "filename", None) or prefix, exc.strerror or exc))
     except py_compile.PyCompileError as exc:
