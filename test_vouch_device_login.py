@@ -5385,7 +5385,11 @@ class InstallTests(IssuerTest):
         return ["--inspect", token, "--verify", "--jwks", jwks, "--issuer", issuer, "--client-id", "cli"]
 
     def test_the_launcher_runs_the_module_from_its_bytecode(self):
-        result = run_cli(["--install", self.prefix])
+        # Neither may move or change the bytecode: PYTHONPYCACHEPREFIX would put
+        # it where the launcher never looks, SOURCE_DATE_EPOCH would make it
+        # hash-checked against the source on every start.
+        result = run_cli(["--install", self.prefix], env={
+            "PYTHONPYCACHEPREFIX": os.path.join(self.prefix, "elsewhere"), "SOURCE_DATE_EPOCH": "1"})
         self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
         self.assertIn("installed %s (%s, for %s)" % (self.launcher, vdl.__version__, sys.executable), result.stderr)
         with open(self.launcher) as handle:
@@ -5429,17 +5433,23 @@ class InstallTests(IssuerTest):
         self.assertIs(json.loads(result.stdout)["verified"], True)
         self.assertFalse(os.path.exists(marker))
 
-    def test_files_and_directories_get_their_modes_under_a_permissive_umask(self):
-        old_umask = os.umask(0o002)
-        try:
-            result = run_main(["--install", self.prefix])
-        finally:
-            os.umask(old_umask)
-        self.assertEqual(result.code, 0, result.stderr)
-        library = os.path.dirname(self.module)
-        modes = {path: os.stat(path).st_mode & 0o777
-                 for path in (library, os.path.join(library, "__pycache__"), self.module, self.launcher)}
-        self.assertEqual(list(modes.values()), [0o755, 0o755, 0o644, 0o755])
+    def test_files_and_directories_get_the_same_modes_under_any_umask(self):
+        for umask in (0o000, 0o002, 0o077):
+            prefix = os.path.join(self.prefix, "umask-%03o" % umask)
+            old_umask = os.umask(umask)
+            try:
+                result = run_main(["--install", prefix])
+            finally:
+                os.umask(old_umask)
+            self.assertEqual(result.code, 0, result.stderr)
+            library = os.path.join(prefix, "lib", "vouch_device_login")
+            paths = [prefix, os.path.dirname(library), library, library + "/__pycache__", prefix + "/bin"]
+            bytecode = os.listdir(paths[3])
+            self.assertEqual(len(bytecode), 1)
+            files = [os.path.join(paths[3], bytecode[0]), library + "/vouch_device_login.py",
+                     prefix + "/bin/vouch-device-login"]
+            self.assertEqual([os.stat(path).st_mode & 0o7777 for path in paths + files],
+                             [0o755] * 5 + [0o644, 0o644, 0o755], "umask %03o" % umask)
 
     def test_a_symlink_at_the_launcher_path_is_replaced_not_followed(self):
         victim = os.path.join(self.prefix, "victim")
@@ -5459,6 +5469,40 @@ class InstallTests(IssuerTest):
         self.assertFailed(run_main(["--install", self.prefix]), 2, "writable by group or others")
         self.assertEqual(os.listdir(library), [])
         self.assertFalse(os.path.exists(self.launcher))
+
+    def test_a_parent_others_can_write_is_refused_unless_sticky(self):
+        # Whoever can write PREFIX/lib can rename the module directory away and put their own in its place.
+        shared = os.path.join(self.prefix, "shared")
+        os.mkdir(shared)
+        os.chmod(shared, 0o777)
+        self.assertFailed(run_main(["--install", os.path.join(shared, "prefix")]), 2,
+                          "%s is writable by group or others" % os.path.realpath(shared))
+        self.assertEqual(os.listdir(shared), [])
+        os.chmod(shared, 0o1777)  # like /tmp: others cannot rename what is ours
+        self.assertEqual(run_main(["--install", os.path.join(shared, "prefix")]).code, 0)
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to give files away")
+    def test_directories_of_other_users_or_groups_are_refused(self):
+        os.chown(self.prefix, 65534, -1)
+        self.assertFailed(run_main(["--install", self.prefix]), 2, "is owned by uid 65534")
+        os.chown(self.prefix, 0, next(g.gr_gid for g in __import__("grp").getgrall() if g.gr_gid != os.getegid()))
+        os.chmod(self.prefix, 0o775)
+        self.assertFailed(run_main(["--install", self.prefix]), 2, "is writable by group or others")
+        self.assertEqual(os.listdir(self.prefix), [])
+
+    def test_file_system_failures_are_one_line_and_exit_2(self):
+        with open(os.path.join(self.prefix, "bin"), "w") as handle:
+            handle.write("a file where a directory belongs")
+        self.assertFailed(run_main(["--install", self.prefix]), 2, "%s/bin: " % self.prefix)
+        gone = os.path.join(self.prefix, "gone")
+        os.mkdir(gone)
+        here = os.getcwd()
+        os.chdir(gone)
+        try:
+            os.rmdir(gone)
+            self.assertFailed(run_main(["--install", "relative"]), 2, "--install: relative: ")
+        finally:
+            os.chdir(here)
 
     def test_piped_from_stdin_there_is_no_file_to_install(self):
         with open(SCRIPT, "rb") as handle:

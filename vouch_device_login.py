@@ -3651,6 +3651,9 @@ def _install(prefix, terminal, source_path=None):
             or len(python.encode("utf-8", "replace")) + len(" -I") > _MAX_SHEBANG - len("#!"):
         raise UsageError("--install: cannot name this interpreter (%s) on a #! line; run it with "
                          "python3 from PATH instead" % _sanitize(repr(python)))
+    cache_tag = sys.implementation.cache_tag
+    if cache_tag is None:
+        raise UsageError("--install: this Python (%s) keeps no bytecode, so there is nothing to gain" % python)
     try:
         with open(source_path, "rb") as handle:
             source = handle.read()
@@ -3659,20 +3662,27 @@ def _install(prefix, terminal, source_path=None):
         raise UsageError("--install: cannot read %s: %s" % (source_path, exc.strerror or exc))
     except (SyntaxError, ValueError) as exc:
         raise UsageError("--install: %s is not a module this Python can run: %s" % (source_path, exc))
-    prefix = os.path.abspath(os.path.expanduser(prefix))
-    library = os.path.join(prefix, "lib", "vouch_device_login")
-    bin_directory = os.path.join(prefix, "bin")
-    module = os.path.join(library, "vouch_device_login.py")
-    launcher = os.path.join(bin_directory, _LAUNCHER_NAME)
     try:
-        os.makedirs(bin_directory, exist_ok=True)
-        for directory in (library, os.path.join(library, "__pycache__")):
-            # An explicit mode: a umask of 002 must not leave them group-writable.
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-            _check_install_directory(directory)
+        prefix = os.path.abspath(os.path.expanduser(prefix))
+        library = os.path.join(prefix, "lib", "vouch_device_login")
+        bin_directory = os.path.join(prefix, "bin")
+        module = os.path.join(library, "vouch_device_login.py")
+        # Named here rather than by py_compile, which would follow
+        # PYTHONPYCACHEPREFIX to a place the launcher (-I) never looks.
+        bytecode = os.path.join(library, "__pycache__", "vouch_device_login.%s.pyc" % cache_tag)
+        launcher = os.path.join(bin_directory, _LAUNCHER_NAME)
+        for directory in (os.path.dirname(bytecode), bin_directory):
+            _make_directories(directory)
+            _check_install_path(directory)
         _write_replacing(module, source, 0o644)
+        options = {}
+        if hasattr(py_compile, "PycInvalidationMode"):
+            # Not the hash-checked bytecode SOURCE_DATE_EPOCH would select: the
+            # launcher would hash the whole source on every start.
+            options["invalidation_mode"] = py_compile.PycInvalidationMode.TIMESTAMP
         # optimize=0: the bytecode the launcher (which runs without -O) loads.
-        py_compile.compile(module, doraise=True, optimize=0)
+        py_compile.compile(module, cfile=bytecode, doraise=True, optimize=0, **options)
+        os.chmod(bytecode, 0o644)
         text = _LAUNCHER.format(python=python, name=_LAUNCHER_NAME, version=__version__, library=library)
         _write_replacing(launcher, text.encode("utf-8"), 0o755)
     except OSError as exc:
@@ -3680,22 +3690,65 @@ def _install(prefix, terminal, source_path=None):
     except py_compile.PyCompileError as exc:
         raise UsageError("--install: cannot compile %s: %s" % (module, exc.msg))
     terminal.info("installed %s (%s, for %s)" % (launcher, __version__, python))
-    on_path = [os.path.abspath(os.path.expanduser(entry)) for entry in os.environ.get("PATH", "").split(os.pathsep)
-               if entry]
+    on_path = [os.path.normpath(os.path.expanduser(entry)) for entry in os.environ.get("PATH", "").split(os.pathsep)]
     if bin_directory not in on_path:
         terminal.info("%s is not on PATH: add it, or run %s by its full path" % (bin_directory, launcher))
     return launcher
 
 
-def _check_install_directory(path):
-    """Refuse a directory for the module that another user could write a module into."""
-    stat_result = os.stat(path)
+def _make_directories(path):
+    """Create path and its missing parents, each 0755 whatever the umask (os.makedirs' mode reaches only the last).
+
+    The deepest directory that exists already is checked first, so nothing is
+    created inside one that _check_install_path refuses.
+    """
+    missing = []
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    _check_install_path(path)
+    for directory in reversed(missing):
+        os.mkdir(directory, 0o755)
+        os.chmod(directory, 0o755)
+
+
+def _check_install_path(path):
+    """Refuse a directory another user could change, or whose parents they could (ssh's StrictModes rule).
+
+    Whoever can write a directory on the way can rename what lies below it
+    and put a module of their own in its place. A sticky directory such as
+    /tmp only lets them rename their own entries; a group that is your own
+    user-private group is you.
+    """
     geteuid = getattr(os, "geteuid", None)
-    if geteuid is not None and stat_result.st_uid not in (geteuid(), 0):
-        raise UsageError("--install: %s is owned by uid %d, not by you or root" % (path, stat_result.st_uid))
-    if stat_result.st_mode & 0o022:
-        raise UsageError("--install: %s is writable by group or others (mode %03o); fix it with: chmod go-w %s"
-                         % (path, stat_result.st_mode & 0o777, path))
+    if geteuid is None:
+        return
+    path = os.path.realpath(path)
+    while True:
+        stat_result = os.stat(path)
+        if stat_result.st_uid not in (geteuid(), 0):
+            raise UsageError("--install: %s is owned by uid %d, not by you or root" % (path, stat_result.st_uid))
+        writable_by_others = stat_result.st_mode & 0o002 or (
+            stat_result.st_mode & 0o020 and not _is_private_group(stat_result.st_gid))
+        if writable_by_others and not stat_result.st_mode & 0o1000:
+            raise UsageError("--install: %s is writable by group or others (mode %03o); fix it with: chmod go-w %s"
+                             % (path, stat_result.st_mode & 0o777, path))
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
+def _is_private_group(gid):
+    """Whether gid is the effective user's own group, named after them, with no other members."""
+    try:
+        import grp
+        import pwd
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(gid)
+    except (ImportError, KeyError):
+        return False
+    return gid == os.getegid() and group.gr_name == user and set(group.gr_mem) <= {user}
 
 
 def _write_replacing(path, data, mode):
@@ -3703,15 +3756,13 @@ def _write_replacing(path, data, mode):
     and a symlink at path is replaced, never followed."""
     import tempfile
     folder, name = os.path.split(path)
-    umask = os.umask(0o022)
-    os.umask(umask)
     fd, temporary = tempfile.mkstemp(prefix="." + name + ".", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temporary, mode & ~umask)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         try:
