@@ -5489,6 +5489,13 @@ class InstallTests(IssuerTest):
         os.chmod(self.prefix, 0o775)
         self.assertFailed(run_main(["--install", self.prefix]), 2, "is writable by group or others")
         self.assertEqual(os.listdir(self.prefix), [])
+        import grp
+        import pwd
+        own = grp.getgrgid(os.getegid())
+        if own.gr_name == pwd.getpwuid(os.geteuid()).pw_name and not own.gr_mem:
+            # A user-private group (like root's here) has nobody else in it.
+            os.chown(self.prefix, 0, own.gr_gid)
+            self.assertEqual(run_main(["--install", self.prefix]).code, 0)
 
     def test_file_system_failures_are_one_line_and_exit_2(self):
         with open(os.path.join(self.prefix, "bin"), "w") as handle:

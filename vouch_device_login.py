@@ -3748,7 +3748,9 @@ def _is_private_group(gid):
         group = grp.getgrgid(gid)
     except (ImportError, KeyError):
         return False
-    return gid == os.getegid() and group.gr_name == user and set(group.gr_mem) <= {user}
+    # Members are listed in the group entry, or have it as their primary group.
+    return gid == os.getegid() and group.gr_name == user and set(group.gr_mem) <= {user} \
+        and all(entry.pw_name == user for entry in pwd.getpwall() if entry.pw_gid == gid)
 
 
 def _write_replacing(path, data, mode):
