@@ -5362,7 +5362,7 @@ class InstallTests(IssuerTest):
     def setUp(self):
         super().setUp()
         import tempfile
-        self.prefix = tempfile.mkdtemp(prefix="vdl-install-")
+        self.prefix = os.path.realpath(tempfile.mkdtemp(prefix="vdl-install-"))
         self.addCleanup(shutil.rmtree, self.prefix)
         self.launcher = os.path.join(self.prefix, "bin", "vouch-device-login")
         self.module = os.path.join(self.prefix, "lib", "vouch_device_login", "vouch_device_login.py")
@@ -5451,6 +5451,23 @@ class InstallTests(IssuerTest):
             self.assertEqual([os.stat(path).st_mode & 0o7777 for path in paths + files],
                              [0o755] * 5 + [0o644, 0o644, 0o755], "umask %03o" % umask)
 
+    def test_a_prefix_reached_through_a_symlink_is_installed_under_its_real_path(self):
+        # The link sits in a directory anyone can write: anyone could later
+        # point it elsewhere, so neither the checks nor the launcher use it.
+        shared, real = os.path.join(self.prefix, "shared"), os.path.join(self.prefix, "real")
+        os.mkdir(shared)
+        os.chmod(shared, 0o777)
+        os.mkdir(real)
+        os.symlink(real, os.path.join(shared, "link"))
+        result = run_main(["--install", os.path.join(shared, "link")])
+        self.assertEqual(result.code, 0, result.stderr)
+        launcher = os.path.join(os.path.realpath(real), "bin", "vouch-device-login")
+        with open(launcher) as handle:
+            text = handle.read()
+        self.assertIn(repr(os.path.join(os.path.realpath(real), "lib", "vouch_device_login")), text)
+        self.assertNotIn("shared", text)
+        self.assertIn("installed %s " % launcher, result.stderr)
+
     def test_a_symlink_at_the_launcher_path_is_replaced_not_followed(self):
         victim = os.path.join(self.prefix, "victim")
         with open(victim, "w") as handle:
@@ -5493,14 +5510,28 @@ class InstallTests(IssuerTest):
         import pwd
         own = grp.getgrgid(os.getegid())
         if own.gr_name == pwd.getpwuid(os.geteuid()).pw_name and not own.gr_mem:
-            # A user-private group (like root's here) has nobody else in it.
+            # A user-private group (like root's here) has nobody else in it...
             os.chown(self.prefix, 0, own.gr_gid)
             self.assertEqual(run_main(["--install", self.prefix]).code, 0)
+            # ...unless an ACL names another user; the group bits are then its mask.
+            acl = b"".join([b"\x02\x00\x00\x00", bytes([1, 0, 7, 0]) + b"\xff" * 4,
+                            bytes([2, 0, 7, 0]) + (65534).to_bytes(4, "little"), bytes([4, 0, 5, 0]) + b"\xff" * 4,
+                            bytes([16, 0, 7, 0]) + b"\xff" * 4, bytes([32, 0, 5, 0]) + b"\xff" * 4])
+            try:
+                os.setxattr(self.prefix, "system.posix_acl_access", acl)
+            except OSError:
+                self.skipTest("no POSIX ACLs on this file system")
+            self.assertEqual(os.stat(self.prefix).st_mode & 0o777, 0o775)
+            self.assertFailed(run_main(["--install", self.prefix]), 2, "is writable by group or others")
 
     def test_file_system_failures_are_one_line_and_exit_2(self):
         with open(os.path.join(self.prefix, "bin"), "w") as handle:
             handle.write("a file where a directory belongs")
         self.assertFailed(run_main(["--install", self.prefix]), 2, "%s/bin: " % self.prefix)
+        os.remove(os.path.join(self.prefix, "bin"))
+        os.makedirs(self.launcher)
+        self.assertFailed(run_main(["--install", self.prefix]), 2, "--install: %s: " % self.launcher)
+        self.assertEqual(os.listdir(os.path.dirname(self.launcher)), ["vouch-device-login"])
         gone = os.path.join(self.prefix, "gone")
         os.mkdir(gone)
         here = os.getcwd()

@@ -3663,7 +3663,9 @@ def _install(prefix, terminal, source_path=None):
     except (SyntaxError, ValueError) as exc:
         raise UsageError("--install: %s is not a module this Python can run: %s" % (source_path, exc))
     try:
-        prefix = os.path.abspath(os.path.expanduser(prefix))
+        # Resolved once, so that what is checked is what is written and what
+        # the launcher names: a symlink on the way stays out of both.
+        prefix = os.path.realpath(os.path.expanduser(prefix))
         library = os.path.join(prefix, "lib", "vouch_device_login")
         bin_directory = os.path.join(prefix, "bin")
         module = os.path.join(library, "vouch_device_login.py")
@@ -3673,6 +3675,8 @@ def _install(prefix, terminal, source_path=None):
         launcher = os.path.join(bin_directory, _LAUNCHER_NAME)
         for directory in (os.path.dirname(bytecode), bin_directory):
             _make_directories(directory)
+            if os.path.realpath(directory) != directory:
+                raise UsageError("--install: %s changed into a symbolic link while installing" % directory)
             _check_install_path(directory)
         _write_replacing(module, source, 0o644)
         options = {}
@@ -3690,7 +3694,7 @@ def _install(prefix, terminal, source_path=None):
     except py_compile.PyCompileError as exc:
         raise UsageError("--install: cannot compile %s: %s" % (module, exc.msg))
     terminal.info("installed %s (%s, for %s)" % (launcher, __version__, python))
-    on_path = [os.path.normpath(os.path.expanduser(entry)) for entry in os.environ.get("PATH", "").split(os.pathsep)]
+    on_path = [os.path.realpath(entry) for entry in os.environ.get("PATH", "").split(os.pathsep) if os.path.isabs(entry)]
     if bin_directory not in on_path:
         terminal.info("%s is not on PATH: add it, or run %s by its full path" % (bin_directory, launcher))
     return launcher
@@ -3718,7 +3722,8 @@ def _check_install_path(path):
     Whoever can write a directory on the way can rename what lies below it
     and put a module of their own in its place. A sticky directory such as
     /tmp only lets them rename their own entries; a group that is your own
-    user-private group is you.
+    user-private group is you, unless an ACL lets others in (with an ACL
+    the group bits are its mask, the most any named user may do).
     """
     geteuid = getattr(os, "geteuid", None)
     if geteuid is None:
@@ -3729,7 +3734,7 @@ def _check_install_path(path):
         if stat_result.st_uid not in (geteuid(), 0):
             raise UsageError("--install: %s is owned by uid %d, not by you or root" % (path, stat_result.st_uid))
         writable_by_others = stat_result.st_mode & 0o002 or (
-            stat_result.st_mode & 0o020 and not _is_private_group(stat_result.st_gid))
+            stat_result.st_mode & 0o020 and not (_is_private_group(stat_result.st_gid) and not _has_acl(path)))
         if writable_by_others and not stat_result.st_mode & 0o1000:
             raise UsageError("--install: %s is writable by group or others (mode %03o); fix it with: chmod go-w %s"
                              % (path, stat_result.st_mode & 0o777, path))
@@ -3753,12 +3758,28 @@ def _is_private_group(gid):
         and all(entry.pw_name == user for entry in pwd.getpwall() if entry.pw_gid == gid)
 
 
+def _has_acl(path):
+    """Whether path may carry a POSIX access ACL; where that cannot be read, assume it does."""
+    listxattr = getattr(os, "listxattr", None)
+    if listxattr is None:
+        return True
+    try:
+        return "system.posix_acl_access" in listxattr(path)
+    except OSError as exc:
+        import errno
+        # A file system without extended attributes has no ACLs either.
+        return exc.errno != errno.ENOTSUP
+
+
 def _write_replacing(path, data, mode):
     """Write data to path through a temporary file and a rename: readers see the old or the new file,
     and a symlink at path is replaced, never followed."""
     import tempfile
     folder, name = os.path.split(path)
-    fd, temporary = tempfile.mkstemp(prefix="." + name + ".", dir=folder)
+    try:
+        fd, temporary = tempfile.mkstemp(prefix="." + name + ".", dir=folder)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -3766,11 +3787,14 @@ def _write_replacing(path, data, mode):
             os.fsync(handle.fileno())
         os.chmod(temporary, mode)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(temporary)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            # Named after the file being written, not the temporary one.
+            raise OSError(exc.errno, exc.strerror, path)
         raise
 
 
