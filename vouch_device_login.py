@@ -3808,6 +3808,7 @@ examples:
   VOUCH_CLIENT_ID=CLIENT_ID %(prog)s --format shell
   eval "$(python3 vouch_device_login.py --client-id CLIENT_ID --format shell)"
   curl -fsSL https://example.com/vouch_device_login.py | python3 - --client-id CLIENT_ID
+  python3 vouch_device_login.py --install    # then run vouch-device-login: it starts faster
   %(prog)s --issuer https://id.example.com/realms/main --client-id cli --scope openid
 
 exit codes: 0 signed in, 1 internal error, 2 usage, 3 denied, 4 code expired,
