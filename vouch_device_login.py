@@ -3074,6 +3074,37 @@ def _check_private(path, stat_result, kind):
                          % (kind, path, stat_result.st_mode & 0o777, wanted, path))
 
 
+def _write_replacing(path, data, mode):
+    """Write data to path with this mode through a temporary file and a rename.
+
+    Readers see the old file or the new one, never half of one, and a symlink
+    at path is replaced, never followed (mkstemp creates its file 0600 with
+    O_EXCL and O_NOFOLLOW).
+    """
+    import tempfile
+    folder, name = os.path.split(path)
+    try:
+        fd, temporary = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException as exc:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            # Named after the file being written, not the temporary one.
+            raise OSError(exc.errno, exc.strerror, path)
+        raise
+
+
 class _Cache:
     """The cache entry of one (issuer, client, scope, details, resources).
 
@@ -3157,20 +3188,10 @@ class _Cache:
         import json
         self._ensure_directory()
         entry = dict(entry, format=CACHE_FORMAT)
-        data = json.dumps(entry).encode("utf-8")
-        temporary = "%s.%d.%s.tmp" % (self.path, os.getpid(), os.urandom(4).hex())
         try:
-            fd = self._open_private(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
+            _write_replacing(self.path, json.dumps(entry).encode("utf-8"), 0o600)
         except OSError as exc:
             raise UsageError("cannot write the cache file %s: %s" % (self.path, exc.strerror or exc))
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
 
     def delete(self):
         """Remove the entry; True when there was one."""
@@ -3769,33 +3790,6 @@ def _has_acl(path):
         import errno
         # A file system without extended attributes has no ACLs either.
         return exc.errno != errno.ENOTSUP
-
-
-def _write_replacing(path, data, mode):
-    """Write data to path through a temporary file and a rename: readers see the old or the new file,
-    and a symlink at path is replaced, never followed."""
-    import tempfile
-    folder, name = os.path.split(path)
-    try:
-        fd, temporary = tempfile.mkstemp(prefix="." + name + ".", dir=folder)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException as exc:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            # Named after the file being written, not the temporary one.
-            raise OSError(exc.errno, exc.strerror, path)
-        raise
 
 
 # ============================================================================
