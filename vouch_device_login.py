@@ -462,15 +462,60 @@ class _StaleConnection(Exception):
     """A kept-alive connection was closed by the server before it answered."""
 
 
+class _BadAnswer(Exception):
+    """The peer's bytes are not HTTP/1.1 as RFC 9112 frames it."""
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+# Limits on what a peer may make us read before the body: a status line or
+# header line, the whole head, and its number of fields (http.client's own).
+_MAX_LINE = 8192
+_MAX_HEAD = 65536
+_MAX_FIELDS = 100
+# After this long without an answer to the first request, a person at a
+# terminal is told what is being contacted and how long it may take.
+_SLOW_NOTICE = 3.0
+
+
+class _Connection:
+    """One connection to an origin: the socket, and bytes read but not used.
+
+    The socket is non-blocking and every wait goes through _HttpClient._await
+    with the request's deadline. That is the whole time limit: no thread, no
+    watchdog, and nothing that can outlive the deadline whatever the framing,
+    because no call ever blocks for longer than the time that is left.
+    """
+
+    def __init__(self, sock, want_read, want_write):
+        self.sock = sock
+        # The exceptions a non-blocking call raises when it must wait to read
+        # or to write (TLS may need either, whichever way data flows).
+        self.want_read = want_read
+        self.want_write = want_write
+        self.buffer = bytearray()
+        self.answered = False
+
+    def close(self):
+        """Close the socket (and the TLS layer over it)."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
 class _HttpClient:
     """HTTP/1.1 client keeping one connection per origin for a whole sign-in.
 
     Polling reuses the connection, so it pays for one TLS handshake, not one
-    per poll. Every request has a total time limit (a watchdog closes the
-    socket at the deadline, so a server trickling one byte a second cannot
-    outlast it) and every response body a size cap. Redirects are returned to
-    the caller, never followed: the device code goes to the token endpoint
-    and nowhere else.
+    per poll. Every request has a total time limit, connect, TLS handshake,
+    proxy CONNECT, interim answers, head and body included; every head and
+    body a size cap. The framing is parsed here (RFC 9112), not by
+    http.client, so no answer can make it read past the cap or the deadline.
+    Redirects are returned to the caller, never followed: the device code
+    goes to the token endpoint and nowhere else.
     """
 
     def __init__(self, timeout=DEFAULT_TIMEOUT, cafile=None, terminal=None, environ=None):
@@ -480,6 +525,7 @@ class _HttpClient:
         self.environ = os.environ if environ is None else environ
         self._connections = {}
         self._ssl_context = None
+        self._notice = None
         self.requests = 0
         self.connections = 0
 
@@ -503,9 +549,10 @@ class _HttpClient:
         Raises NetworkError for connection, TLS, time-limit and size-limit
         failures, ProtocolError for a URL the policy refuses.
         """
+        import time
         from urllib.parse import urlencode
         scheme, host, port, target = _parse_url(url, what)
-        body = None
+        body = b""
         all_headers = {
             "Accept": "application/json",
             "User-Agent": "%s/%s" % (_PROG, __version__),
@@ -516,25 +563,37 @@ class _HttpClient:
         all_headers.update(headers or {})
         self.requests += 1
         self._log_request(method, url, all_headers, form)
+        message = _request_bytes(method, scheme, host, port, target, all_headers, body, what)
         key = (scheme, host.lower(), port)
-        # A reused connection the server closed is retried once, on a fresh one.
-        while True:
-            conn, reused = self._connection(key)
-            try:
-                response = self._exchange(conn, method, target, body, all_headers, url)
-            except _StaleConnection:
-                self._drop(key)
-                if reused:
-                    self.terminal.debug("kept-alive connection to %s was closed; reconnecting" % host)
-                    continue
-                raise NetworkError("%s: %s closed the connection without answering" % (what, _sanitize(host)))
-            except NetworkError:
-                self._drop(key)
-                raise
-            if response.headers.get("connection", "").lower() == "close":
-                self._drop(key)
-            self._log_response(response)
-            return response
+        # One deadline for the request, whatever it takes: a reconnect, a
+        # proxy, a TLS handshake and interim answers all spend from it.
+        started = time.monotonic()
+        deadline = started + self.timeout
+        if self.requests == 1 and not self.terminal.quiet and self.terminal.isatty():
+            self._notice = (started + _SLOW_NOTICE, key)
+        try:
+            # A reused connection the server closed is retried once, on a fresh one.
+            while True:
+                conn, reused = self._connection(key, url, deadline)
+                try:
+                    response, reusable = self._exchange(conn, method, message, url, deadline)
+                except _StaleConnection:
+                    self._drop(key)
+                    if reused:
+                        self.terminal.debug("kept-alive connection to %s was closed; reconnecting" % host)
+                        continue
+                    raise NetworkError("%s: %s closed the connection without answering" % (what, _sanitize(host)))
+                except BaseException:
+                    self._drop(key)
+                    raise
+                break
+        finally:
+            self._notice = None
+        if not reusable:
+            self._drop(key)
+        self.terminal.debug("%d bytes in %.0f ms" % (len(response.body), (time.monotonic() - started) * 1000))
+        self._log_response(response)
+        return response
 
     def _context(self):
         if self._ssl_context is None:
@@ -544,29 +603,21 @@ class _HttpClient:
                 context = ssl.create_default_context(cafile=cafile)
             except (OSError, ssl.SSLError) as exc:
                 raise UsageError("cannot load CA certificates from %s: %s" % (cafile, exc))
-            # Python 3.6 lacks minimum_version; the option bits do the same there.
-            context.options |= getattr(ssl, "OP_NO_TLSv1", 0) | getattr(ssl, "OP_NO_TLSv1_1", 0)
+            # minimum_version (3.7+) where it exists: the option bits it replaces
+            # print a DeprecationWarning from 3.10 on. Python 3.6 has only the bits.
+            if hasattr(ssl, "TLSVersion"):
+                context.minimum_version = ssl.TLSVersion.TLSv1_2
+            else:
+                context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
             self._ssl_context = context
         return self._ssl_context
 
-    def _connection(self, key):
+    def _connection(self, key, url, deadline):
         conn = self._connections.get(key)
         if conn is not None:
             return conn, True
-        import http.client
         scheme, host, port = key
-        proxy = _proxy_for(scheme, host, port, self.environ)
-        if scheme == "https":
-            if proxy:
-                conn = http.client.HTTPSConnection(proxy[0], proxy[1], timeout=self.timeout, context=self._context())
-            else:
-                conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._context())
-        else:
-            conn = http.client.HTTPConnection(proxy[0] if proxy else host, proxy[1] if proxy else port,
-                                              timeout=self.timeout)
-        if proxy:
-            conn.set_tunnel(host, port, headers=proxy[2])
-            self.terminal.debug("connecting to %s:%d through the proxy %s:%d" % (host, port, proxy[0], proxy[1]))
+        conn = self._open(scheme, host, port, url, deadline, self._context() if scheme == "https" else None)
         self._connections[key] = conn
         self.connections += 1
         return conn, False
@@ -576,66 +627,269 @@ class _HttpClient:
         if conn is not None:
             conn.close()
 
-    def _exchange(self, conn, method, target, body, headers, url):
-        import http.client
+    def _open(self, scheme, host, port, url, deadline, context):
+        """A new connection to the origin, through the proxy if one applies."""
+        proxy = _proxy_for(scheme, host, port, self.environ)
+        try:
+            if proxy:
+                self.terminal.debug("connecting to %s:%d through the proxy %s:%d" % (host, port, proxy[0], proxy[1]))
+                sock = self._connect(proxy[0], proxy[1], deadline)
+            else:
+                sock = self._connect(host, port, deadline)
+        except OSError as exc:
+            raise self._network_error(exc, url, deadline, proxy)
+        conn = _Connection(sock, (BlockingIOError,), (BlockingIOError,))
+        try:
+            if proxy:
+                self._tunnel(conn, host, port, proxy, url, deadline)
+            if context is not None:
+                self._handshake(conn, context, host, url, deadline)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect(self, host, port, deadline):
+        """A non-blocking TCP socket connected to the first address that answers."""
+        import errno
         import socket
+        last = None
+        for family, kind, proto, _name, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                code = sock.connect_ex(address)
+                if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+                    self._await(sock, True, deadline)
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    raise OSError(code, os.strerror(code))
+                return sock
+            except BaseException as exc:
+                sock.close()
+                if not isinstance(exc, OSError) or isinstance(exc, socket.timeout):
+                    raise
+                last = exc
+        raise last or OSError("no address for %s" % host)
+
+    def _tunnel(self, conn, host, port, proxy, url, deadline):
+        """Ask the proxy for a tunnel to host:port (RFC 9110 §9.3.6)."""
+        authority = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+        lines = ["CONNECT %s HTTP/1.1" % authority, "Host: " + authority]
+        lines.extend("%s: %s" % item for item in proxy[2].items())
+        try:
+            self._send(conn, ("\r\n".join(lines) + "\r\n\r\n").encode("ascii"), deadline)
+            status, reason, _version, _fields = self._read_head(conn, deadline)
+        except (OSError, _BadAnswer) as exc:
+            raise self._network_error(exc, url, deadline, proxy)
+        if not 200 <= status < 300:
+            raise NetworkError("%s: the proxy %s:%d refused the tunnel: HTTP %d %s"
+                               % (_origin(url), proxy[0], proxy[1], status, _sanitize(reason, 80)))
+        if conn.buffer:
+            raise NetworkError("%s: the proxy %s:%d sent data before the tunnel was open"
+                               % (_origin(url), proxy[0], proxy[1]))
+
+    def _handshake(self, conn, context, host, url, deadline):
         import ssl
-        import threading
-        import time
-        fired = []
-
-        def abort():
-            fired.append(True)
-            sock = conn.sock
-            if sock is not None:
+        try:
+            conn.sock = context.wrap_socket(conn.sock, server_hostname=host, do_handshake_on_connect=False)
+            conn.want_read = (ssl.SSLWantReadError, BlockingIOError)
+            conn.want_write = (ssl.SSLWantWriteError,)
+            while True:
                 try:
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                    conn.sock.do_handshake()
+                    return
+                except conn.want_read:
+                    self._await(conn.sock, False, deadline)
+                except conn.want_write:
+                    self._await(conn.sock, True, deadline)
+        except OSError as exc:
+            raise self._network_error(exc, url, deadline, None, handshake=True)
 
-        watchdog = threading.Timer(self.timeout, abort)
-        watchdog.daemon = True
-        started = time.monotonic()
-        watchdog.start()
-        received = False
+    def _await(self, sock, writable, deadline):
+        """Wait until sock can be read (or written), at most until the deadline."""
+        import socket
+        import time
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise socket.timeout()
+            until = deadline
+            if self._notice is not None and self._notice[0] < deadline:
+                until = self._notice[0]
+                if now >= until:
+                    self._show_notice()
+                    continue
+            if _ready(sock, writable, until - now):
+                return
+
+    def _show_notice(self):
+        scheme, host, port = self._notice[1]
+        self._notice = None
+        proxy = _proxy_for(scheme, host, port, self.environ)
+        self.terminal.info("waiting for %s://%s:%d%s to answer; giving up after %g s (--timeout)" % (
+            scheme, host, port, " through the proxy %s:%d" % proxy[:2] if proxy else "", self.timeout))
+
+    def _send(self, conn, data, deadline):
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[conn.sock.send(view):]
+            except conn.want_read:
+                self._await(conn.sock, False, deadline)
+            except conn.want_write:
+                self._await(conn.sock, True, deadline)
+
+    def _fill(self, conn, deadline):
+        """Read what the peer has sent next into the buffer; False at end of stream."""
+        while True:
+            try:
+                data = conn.sock.recv(65536)
+            except conn.want_read:
+                self._await(conn.sock, False, deadline)
+                continue
+            except conn.want_write:
+                self._await(conn.sock, True, deadline)
+                continue
+            if data:
+                conn.answered = True
+                conn.buffer += data
+            return bool(data)
+
+    def _read_line(self, conn, deadline, limit=_MAX_LINE):
+        """One line without its CRLF (a bare LF ends one too, RFC 9112 §2.2)."""
+        start = 0
+        while True:
+            end = conn.buffer.find(b"\n", start, limit + 1)
+            if end >= 0:
+                line = bytes(conn.buffer[:end])
+                del conn.buffer[:end + 1]
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(conn.buffer) > limit:
+                raise _BadAnswer("a line longer than %d bytes" % limit)
+            start = len(conn.buffer)
+            if not self._fill(conn, deadline):
+                raise _BadAnswer("the connection closed in the middle of the answer")
+
+    def _read_exactly(self, conn, size, deadline):
+        while len(conn.buffer) < size:
+            if not self._fill(conn, deadline):
+                raise _BadAnswer("the connection closed in the middle of the body")
+        data = bytes(conn.buffer[:size])
+        del conn.buffer[:size]
+        return data
+
+    def _read_fields(self, conn, deadline):
+        """Header (or trailer) fields up to the empty line, as {lower name: value}."""
+        fields = {}
+        total = count = 0
+        name = None
+        while True:
+            line = self._read_line(conn, deadline)
+            if not line:
+                return fields
+            total += len(line) + 2
+            count += 1
+            if total > _MAX_HEAD or count > _MAX_FIELDS:
+                raise _BadAnswer("a header block over %d bytes or %d fields" % (_MAX_HEAD, _MAX_FIELDS))
+            text = line.decode("latin-1")
+            if text[0] in " \t" and name is not None:
+                # Obsolete line folding (RFC 9112 §5.2): one space instead.
+                fields[name] += " " + text.strip()
+                continue
+            name, colon, value = text.partition(":")
+            name = name.lower()
+            if not colon or not name or name != name.strip():
+                raise _BadAnswer("a malformed header line: %s" % _sanitize(text, 80))
+            value = value.strip(" \t")
+            # Repeated fields combine into one list (RFC 9110 §5.3).
+            fields[name] = fields[name] + ", " + value if name in fields else value
+
+    def _read_head(self, conn, deadline):
+        """(status, reason, version, fields) of the final answer, skipping 1xx."""
+        while True:
+            line = self._read_line(conn, deadline)
+            version, _, rest = line.partition(b" ")
+            status, _, reason = rest.partition(b" ")
+            if version not in (b"HTTP/1.0", b"HTTP/1.1") or len(status) != 3 or not status.isdigit():
+                raise _BadAnswer("not an HTTP/1.x status line: %s" % _sanitize(line.decode("latin-1"), 80))
+            fields = self._read_fields(conn, deadline)
+            status = int(status)
+            # Interim answers (RFC 9110 §15.2) come before the real one, in any
+            # number; 101 would switch protocols, which was never asked for.
+            if 100 <= status < 200 and status != 101:
+                continue
+            return status, reason.decode("latin-1"), version, fields
+
+    def _read_body(self, conn, method, status, fields, deadline):
+        """(body, framed) as RFC 9112 §6.3 frames it, never more than the cap."""
+        if method == "HEAD" or 100 <= status < 200 or status in (204, 304):
+            return b"", True
+        coding = fields.get("transfer-encoding")
+        if coding is not None:
+            if coding.rpartition(",")[2].strip().lower() == "chunked":
+                return self._read_chunked(conn, deadline), "content-length" not in fields
+            return self._read_to_close(conn, deadline), False
+        length = fields.get("content-length")
+        if length is None:
+            return self._read_to_close(conn, deadline), False
+        values = {value.strip() for value in length.split(",")}
+        if len(values) != 1 or not _is_ascii_digits(next(iter(values)), 19):
+            raise _BadAnswer("a malformed Content-Length: %s" % _sanitize(length, 40))
+        length = int(values.pop())
+        if length > MAX_BODY_BYTES:
+            raise _BodyTooLarge()
+        return self._read_exactly(conn, length, deadline), True
+
+    def _read_chunked(self, conn, deadline):
+        chunks = []
+        total = 0
+        while True:
+            line = self._read_line(conn, deadline)
+            size = line.partition(b";")[0].strip(b" \t")
+            # Hex digits only: int() would also take "-1", "0x10" or "1_0".
+            if not 0 < len(size) <= 16 or size.strip(b"0123456789abcdefABCDEF"):
+                raise _BadAnswer("a malformed chunk size: %s" % _sanitize(line.decode("latin-1"), 40))
+            size = int(size, 16)
+            if size == 0:
+                self._read_fields(conn, deadline)
+                return b"".join(chunks)
+            total += size
+            if total > MAX_BODY_BYTES:
+                raise _BodyTooLarge()
+            chunks.append(self._read_exactly(conn, size, deadline))
+            if self._read_exactly(conn, 2, deadline) != b"\r\n":
+                raise _BadAnswer("a chunk longer than its size line says")
+
+    def _read_to_close(self, conn, deadline):
+        while self._fill(conn, deadline):
+            if len(conn.buffer) > MAX_BODY_BYTES:
+                raise _BodyTooLarge()
+        body = bytes(conn.buffer)
+        conn.buffer.clear()
+        return body
+
+    def _exchange(self, conn, method, message, url, deadline):
+        """Send one request and read its whole answer: (_Response, reusable)."""
+        conn.answered = False
         try:
             try:
-                conn.request(method, target, body=body, headers=headers)
-                response = conn.getresponse()
-                received = True
-                data = _read_capped(response, MAX_BODY_BYTES)
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
-                    ConnectionAbortedError):
-                if fired:
-                    raise socket.timeout()
-                if not received:
+                self._send(conn, message, deadline)
+                status, reason, version, fields = self._read_head(conn, deadline)
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, _BadAnswer):
+                if not conn.answered:
                     raise _StaleConnection()
                 raise
-        except _StaleConnection:
-            raise
-        except (ssl.SSLError, ssl.CertificateError) as exc:
-            if fired:
-                raise _TimeLimitError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
-            if _is_certificate_failure(exc):
-                raise NetworkError(_tls_failure_message(url, exc, self))
-            raise NetworkError("%s: TLS failure: %s" % (_origin(url), _sanitize(str(exc))))
-        except (socket.timeout, TimeoutError):
-            raise _TimeLimitError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
+            body, framed = self._read_body(conn, method, status, fields, deadline)
         except _BodyTooLarge:
             raise NetworkError("%s: response body larger than %d bytes" % (_origin(url), MAX_BODY_BYTES))
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            if fired:
-                raise _TimeLimitError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
-            raise NetworkError("%s: %s" % (_origin(url), _sanitize(_describe_os_error(exc))))
-        finally:
-            watchdog.cancel()
-        if fired:
-            raise _TimeLimitError("%s: no complete answer within %g s (--timeout)" % (_origin(url), self.timeout))
-        headers_in = {}
-        for name, value in response.getheaders():
-            headers_in[name.lower()] = value
-        self.terminal.debug("%d bytes in %.0f ms" % (len(data), (time.monotonic() - started) * 1000))
-        return _Response(response.status, response.reason, headers_in, data, url)
+        except _BadAnswer as exc:
+            raise NetworkError("%s: a malformed HTTP answer: %s" % (_origin(url), exc))
+        except OSError as exc:
+            raise self._network_error(exc, url, deadline, None)
+        tokens = {token.strip().lower() for token in fields.get("connection", "").split(",")}
+        reusable = framed and version == b"HTTP/1.1" and "close" not in tokens and not conn.buffer
+        return _Response(status, reason, fields, body, url), reusable
 
     def _log_request(self, method, url, headers, form):
         if not self.terminal.verbose:
@@ -672,27 +926,58 @@ class _HttpClient:
                 len(response.body), response.header("content-type") or "unknown type")
         self.terminal.debug("-> %d %s %s" % (response.status, response.reason, shown))
 
+    def _network_error(self, exc, url, deadline, proxy, handshake=False):
+        """The NetworkError (or UsageError) that explains a failed socket call."""
+        import socket
+        import time
+        through = " through the proxy %s:%d" % proxy[:2] if proxy else ""
+        if isinstance(exc, socket.timeout) or time.monotonic() >= deadline:
+            return _TimeLimitError("%s%s: no complete answer within %g s (--timeout)"
+                                   % (_origin(url), through, self.timeout))
+        if isinstance(exc, socket.gaierror):
+            host = proxy[0] if proxy else _parse_url(url, "URL")[1]
+            return NetworkError(
+                "cannot resolve %s (%s): check the network connection, the --issuer URL and, "
+                "behind a proxy, HTTPS_PROXY" % (_sanitize(host), _sanitize(_describe_os_error(exc))))
+        if _is_certificate_failure(exc):
+            return NetworkError(_tls_failure_message(url, exc, self, deadline))
+        if handshake or type(exc).__module__ == "ssl":
+            return NetworkError("%s%s: TLS failure: %s" % (_origin(url), through, _sanitize(str(exc))))
+        return NetworkError("%s%s: %s" % (_origin(url), through, _sanitize(_describe_os_error(exc))))
+
+
+def _request_bytes(method, scheme, host, port, target, headers, body, what):
+    """The request line, header fields and body as bytes (RFC 9112 §3)."""
+    host_header = "[%s]" % host if ":" in host else host
+    if port != (443 if scheme == "https" else 80):
+        host_header += ":%d" % port
+    lines = ["%s %s HTTP/1.1" % (method, target), "Host: " + host_header]
+    for name, value in headers.items():
+        # A token the server sent goes back in Authorization: CR or LF in it
+        # would let the server's answer write our next request's headers.
+        if not all(" " <= ch <= "~" or ch == "\t" for ch in value):
+            raise ProtocolError("%s: refusing to send a %s header with control or non-ASCII characters"
+                                % (what, name))
+        lines.append("%s: %s" % (name, value))
+    if body or method == "POST":
+        lines.append("Content-Length: %d" % len(body))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
+
 
 def _form_items(form):
     return form.items() if isinstance(form, dict) else form
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _ready(sock, writable, timeout):
+    """Whether sock can be read (or written) within timeout seconds."""
+    import select
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT if writable else select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000 + 1))))
+    readable, written, _ = select.select([] if writable else [sock], [sock] if writable else [], [], max(0, timeout))
+    return bool(readable or written)
 
-
-def _read_capped(response, limit):
-    """Read a response body, refusing more than limit bytes."""
-    chunks = []
-    total = 0
-    while True:
-        chunk = response.read(min(65536, limit + 1 - total))
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > limit:
-            raise _BodyTooLarge()
 
 
 def _origin(url):
@@ -716,43 +1001,56 @@ def _describe_os_error(exc):
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
-def _tls_failure_message(url, exc, client):
+def _tls_failure_message(url, exc, client, deadline):
     """Explain a certificate failure and name the certificate that was shown.
 
     A TLS-inspecting corporate proxy is the usual cause, so the message names
-    the certificate the server presented and points at --cacert.
+    the certificate the server presented and points at --cacert; a Python
+    with no CA certificates at all (python.org's on macOS before its "Install
+    Certificates.command" has run) needs those installed instead.
     """
     detail = getattr(exc, "verify_message", None) or str(exc)
     message = "%s: TLS certificate verification failed (%s)" % (_origin(url), _sanitize(detail))
-    presented = _presented_certificate(url, client)
+    if _no_default_ca_certificates(client):
+        return message + ("; this Python has no CA certificates: on macOS run \"Install Certificates.command\" "
+                          "from its folder in Applications, or pass --cacert /etc/ssl/cert.pem")
+    presented = _presented_certificate(url, client, deadline)
     if presented:
         message += "; the server presented %s" % presented
     return message + "; if a TLS-inspecting proxy is in the way, pass its CA with --cacert FILE"
 
 
-def _presented_certificate(url, client):
+def _no_default_ca_certificates(client):
+    """True when the default trust store was used and is empty."""
+    import ssl
+    if client.cafile or client.environ.get("SSL_CERT_FILE"):
+        return False
+    if client._context().cert_store_stats()["x509_ca"]:
+        return False
+    # A hashed directory is read on demand, so its certificates are not counted.
+    capath = ssl.get_default_verify_paths().capath
+    try:
+        return not (capath and os.listdir(capath))
+    except OSError:
+        return True
+
+
+def _presented_certificate(url, client, deadline):
     """Fetch (without trusting it) the certificate a server shows, described."""
     import hashlib
-    import socket
     import ssl
     scheme, host, port, _target = _parse_url(url, "URL")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    proxy = _proxy_for(scheme, host, port, client.environ)
     try:
-        if proxy:
-            import http.client
-            conn = http.client.HTTPConnection(proxy[0], proxy[1], timeout=client.timeout)
-            conn.set_tunnel(host, port, headers=proxy[2])
-            conn.connect()
-            raw = conn.sock
-        else:
-            raw = socket.create_connection((host, port), timeout=client.timeout)
-        with context.wrap_socket(raw, server_hostname=host) as tls:
-            der = tls.getpeercert(binary_form=True)
-    except (OSError, ValueError, ssl.SSLError):
+        conn = client._open(scheme, host, port, url, deadline, context)
+    except VouchError:
         return None
+    try:
+        der = conn.sock.getpeercert(binary_form=True)
+    finally:
+        conn.close()
     if not der:
         return None
     subject, issuer = _certificate_names(der)
