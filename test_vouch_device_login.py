@@ -943,6 +943,53 @@ class PollerTests(IssuerTest):
         for failures, delay in enumerate(clock.sleeps[1:5], start=1):
             self.assertTrue(2 ** failures / 2 <= delay <= 2 ** failures, clock.sleeps)
 
+    def test_no_poll_starts_after_the_deadline_whatever_the_endpoint_does(self):
+        def reset(handler, body):
+            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            handler.connection.close()
+            handler.close_connection = True
+
+        def trickle(handler, body):
+            start_body(handler, 1000)
+            for _ in range(40):
+                handler.wfile.write(b" ")
+                handler.wfile.flush()
+                time.sleep(0.05)
+            handler.close_connection = True
+
+        behaviours = {
+            "5xx forever": lambda handler, body: (503, b"down", {}, "text/plain"),
+            "resets forever": reset,
+            "trickles forever": trickle,
+            "429 with a huge Retry-After": lambda handler, body: (429, b"busy", {"Retry-After": "99999999"},
+                                                                 "text/plain"),
+            "pending, with sleeps that overrun": lambda handler, body: PENDING,
+        }
+        for name, answer in behaviours.items():
+            with self.subTest(name):
+                clock = FakeClock()
+                if name.endswith("overrun"):
+                    clock.sleep = lambda seconds, clock=clock: FakeClock.sleep(clock, seconds + 7)
+                polled_at = []
+
+                def record(handler, body, answer=answer, clock=clock):
+                    polled_at.append(clock.now)
+                    return answer(handler, body)
+
+                self.issuer.overrides["/oauth/token"] = record
+                device = vdl.DeviceAuthorization("dc-" + "x" * 40, "BCDF-GHJK", self.issuer.issuer + "/device",
+                                                 None, 30.0, 5.0, clock())
+                http = vdl._HttpClient(timeout=0.5)
+                self.addCleanup(http.close)
+                with self.assertRaises((vdl._DeviceCodeExpired, vdl.NetworkError)):
+                    vdl.poll_for_token(http, self.issuer.issuer + "/oauth/token", "cli", device,
+                                       clock=clock, sleep=clock.sleep, rng=random.Random(7))
+                deadline = device.received_at + device.expires_in
+                self.assertTrue(polled_at, name)
+                self.assertLess(max(polled_at), deadline, polled_at)
+                if not name.endswith("overrun"):
+                    self.assertLessEqual(clock.now, deadline)
+
     def test_retry_after_is_capped_by_the_time_left(self):
         outcome, clock, polls = self.poll([(429, b"busy", {"Retry-After": "100000"}, "text/plain")],
                                           expires_in=60)
@@ -2264,6 +2311,362 @@ class TransportTests(unittest.TestCase):
             self.assertEqual(len(tunnels), 3)
 
     assertFailed = IssuerTest.assertFailed
+
+
+# ============================================================================
+# Transport deadlines: a raw-socket peer that stalls every way a peer can
+# ============================================================================
+
+def _read_request_head(sock):
+    """Read up to the end of a request's head (the body, if any, is left)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(4096)
+        if not more:
+            return None
+        data += more
+    return data
+
+
+def _trickle(server, sock, data, pause=0.05):
+    """Send data one byte at a time until the server stops."""
+    for i in range(len(data)):
+        if server.stopped.wait(pause):
+            return
+        sock.sendall(data[i:i + 1])
+
+
+def _forever(server, sock, head, piece, pause=0.05):
+    """Send head, then piece again and again (every `pause` s; 0: as fast as it goes)."""
+    sock.sendall(head)
+    while not server.stopped.is_set():
+        sock.sendall(piece)
+        if pause:
+            server.stopped.wait(pause)
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+
+
+def stall_silent(server, sock):
+    _read_request_head(sock)
+    server.stopped.wait()
+
+
+def stall_close_at_once(server, sock):
+    sock.close()
+
+
+def stall_reset_after_request(server, sock):
+    _read_request_head(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    sock.close()
+
+
+def stall_status_trickle(server, sock):
+    _read_request_head(sock)
+    _trickle(server, sock, b"HTTP/1.1 200 OK\r\n" + b"X-Pad: a\r\n" * 10000)
+
+
+def stall_endless_header_line(server, sock):
+    _read_request_head(sock)
+    _forever(server, sock, b"HTTP/1.1 200 OK\r\nX-Long: ", b"a" * 65536, pause=0)
+
+
+def stall_thousands_of_headers(server, sock):
+    _read_request_head(sock)
+    sock.sendall(b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(5000))
+                 + b"Content-Length: 2\r\n\r\n{}")
+    server.stopped.wait()
+
+
+def stall_endless_interim(server, sock):
+    _read_request_head(sock)
+    _forever(server, sock, b"", b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+
+
+def stall_length_trickle(server, sock):
+    _read_request_head(sock)
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+    _trickle(server, sock, b" " * 100000)
+
+
+def stall_chunked_trickle(server, sock):
+    _read_request_head(sock)
+    _forever(server, sock, CHUNKED_HEAD + b"\r\n", b"1\r\n \r\n")
+
+
+def stall_chunked_close_trickle(server, sock):
+    _read_request_head(sock)
+    _forever(server, sock, CHUNKED_HEAD + b"Connection: close\r\n\r\n", b"1\r\n \r\n")
+
+
+def stall_close_delimited_trickle(server, sock):
+    _read_request_head(sock)
+    _forever(server, sock, b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n", b" ")
+
+
+def stall_endless_chunk_size(server, sock):
+    _read_request_head(sock)
+    _forever(server, sock, CHUNKED_HEAD + b"\r\n", b"1" * 65536, pause=0)
+
+
+def stall_negative_chunk_size(server, sock):
+    """http.client on 3.10+ reads to the end of the stream on "-1", past any cap."""
+    _read_request_head(sock)
+    _forever(server, sock, CHUNKED_HEAD + b"Connection: close\r\n\r\n-1\r\n", b"x" * 65536, pause=0)
+
+
+def stall_unparsable_chunk_size(server, sock):
+    _read_request_head(sock)
+    sock.sendall(CHUNKED_HEAD + b"\r\nzz\r\n{}\r\n0\r\n\r\n")
+    server.stopped.wait()
+
+
+def stall_chunked_flood(server, sock):
+    _read_request_head(sock)
+    _forever(server, sock, CHUNKED_HEAD + b"\r\n", b"10000\r\n" + b" " * 65536 + b"\r\n", pause=0)
+
+
+def stall_handshake(server, sock):
+    """Accept the TCP connection, never start TLS (with tls=True, no handshake is made)."""
+    server.stopped.wait()
+
+
+def stall_proxy_silent(server, sock):
+    _read_request_head(sock)
+    server.stopped.wait()
+
+
+def stall_proxy_trickle(server, sock):
+    _read_request_head(sock)
+    _trickle(server, sock, b"HTTP/1.1 200 Connection established\r\n" + b"X-Pad: a\r\n" * 10000)
+
+
+def stall_proxy_endless_headers(server, sock):
+    _read_request_head(sock)
+    _forever(server, sock, b"HTTP/1.1 200 Connection established\r\n", b"X-Pad: a\r\n" * 1000, pause=0)
+
+
+# Every case ends in exit 5 with one line; the fragment says which limit ended it.
+TIMED_OUT = "no complete answer within"
+STALL_CASES = {
+    "silent after the request": (stall_silent, TIMED_OUT),
+    "closed at once": (stall_close_at_once, "closed the connection without answering"),
+    "reset after the request": (stall_reset_after_request, "closed the connection without answering"),
+    "status and headers trickled": (stall_status_trickle, TIMED_OUT),
+    "an endless header line": (stall_endless_header_line, "a line longer than"),
+    "thousands of headers": (stall_thousands_of_headers, "header block over"),
+    "endless 1xx answers": (stall_endless_interim, TIMED_OUT),
+    "Content-Length body trickled": (stall_length_trickle, TIMED_OUT),
+    "chunked on a kept-alive connection, trickled": (stall_chunked_trickle, TIMED_OUT),
+    "chunked with Connection: close, trickled": (stall_chunked_close_trickle, TIMED_OUT),
+    "close-delimited, trickled": (stall_close_delimited_trickle, TIMED_OUT),
+    "a chunk-size line that never ends": (stall_endless_chunk_size, "a line longer than"),
+    "chunk size -1 and an endless body": (stall_negative_chunk_size, "malformed chunk size"),
+    "a chunk size that does not parse": (stall_unparsable_chunk_size, "malformed chunk size"),
+    "endless valid chunks": (stall_chunked_flood, "larger than"),
+}
+# Over TLS, the cases where the TLS layer changes what the client's reads see.
+TLS_STALL_CASES = ("silent after the request", "status and headers trickled", "endless 1xx answers",
+                   "chunked with Connection: close, trickled", "close-delimited, trickled",
+                   "chunk size -1 and an endless body")
+
+
+class StallServer:
+    """A raw-socket peer on 127.0.0.1 that misbehaves the same way on every connection.
+
+    `case(server, sock)` runs on a thread per accepted connection, after the TLS
+    handshake when tls is set (except for stall_handshake). Closing the server
+    sets `stopped` and closes every socket, so nothing it serves outlives a test.
+    """
+
+    def __init__(self, case, tls=False):
+        self.case = case
+        self.tls = tls
+        self.stopped = threading.Event()
+        self.sockets = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(32)
+        self.port = self.listener.getsockname()[1]
+        self.base = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(sock)
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock):
+        try:
+            if self.tls and self.case is not stall_handshake:
+                import ssl
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(pem_file("server.pem", TEST_SERVER_CERT_PEM),
+                                        pem_file("server.key", TEST_SERVER_KEY_PEM))
+                sock.settimeout(10)
+                sock = context.wrap_socket(sock, server_side=True)
+                self.sockets.append(sock)
+            self.case(self, sock)
+        except (OSError, ValueError):
+            pass
+
+    def close(self):
+        self.stopped.set()
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+# A case must end in its --timeout; this hang guard is what fails one that does not.
+STALL_TIMEOUT = 0.5
+HANG_GUARD = 30
+
+
+def run_main_guarded(test, argv, env=None):
+    """run_main on a thread, failing the test if it has not returned within HANG_GUARD s."""
+    box = []
+    thread = threading.Thread(target=lambda: box.append(run_main(argv, env=env)), daemon=True)
+    thread.start()
+    thread.join(HANG_GUARD)
+    if thread.is_alive():
+        test.fail("still running after %d s: the time limit did not end it" % HANG_GUARD)
+    return box[0]
+
+
+class TransportDeadlineTests(unittest.TestCase):
+    """Every request ends within --timeout with exit 5 and one line, whatever the peer does."""
+
+    endpoints = ("discovery", "device", "token", "jwks", "userinfo", "revocation", "refresh")
+
+    def run_endpoint(self, endpoint, server, tls):
+        """Sign in (or log out) with `endpoint` served by the stall server; the result."""
+        options = {"rate_limit": False, "enforce_interval": False, "approve_after_polls": 0,
+                   "refresh_tokens": True, "tls": True if tls else None}
+        with LocalIssuer(**options) as issuer:
+            home = os.path.realpath(__import__("tempfile").mkdtemp())
+            self.addCleanup(shutil.rmtree, home, True)
+            env = {"XDG_CACHE_HOME": home}
+            common = ["--client-id", "cli", "--timeout", str(STALL_TIMEOUT), "--max-restarts", "0",
+                      "--cacert", pem_file("ca.pem", TEST_CA_PEM)]
+            if endpoint == "discovery":
+                return run_main_guarded(self, ["--issuer", server.base] + common, env)
+            metadata = issuer.metadata()
+            name = {"device": "device_authorization_endpoint", "token": "token_endpoint", "jwks": "jwks_uri",
+                    "userinfo": "userinfo_endpoint", "revocation": "revocation_endpoint",
+                    "refresh": "token_endpoint"}[endpoint]
+            if endpoint in ("revocation", "refresh"):
+                # The cache keeps the revocation endpoint it signed in with.
+                if endpoint == "revocation":
+                    metadata[name] = server.base + "/" + endpoint
+                for path in issuer._discovery_paths():
+                    issuer.overrides[path] = lambda handler, body: (200, metadata)
+                first = run_main(["--issuer", issuer.issuer, "--cache"] + common, env=env)
+                self.assertEqual(first.code, 0, first.stderr)
+            metadata[name] = server.base + "/" + endpoint
+            for path in issuer._discovery_paths():
+                issuer.overrides[path] = lambda handler, body: (200, metadata)
+            # The code dies 2 s after it is issued, so a stalled token endpoint
+            # is polled once (interval 1 s), not for ten minutes.
+            issuer.expires_in = 2
+            flags = {"jwks": ["--verify"], "userinfo": ["--userinfo"], "revocation": ["--logout"],
+                     "refresh": ["--cache", "--min-ttl", "30000"]}.get(endpoint, [])
+            return run_main_guarded(self, ["--issuer", issuer.issuer] + common + flags, env)
+
+    def check(self, endpoint, case, tls):
+        function, fragment = STALL_CASES[case] if case in STALL_CASES else case
+        server = StallServer(function, tls=tls)
+        try:
+            result = self.run_endpoint(endpoint, server, tls)
+        finally:
+            server.close()
+        line = IssuerTest.assertFailed(self, result, 5, fragment)
+        self.assertIn(server.base, line)
+
+    def test_every_stall_at_every_endpoint_ends_in_time(self):
+        for endpoint in self.endpoints:
+            for case in STALL_CASES:
+                with self.subTest(endpoint=endpoint, case=case):
+                    self.check(endpoint, case, tls=False)
+
+    def test_over_tls_too_including_a_handshake_that_never_comes(self):
+        for endpoint in self.endpoints:
+            for case in TLS_STALL_CASES + ((stall_handshake, TIMED_OUT),):
+                with self.subTest(endpoint=endpoint, case=case if isinstance(case, str) else "handshake"):
+                    self.check(endpoint, case, tls=True)
+
+    def test_a_stalling_https_proxy_is_cut_off_too(self):
+        for name, case in (("CONNECT never answered", stall_proxy_silent),
+                           ("CONNECT answered a byte at a time", stall_proxy_trickle),
+                           ("CONNECT answered with endless headers", stall_proxy_endless_headers)):
+            with self.subTest(case=name):
+                proxy = StallServer(case)
+                try:
+                    result = run_main_guarded(self, [
+                        "--issuer", "https://vouch.test", "--client-id", "cli", "--timeout", str(STALL_TIMEOUT)],
+                        env={"HTTPS_PROXY": "http://127.0.0.1:%d" % proxy.port})
+                finally:
+                    proxy.close()
+                line = IssuerTest.assertFailed(self, result, 5)
+                self.assertIn("https://vouch.test", line)
+                self.assertIn("proxy 127.0.0.1:%d" % proxy.port, line)
+
+    def test_interim_answers_are_skipped_before_the_real_one(self):
+        def interim_then_metadata(handler, body):
+            handler.wfile.write(b"HTTP/1.1 102 Processing\r\n\r\n" * 3
+                                + b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+            return 200, issuer.metadata()
+
+        with LocalIssuer(rate_limit=False, approve_after_polls=0) as issuer:
+            for path in issuer._discovery_paths():
+                issuer.overrides[path] = interim_then_metadata
+            result = run_main(["--issuer", issuer.issuer, "--client-id", "cli"])
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(result.json()["issuer"], issuer.issuer)
+
+    def test_a_tls_sign_in_prints_no_python_warning_even_with_w_error(self):
+        with LocalIssuer(tls=True, rate_limit=False, approve_after_polls=0) as issuer:
+            for flags in ([], ["-W", "error"]):
+                with self.subTest(flags=flags):
+                    environment = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS + ("PYTHONWARNINGS",)}
+                    proc = subprocess.run(
+                        [sys.executable] + flags + [SCRIPT, "--issuer", issuer.issuer, "--client-id", "cli",
+                                                    "--cacert", pem_file("ca.pem", TEST_CA_PEM), "--verify",
+                                                    "--userinfo", "-q"],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        env=environment, timeout=60, check=False)
+                    stderr = proc.stderr.decode()
+                    self.assertEqual(proc.returncode, 0, stderr)
+                    # A warning shows as "file.py:548: DeprecationWarning: ..." and its source line.
+                    self.assertNotRegex(stderr, r"\w+Warning|\.py:\d+|Traceback")
+                    self.assertEqual(json.loads(proc.stdout.decode())["verified"], True)
+
+    def test_the_case_that_opened_issue_11_as_a_real_process_over_tls(self):
+        """Token endpoint: chunked, Connection: close, one byte every 0.2 s, for ever."""
+        def trickle(server, sock):
+            _read_request_head(sock)
+            _forever(server, sock, CHUNKED_HEAD + b"Connection: close\r\n\r\n", b"1\r\n \r\n", pause=0.2)
+
+        server = StallServer(trickle, tls=True)
+        self.addCleanup(server.close)
+        with LocalIssuer(tls=True, rate_limit=False, approve_after_polls=0, expires_in=2) as issuer:
+            metadata = dict(issuer.metadata(), token_endpoint=server.base + "/oauth/token")
+            for path in issuer._discovery_paths():
+                issuer.overrides[path] = lambda handler, body: (200, metadata)
+            # Code deadline (2 s) plus one --timeout (2 s) bounds the run; 15 s is the hang guard.
+            result = run_cli(["--issuer", issuer.issuer, "--client-id", "cli", "--timeout", "2",
+                              "--max-restarts", "0", "--cacert", pem_file("ca.pem", TEST_CA_PEM)], timeout=15)
+        line = IssuerTest.assertFailed(self, result, 5, "no complete answer within 2 s")
+        self.assertIn(server.base, line)
+        self.assertNotIn("Warning", result.stderr)
 
 
 # ============================================================================

@@ -582,7 +582,7 @@ class _HttpClient:
                     if reused:
                         self.terminal.debug("kept-alive connection to %s was closed; reconnecting" % host)
                         continue
-                    raise NetworkError("%s: %s closed the connection without answering" % (what, _sanitize(host)))
+                    raise NetworkError("%s: %s closed the connection without answering" % (what, _origin(url)))
                 except BaseException:
                     self._drop(key)
                     raise
@@ -1473,6 +1473,11 @@ def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=No
         wait = next_poll - clock()
         if wait > 0:
             sleep(wait)
+        if clock() >= deadline:
+            # A sleep that overran (a suspended laptop) must not start a poll
+            # with a dead code: no poll starts after the deadline.
+            next_poll = deadline
+            continue
         try:
             response = http.post(token_endpoint, what, form)
         except NetworkError as exc:
