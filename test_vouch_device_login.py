@@ -972,7 +972,7 @@ class PollerTests(IssuerTest):
                     clock.sleep = lambda seconds, clock=clock: FakeClock.sleep(clock, seconds + 7)
                 polled_at = []
 
-                def record(handler, body, answer=answer, clock=clock):
+                def record(handler, body, answer=answer, clock=clock, polled_at=polled_at):
                     polled_at.append(clock.now)
                     return answer(handler, body)
 
@@ -2582,7 +2582,7 @@ class TransportDeadlineTests(unittest.TestCase):
             return run_main_guarded(self, ["--issuer", issuer.issuer] + common + flags, env)
 
     def check(self, endpoint, case, tls):
-        function, fragment = STALL_CASES[case] if case in STALL_CASES else case
+        function, fragment = STALL_CASES.get(case, case)
         server = StallServer(function, tls=tls)
         try:
             result = self.run_endpoint(endpoint, server, tls)
