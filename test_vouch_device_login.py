@@ -2961,7 +2961,8 @@ class EndToEndTests(IssuerTest):
                 "runpy.run_path(sys.argv[0], run_name='__main__')")
         proc = subprocess.run([sys.executable, "-c", code, SCRIPT, "--issuer", self.issuer.issuer,
                                "--client-id", "cli", "--format", "token"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, check=False)
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=60, check=False)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(proc.stdout.decode(), self.issuer.issued[0] + "\n")
 
