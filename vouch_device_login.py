@@ -1065,8 +1065,12 @@ def request_device_authorization(http, endpoint, client_id, scope, extra=None, c
     return parse_device_authorization(_json_document(response, what), received_at, http.terminal)
 
 
-def _post_with_retries(http, url, what, form, attempts=4):
-    """POST, retrying 5xx, 429 and network failures a few times with backoff."""
+def _post_with_retries(http, url, what, form, attempts=4, headers=None, retryable=None):
+    """POST, retrying 5xx, 429 and network failures a few times with backoff.
+
+    retryable(response), when given, names more answers to retry (STS
+    throttles with HTTP 400).
+    """
     import time
     last = None
     for attempt in range(attempts):
@@ -1077,7 +1081,7 @@ def _post_with_retries(http, url, what, form, attempts=4):
             http.terminal.debug("retrying in %.1f s" % delay)
             _sleep(delay)
         try:
-            last = http.post(url, what, form)
+            last = http.post(url, what, form, headers=headers)
         except _TimeLimitError:
             raise
         except NetworkError:
@@ -1085,7 +1089,7 @@ def _post_with_retries(http, url, what, form, attempts=4):
                 raise
             last = None
             continue
-        if last.status < 500 and last.status != 429:
+        if last.status < 500 and last.status != 429 and not (retryable and retryable(last)):
             return last
     return last
 
@@ -2979,6 +2983,15 @@ _SHELL_VARIABLES = (
 )
 
 
+_AWS_PROCESS_FIELDS = ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")
+_AWS_SHELL_VARIABLES = (
+    ("AWS_ACCESS_KEY_ID", "AccessKeyId"),
+    ("AWS_SECRET_ACCESS_KEY", "SecretAccessKey"),
+    ("AWS_SESSION_TOKEN", "SessionToken"),
+    ("AWS_CREDENTIAL_EXPIRATION", "Expiration"),
+)
+
+
 def _shell_quote(value):
     """POSIX single quoting: nothing inside single quotes is special but the quote."""
     return "'" + value.replace("'", "'\\''") + "'"
@@ -2987,6 +3000,8 @@ def _shell_quote(value):
 def _shell_value(result, key):
     if key == "sub":
         value = _first_string("sub", result.get("claims"), result.get("id_token_claims"))
+    elif key in _AWS_PROCESS_FIELDS:
+        value = result["aws"][key]
     else:
         value = result.get(key)
     if value is None:
@@ -3003,14 +3018,19 @@ def _shell_value(result, key):
     return value
 
 
-def render_output(result, output_format, pretty=False):
-    """The text printed on stdout for --format json, shell or token."""
+def render_output(result, output_format, pretty=False, exec_api_version=None):
+    """The text printed on stdout for --format json, shell, token, exec-credential or aws."""
     import json
     if output_format == "token":
         return result["access_token"] + "\n"
     if output_format == "shell":
         return "".join("export %s=%s\n" % (name, _shell_quote(_shell_value(result, key)))
-                       for name, key in _SHELL_VARIABLES)
+                       for name, key in _SHELL_VARIABLES + (_AWS_SHELL_VARIABLES if "aws" in result else ()))
+    if output_format == "exec-credential":
+        result = exec_credential(result, exec_api_version or EXEC_CREDENTIAL_API_VERSIONS[0])
+    elif output_format == "aws":
+        # credential_process output, Version 1 (the AWS SDKs' process credential provider)
+        result = dict(Version=1, **{k: result["aws"][k] for k in _AWS_PROCESS_FIELDS})
     # ensure_ascii keeps every server-supplied control character escaped.
     return json.dumps(result, indent=2 if pretty else None, ensure_ascii=True, allow_nan=False) + "\n"
 
@@ -3244,6 +3264,23 @@ def _reusable(entry, min_ttl, now):
     return None
 
 
+def _reusable_for(config, entry, now):
+    """The cached result this run can use without signing in, or None.
+
+    Cached AWS credentials of the role asked for do not need the token any
+    more; a token handed to kubectl or STS (the ID token, when there is one)
+    must itself have more than --min-ttl seconds left.
+    """
+    if config.aws_role_arn and _cached_aws(config, entry, now) is not None:
+        return entry["result"]
+    result = _reusable(entry, config.min_ttl, now)
+    if result is not None and (config.aws_role_arn or config.output_format == "exec-credential"):
+        expires_at = _handed_token(result)[1]
+        if expires_at is not None and expires_at - now <= config.min_ttl:
+            return None
+    return result
+
+
 # ============================================================================
 # Sign-in: endpoints, device code, prompt, polling, restarts
 # ============================================================================
@@ -3269,6 +3306,9 @@ def _resolve_endpoints(config, http):
 
 def _sign_in(config, http, terminal, metadata):
     """Run the device flow, restarting with a new code when one expires."""
+    if config.interactive is False:
+        raise UsageError("a sign-in is needed, but kubectl runs this without a terminal (KUBERNETES_EXEC_INFO "
+                         "says interactive: false): run the same command in a terminal to sign in, then retry")
     restarts = 0
     while True:
         device = request_device_authorization(
@@ -3537,15 +3577,17 @@ def _run(config, http, terminal):
     if not config.cache:
         result = _fresh_result(config, http, terminal, None)[0]
         _check_policy(config, result)
+        if config.aws_role_arn:
+            _add_aws_credentials(config, http, terminal, result)
         return result
     cache = _cache_for(config)
     entry = cache.load()
-    result = _reusable(entry, config.min_ttl, time.time())
+    result = _reusable_for(config, entry, time.time())
     if result is None:
         cache.acquire(terminal)
         try:
             entry = cache.load()
-            result = _reusable(entry, config.min_ttl, time.time())
+            result = _reusable_for(config, entry, time.time())
             if result is None:
                 result, metadata, source = _fresh_result(config, http, terminal, entry)
                 stored = {"result": result, "metadata": _metadata_subset(metadata)}
@@ -3560,7 +3602,9 @@ def _run(config, http, terminal):
             cache.release()
     if "cached" not in result:
         _remember_secrets(terminal, result)
-        terminal.info("using the cached token (%s left)" % _format_duration(result["expires_at"] - time.time()))
+        # kubectl shows its plugin's stderr on every command: only a sign-in is news there.
+        (terminal.debug if config.output_format == "exec-credential" else terminal.info)(
+            "using the cached token (%s left)" % _format_duration(result["expires_at"] - time.time()))
         result.update(cached=True, verified=False)
         metadata = entry.get("metadata") or {}
         wants_jwks_uri = config.verify and not (config.jwks_file or config.jwks_uri)
@@ -3574,6 +3618,9 @@ def _run(config, http, terminal):
             fresh = _is_number(fetched_at) and 0 <= time.time() - fetched_at < CACHED_JWKS_TTL
             _verify_result(config, _KeySource(config, http, metadata, entry.get("jwks") if fresh else None), result)
     _check_policy(config, result)
+    if config.aws_role_arn:
+        # After the policy check: no token reaches STS unless the policy allows it.
+        _add_aws_credentials(config, http, terminal, result, cache, entry)
     return result
 
 
@@ -3625,6 +3672,329 @@ def _logout(config, http, terminal):
     if failures:
         raise NetworkError("removed the cached tokens, but revocation failed: %s" % "; ".join(failures))
     terminal.info("signed out: the cached tokens were revoked and removed")
+
+
+# ============================================================================
+# Credentials for other tools: kubectl's exec plugin (client-go ExecCredential)
+# and AWS STS AssumeRoleWithWebIdentity (for credential_process)
+# ============================================================================
+
+# v1beta1 is read by every kubectl since 1.11, v1 only since 1.22.
+EXEC_CREDENTIAL_API_VERSIONS = ("client.authentication.k8s.io/v1beta1", "client.authentication.k8s.io/v1")
+DEFAULT_AWS_DURATION = 3600
+_STS_VERSION = "2011-06-15"
+# A real AssumeRoleWithWebIdentity answer is about 2 KB, most of it the session token.
+MAX_STS_BODY_BYTES = 64 * 1024
+# Error codes STS sends with HTTP 400 that mean "try again later"; the AWS SDKs retry them.
+_STS_RETRYABLE = frozenset(("Throttling", "ThrottlingException", "RequestLimitExceeded", "IDPCommunicationError"))
+# STS's own patterns (API reference, AssumeRoleWithWebIdentity), ASCII only.
+_ROLE_ARN_PATTERN = r"arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}\Z"
+_SESSION_NAME_PATTERN = r"[\w+=,.@-]{2,64}\Z"
+_REGION_PATTERN = r"[a-z]{2,4}(-[a-z0-9]+){1,4}\Z"
+# The largest year RFC 3339 can write.
+_MAX_EPOCH = 253402300799
+
+
+def _exec_info(environ):
+    """(apiVersion, interactive) from KUBERNETES_EXEC_INFO, which kubectl sets for its exec plugins.
+
+    v1beta1 when the variable is absent, unreadable or names another version;
+    interactive is None unless the variable says true or false.
+    """
+    text = environ.get("KUBERNETES_EXEC_INFO")
+    try:
+        info = _loads_json(text) if text else None
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        return EXEC_CREDENTIAL_API_VERSIONS[0], None
+    api_version = info.get("apiVersion")
+    if api_version not in EXEC_CREDENTIAL_API_VERSIONS:
+        api_version = EXEC_CREDENTIAL_API_VERSIONS[0]
+    spec = info.get("spec")
+    interactive = spec.get("interactive") if isinstance(spec, dict) else None
+    return api_version, interactive if isinstance(interactive, bool) else None
+
+
+def _handed_token(result):
+    """The token other tools get, with its expiry: the ID token when there is one (as kubelogin does), else the access token."""
+    if result.get("id_token"):
+        expires_at = (result.get("id_token_claims") or {}).get("exp")
+        return result["id_token"], expires_at if _is_number(expires_at) else None
+    return result["access_token"], result.get("expires_at")
+
+
+def _rfc3339(epoch):
+    """Epoch seconds as RFC 3339 UTC, 2026-11-30T12:00:00Z."""
+    import time
+    if not 0 <= epoch <= _MAX_EPOCH:
+        raise ProtocolError("the token's expiry is out of range: %s" % _sanitize(epoch, 40))
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch)))
+
+
+def exec_credential(result, api_version=EXEC_CREDENTIAL_API_VERSIONS[0]):
+    """The client-go ExecCredential (kubectl's exec plugin answer) for a result."""
+    token, expires_at = _handed_token(result)
+    status = {"token": token}
+    if expires_at is not None:
+        status["expirationTimestamp"] = _rfc3339(expires_at)
+    return {"kind": "ExecCredential", "apiVersion": api_version, "spec": {}, "status": status}
+
+
+def _aws_settings(args, environ):
+    """The --aws-* settings as _Config fields, checked; UsageError for a bad one."""
+    import re
+    role_arn = args.aws_role_arn or environ.get("VOUCH_AWS_ROLE_ARN") or None
+    if role_arn is None:
+        for flag in ("aws_region", "aws_sts_endpoint", "aws_session_name", "aws_duration"):
+            if getattr(args, flag) is not None:
+                raise UsageError("--%s needs --aws-role-arn (or VOUCH_AWS_ROLE_ARN)" % flag.replace("_", "-"))
+        if args.format == "aws":
+            raise UsageError("--format aws needs --aws-role-arn ARN (or VOUCH_AWS_ROLE_ARN)")
+        return {"aws_role_arn": None}
+    if args.format not in ("json", "shell", "aws"):
+        raise UsageError("--aws-role-arn prints AWS credentials with --format aws, json or shell, not %s"
+                         % args.format)
+    if not re.match(_ROLE_ARN_PATTERN, role_arn, re.ASCII):
+        raise UsageError("--aws-role-arn %s: not an IAM role ARN like arn:aws:iam::123456789012:role/NAME"
+                         % _sanitize(role_arn))
+    region = args.aws_region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if region is not None and not re.match(_REGION_PATTERN, region):
+        raise UsageError("AWS region %s: not a region name like eu-west-1" % _sanitize(region))
+    endpoint, what = args.aws_sts_endpoint, "--aws-sts-endpoint"
+    if endpoint is None:
+        endpoint, what = environ.get("AWS_ENDPOINT_URL_STS"), "AWS_ENDPOINT_URL_STS"
+    if endpoint:
+        try:
+            _parse_url(endpoint, what)
+        except ProtocolError as exc:
+            raise UsageError(str(exc))
+    elif region:
+        endpoint = "https://sts.%s.amazonaws.com%s/" % (region, ".cn" if region.startswith("cn-") else "")
+    else:
+        endpoint = "https://sts.amazonaws.com/"
+    session_name = args.aws_session_name
+    if session_name is not None and not re.match(_SESSION_NAME_PATTERN, session_name, re.ASCII):
+        raise UsageError("--aws-session-name %s: 2 to 64 of the characters A-Z a-z 0-9 _ + = , . @ -"
+                         % _sanitize(session_name))
+    duration = DEFAULT_AWS_DURATION if args.aws_duration is None else args.aws_duration
+    if not 900 <= duration <= 43200:
+        raise UsageError("--aws-duration must be between 900 and 43200 seconds")
+    return {"aws_role_arn": role_arn, "aws_sts_endpoint": endpoint, "aws_session_name": session_name,
+            "aws_duration": duration}
+
+
+def _session_name(config, result):
+    """--aws-session-name, else the email or subject reduced to STS's alphabet and length."""
+    import re
+    if config.aws_session_name:
+        return config.aws_session_name
+    name = _first_string("email", result) or _first_string("sub", result.get("claims"), result.get("id_token_claims"))
+    name = re.sub(r"[^\w+=,.@-]", "-", name or "", flags=re.ASCII)[:64]
+    return name if len(name) >= 2 else _PROG
+
+
+def _assume_role_with_web_identity(http, endpoint, role_arn, token, session_name, duration):
+    """Trade an OIDC token for temporary AWS credentials with STS AssumeRoleWithWebIdentity.
+
+    An unsigned form POST (the token is the proof), retried on 5xx, 429 and
+    STS throttling. Returns (credentials, expires_at): the credentials as the
+    output's `aws` object and their expiry in epoch seconds.
+    """
+    what = "STS AssumeRoleWithWebIdentity"
+    http.terminal.add_secret(token)
+    form = [("Action", "AssumeRoleWithWebIdentity"), ("Version", _STS_VERSION), ("RoleArn", role_arn),
+            ("RoleSessionName", session_name), ("WebIdentityToken", token), ("DurationSeconds", str(duration))]
+    # STS answers JSON when asked for it (the client's default Accept); the XML is what it documents.
+    response = _post_with_retries(http, endpoint, what, form, headers={"Accept": "text/xml"},
+                                  retryable=_sts_throttled)
+    if response.status == 200:
+        credentials, expires_at = _sts_credentials(_sts_xml(response, what), what)
+        for name in ("SecretAccessKey", "SessionToken"):
+            http.terminal.add_secret(credentials[name])
+        return credentials, expires_at
+    _check_redirect(response, what)
+    if response.status >= 500 or response.status == 429:
+        _raise_http_status(response, what)
+    code, message = _sts_error(response, what)
+    text = "%s: %s%s" % (what, code, ": " + message if message else "")
+    if code == "AccessDenied":
+        raise AccessDeniedError(text)
+    if code in _STS_RETRYABLE:
+        raise NetworkError(text + " (still, after retries)")
+    raise ProtocolError(text)
+
+
+def _sts_throttled(response):
+    """Whether an STS answer is a throttling error worth retrying."""
+    if response.status != 400:
+        return False
+    try:
+        return _sts_error(response, "STS")[0] in _STS_RETRYABLE
+    except ProtocolError:
+        return False
+
+
+def _sts_xml(response, what):
+    """Parse an STS answer into (tag, children, text parts) nodes; return the document element.
+
+    Strict and safe: a size cap, UTF-8 only, and no DTD or entity
+    declaration at all (billion laughs, external entities). Namespaces are
+    not processed: the documented answers use only the default namespace.
+    """
+    from xml.parsers import expat
+    body = response.body
+    if len(body) > MAX_STS_BODY_BYTES:
+        raise ProtocolError("%s: the answer (HTTP %d) is larger than %d bytes"
+                            % (what, response.status, MAX_STS_BODY_BYTES))
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("%s: the answer (HTTP %d) is not UTF-8" % (what, response.status))
+    if "<!DOCTYPE" in text.upper() or "<!ENTITY" in text.upper():
+        raise ProtocolError("%s: the answer (HTTP %d) declares a DTD or entities, which are refused"
+                            % (what, response.status))
+    document = ["", [], []]
+    stack = [document]
+
+    def start(tag, attributes):
+        node = [tag, [], []]
+        stack[-1][1].append(node)
+        stack.append(node)
+
+    def refuse(*args):
+        raise ProtocolError("%s: the answer declares a DTD or entities, which are refused" % what)
+
+    parser = expat.ParserCreate()
+    parser.StartElementHandler = start
+    parser.EndElementHandler = lambda tag: stack.pop()
+    parser.CharacterDataHandler = lambda data: stack[-1][2].append(data)
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    try:
+        # A str is parsed as UTF-8 whatever encoding the XML declaration names.
+        parser.Parse(text, True)
+    except expat.ExpatError as exc:
+        raise ProtocolError("%s: the answer (HTTP %d) is not well-formed XML: %s"
+                            % (what, response.status, _sanitize(str(exc), 120)))
+    return document[1][0]
+
+
+def _xml_child(node, name, what, optional=False):
+    found = [child for child in node[1] if child[0] == name]
+    if len(found) > 1 or not (found or optional):
+        raise ProtocolError("%s: expected one <%s> in <%s>, found %d" % (what, name, node[0], len(found)))
+    return found[0] if found else None
+
+
+def _xml_text(node, name, what, pattern, optional=False):
+    """The text of node's one child element `name`, which must match pattern (ASCII)."""
+    import re
+    child = _xml_child(node, name, what, optional)
+    if child is None:
+        return None
+    text = "".join(child[2]).strip()
+    if child[1] or not re.match(pattern, text, re.ASCII):
+        raise ProtocolError("%s: <%s> is empty or malformed" % (what, name))
+    return text
+
+
+def _sts_error(response, what):
+    """(code, message) of an STS ErrorResponse; ProtocolError when the body is something else."""
+    root = _sts_xml(response, what)
+    if root[0] != "ErrorResponse":
+        raise ProtocolError("%s: HTTP %d without an STS ErrorResponse" % (what, response.status))
+    error = _xml_child(root, "Error", what)
+    code = _xml_text(error, "Code", what, r"[\w.:-]{1,100}\Z")
+    message = _xml_child(error, "Message", what, optional=True)
+    return code, _sanitize("".join(message[2]).strip(), 200) if message else ""
+
+
+def _sts_credentials(root, what):
+    """The checked credentials of an AssumeRoleWithWebIdentityResponse, and their expiry (epoch seconds)."""
+    import calendar
+    import re
+    import time
+    if root[0] != "AssumeRoleWithWebIdentityResponse":
+        raise ProtocolError("%s: expected <AssumeRoleWithWebIdentityResponse>, got <%s>"
+                            % (what, _sanitize(root[0], 80)))
+    result = _xml_child(root, "AssumeRoleWithWebIdentityResult", what)
+    credentials = _xml_child(result, "Credentials", what)
+    printable = r"[\x21-\x7e]{%d,%d}\Z"
+    aws = {
+        "AccessKeyId": _xml_text(credentials, "AccessKeyId", what, r"\w{16,128}\Z"),
+        "SecretAccessKey": _xml_text(credentials, "SecretAccessKey", what, printable % (16, 256)),
+        "SessionToken": _xml_text(credentials, "SessionToken", what, printable % (16, 16384)),
+    }
+    expiration = _xml_text(credentials, "Expiration", what,
+                           r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]00:?00)\Z")
+    fields = tuple(int(part) for part in re.findall(r"\d+", expiration)[:6])
+    if not (1 <= fields[1] <= 12 and 1 <= fields[2] <= 31 and fields[3] < 24 and fields[4] < 60 and fields[5] < 61):
+        raise ProtocolError("%s: <Expiration> is not a valid time: %s" % (what, expiration))
+    expires_at = calendar.timegm(fields)
+    if expires_at <= time.time():
+        raise ProtocolError("%s: the credentials expired already (%s)" % (what, expiration))
+    aws["Expiration"] = _rfc3339(expires_at)
+    aws["AssumedRoleArn"] = _xml_text(_xml_child(result, "AssumedRoleUser", what), "Arn", what,
+                                      r"arn:[\x21-\x7e]{1,2044}\Z")
+    return aws, expires_at
+
+
+def _aws_slot(config):
+    """Where a cache entry keeps the AWS credentials of this role, endpoint, session name and duration."""
+    return _json_text([config.aws_sts_endpoint, config.aws_role_arn, config.aws_session_name, config.aws_duration])
+
+
+def _cached_aws(config, entry, now):
+    """This role's cached AWS credentials while they have more than --min-ttl seconds left, else None."""
+    slots = (entry or {}).get("aws")
+    slot = slots.get(_aws_slot(config)) if isinstance(slots, dict) else None
+    if isinstance(slot, dict) and isinstance(slot.get("credentials"), dict) \
+            and _is_number(slot.get("expires_at")) and slot["expires_at"] - now > config.min_ttl:
+        return slot["credentials"]
+    return None
+
+
+def _add_aws_credentials(config, http, terminal, result, cache=None, entry=None):
+    """--aws-role-arn: put AWS credentials in result["aws"], cached ones while they last, else from STS.
+
+    New credentials are cached only in the entry of the very token they were
+    exchanged for: a new sign-in replaces the entry and drops them.
+    """
+    import time
+    credentials = _cached_aws(config, entry, time.time())
+    if credentials is not None:
+        terminal.debug("using the cached AWS credentials (until %s)" % credentials.get("Expiration"))
+    elif cache is None:
+        credentials = _exchange_for_aws(config, http, terminal, result)[0]
+    else:
+        cache.acquire(terminal)
+        try:
+            entry = cache.load()
+            credentials = _cached_aws(config, entry, time.time())
+            if credentials is None:
+                credentials, expires_at = _exchange_for_aws(config, http, terminal, result)
+                if entry is not None and entry["result"].get("access_token") == result["access_token"]:
+                    now = time.time()
+                    slots = entry.get("aws") if isinstance(entry.get("aws"), dict) else {}
+                    slots = {key: slot for key, slot in slots.items()
+                             if isinstance(slot, dict) and _is_number(slot.get("expires_at")) and slot["expires_at"] > now}
+                    slots[_aws_slot(config)] = {"credentials": credentials, "expires_at": expires_at}
+                    try:
+                        cache.save(dict(entry, aws=slots))
+                    except UsageError as exc:
+                        terminal.warn("the AWS credentials were not cached: %s" % exc)
+        finally:
+            cache.release()
+    result["aws"] = credentials
+
+
+def _exchange_for_aws(config, http, terminal, result):
+    credentials, expires_at = _assume_role_with_web_identity(
+        http, config.aws_sts_endpoint, config.aws_role_arn, _handed_token(result)[0],
+        _session_name(config, result), config.aws_duration)
+    terminal.info("AWS credentials for %s until %s" % (credentials["AssumedRoleArn"], credentials["Expiration"]))
+    return credentials, expires_at
 
 
 # ============================================================================
@@ -3839,8 +4209,10 @@ def _argument_parser():
     add("--timeout", metavar="SECONDS", type=float, default=DEFAULT_TIMEOUT,
         help="time limit for each HTTP request (default %g)" % DEFAULT_TIMEOUT)
     add("--cacert", metavar="FILE", help="trust the CA certificates in FILE (env SSL_CERT_FILE)")
-    add("--format", choices=("json", "shell", "token"), default="json",
-        help="json (default): one JSON object; shell: export lines for eval; token: the bare access token")
+    add("--format", choices=("json", "shell", "token", "exec-credential", "aws"), default="json",
+        help="json (default): one JSON object; shell: export lines for eval; token: the bare access token; "
+             "exec-credential: a kubectl exec plugin's answer (implies --cache); "
+             "aws: credential_process JSON (needs --aws-role-arn)")
     add("--max-restarts", metavar="N", type=int,
         help="new codes to fetch when one expires (default 2 on a terminal, else 0)")
     add("-q", "--quiet", action="store_true", help="only the code prompt and errors on stderr")
@@ -3880,6 +4252,16 @@ def _argument_parser():
         help="RFC 9396 authorization details, a JSON array of objects, or @FILE")
     add("--resource", metavar="URI", action="append", default=[],
         help="RFC 8707 resource indicator (repeatable)")
+    group = parser.add_argument_group("AWS credentials (STS AssumeRoleWithWebIdentity)")
+    add = group.add_argument
+    add("--aws-role-arn", metavar="ARN",
+        help="exchange the sign-in for AWS credentials of this IAM role (env VOUCH_AWS_ROLE_ARN)")
+    add("--aws-region", metavar="REGION",
+        help="use the regional STS endpoint (env AWS_REGION, AWS_DEFAULT_REGION; default: the global one)")
+    add("--aws-sts-endpoint", metavar="URL", help="the STS endpoint (env AWS_ENDPOINT_URL_STS)")
+    add("--aws-session-name", metavar="NAME", help="the role session name (default: the email or subject)")
+    add("--aws-duration", metavar="SECONDS", type=int,
+        help="lifetime of the AWS credentials, 900 to 43200 (default %d)" % DEFAULT_AWS_DURATION)
     return parser
 
 
@@ -3925,6 +4307,8 @@ def _config_from_args(args, environ, terminal):
     if args.min_ttl < 0:
         raise UsageError("--min-ttl must not be negative")
     details = _authorization_details(args.authorization_details)
+    aws = _aws_settings(args, environ)
+    exec_api_version, interactive = _exec_info(environ) if args.format == "exec-credential" else (None, None)
     for resource in args.resource:
         _check_resource(resource)
     extra = [("resource", r) for r in args.resource]
@@ -3952,7 +4336,9 @@ def _config_from_args(args, environ, terminal):
         copy=args.copy,
         browser=args.browser,
         environ=environ,
-        cache=args.cache or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on"),
+        # kubectl runs its exec plugin before every command: only a cache makes that bearable.
+        cache=args.cache or args.format == "exec-credential"
+        or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on"),
         min_ttl=args.min_ttl,
         logout=args.logout,
         userinfo=args.userinfo,
@@ -3960,6 +4346,9 @@ def _config_from_args(args, environ, terminal):
         require_aaguid=[_aaguid_argument(a) for a in args.require_aaguid],
         authorization_details=details,
         resources=list(args.resource),
+        exec_api_version=exec_api_version,
+        interactive=interactive,
+        **aws
     )
 
 
@@ -4056,7 +4445,8 @@ def main(argv=None):
         http = _HttpClient(timeout=config.timeout, cafile=config.cacert, terminal=terminal)
         result = _run(config, http, terminal)
         if result is not None:
-            _write_stdout(render_output(result, config.output_format, pretty=_isatty(sys.stdout)))
+            _write_stdout(render_output(result, config.output_format, pretty=_isatty(sys.stdout),
+                                        exec_api_version=config.exec_api_version))
         return 0
     except SystemExit as exc:
         # argparse's --help exits 0 after printing on stdout.
