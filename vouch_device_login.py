@@ -3865,15 +3865,15 @@ def _sts_xml(response, what):
     def refuse(*args):
         raise ProtocolError("%s: the answer declares a DTD or entities, which are refused" % what)
 
-    parser = expat.ParserCreate()
+    # The encoding given here overrides whatever the XML declaration names.
+    parser = expat.ParserCreate("UTF-8")
     parser.StartElementHandler = start
     parser.EndElementHandler = lambda tag: stack.pop()
     parser.CharacterDataHandler = lambda data: stack[-1][2].append(data)
     parser.StartDoctypeDeclHandler = refuse
     parser.EntityDeclHandler = refuse
     try:
-        # A str is parsed as UTF-8 whatever encoding the XML declaration names.
-        parser.Parse(text, True)
+        parser.Parse(body, True)
     except expat.ExpatError as exc:
         raise ProtocolError("%s: the answer (HTTP %d) is not well-formed XML: %s"
                             % (what, response.status, _sanitize(str(exc), 120)))
