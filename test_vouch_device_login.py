@@ -6231,6 +6231,199 @@ class CredentialCacheHitImportTests(StsFixture):
                 self.assertEqual([m for m in self.HEAVY if m in modules], [])
 
 
+# -- the real consumers: the AWS CLI and botocore with moto as STS, kubectl ----------
+
+def venv_program(name):
+    """A program installed beside this interpreter (the venv's bin), or None."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    return path if os.access(path, os.X_OK) else None
+
+
+def consumer_env(env):
+    """The environment for a consumer: no AWS or kubectl settings from this machine."""
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in _ENV_KEYS and not k.startswith(("AWS_", "KUBE"))}
+    environment.update(env)
+    return environment
+
+
+class AwsCliTests(CacheFixture):
+    """The AWS CLI v1 and botocore take the credentials through credential_process; moto's server is STS."""
+
+    issuer_options = {"rate_limit": False, "id_tokens": True}
+
+    def setUp(self):
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError:
+            self.skipTest("moto[server] is not installed (make test installs it)")
+        CacheFixture.setUp(self)
+        import logging
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        self.addCleanup(server.stop)
+        self.sts_url = "http://%s:%d/" % server.get_host_and_port()
+        self.issuer.approve_after_polls = 0
+        self.command = [sys.executable, SCRIPT, "--issuer", self.issuer.issuer, "--client-id", "cli", "--cache",
+                        "--aws-role-arn", ROLE_ARN, "--aws-sts-endpoint", self.sts_url, "--format", "aws"]
+        self.config = os.path.join(self.home, "aws-config")
+        with open(self.config, "w") as handle:
+            handle.write("[profile vouch]\ncredential_process = %s\n"
+                         % " ".join(__import__("shlex").quote(part) for part in self.command))
+        self.env = consumer_env(dict(self.env, AWS_CONFIG_FILE=self.config, AWS_EC2_METADATA_DISABLED="true",
+                                     AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.home, "no-credentials")))
+
+    def test_aws_sts_get_caller_identity_runs_as_the_assumed_role(self):
+        aws = venv_program("aws")
+        if aws is None:
+            self.skipTest("the AWS CLI (awscli) is not installed beside %s" % sys.executable)
+        command = [aws, "sts", "get-caller-identity", "--profile", "vouch", "--region", "us-east-1",
+                   "--endpoint-url", self.sts_url, "--output", "json"]
+        identities = []
+        for _ in range(2):
+            proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                                  stdin=subprocess.DEVNULL, timeout=120, check=False)
+            self.assertEqual(proc.returncode, 0, proc.stderr.decode())
+            identities.append(json.loads(proc.stdout.decode()))
+        self.assertEqual(identities[0]["Arn"], "arn:aws:sts::123456789012:assumed-role/vouch-dev/ada@example.com")
+        # moto names a new role id for every call; the role session is the same.
+        self.assertEqual(identities[1]["Arn"], identities[0]["Arn"])
+        # The second command's credential_process was a cache hit: one sign-in in all.
+        self.assertEqual(len(self.issuer.devices), 1)
+
+    def test_botocore_process_provider_accepts_the_output(self):
+        try:
+            from botocore.credentials import ProcessProvider
+        except ImportError:
+            self.skipTest("botocore is not installed")
+        printed = subprocess.run(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                                 check=True, timeout=60, stdin=subprocess.DEVNULL).stdout
+        expected = json.loads(printed.decode())
+        with open(self.config) as handle:
+            command = handle.read().split(" = ", 1)[1].strip()
+        profile = {"profiles": {"vouch": {"credential_process": command}}}
+        provider = ProcessProvider("vouch", lambda: profile)
+        with mock.patch.dict(os.environ, self.env, clear=True):
+            credentials = provider.load()
+            frozen = credentials.get_frozen_credentials()
+        self.assertEqual(credentials.method, "custom-process")
+        self.assertEqual((frozen.access_key, frozen.secret_key, frozen.token),
+                         (expected["AccessKeyId"], expected["SecretAccessKey"], expected["SessionToken"]))
+        self.assertEqual(credentials._expiry_time.strftime("%Y-%m-%dT%H:%M:%SZ"), expected["Expiration"])
+
+
+class FakeKubeApi:
+    """A Kubernetes API server's /version over HTTPS on 127.0.0.1, for bearer tokens it is told to accept."""
+
+    def __init__(self, accepted):
+        import ssl
+        self.accepted = accepted
+        self.requests = []
+        self.connections = 0
+        self.tls_handshakes = 0
+        self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls_context.load_cert_chain(pem_file("server.pem", TEST_SERVER_CERT_PEM),
+                                         pem_file("server.key", TEST_SERVER_KEY_PEM))
+        self.server = _Server(("127.0.0.1", 0), _Handler)
+        self.server.issuer = self
+        self.url = "https://127.0.0.1:%d" % self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self._thread.daemon = True
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def handle(self, handler, method):
+        authorization = handler.headers.get("Authorization", "")
+        self.requests.append((method, handler.path, authorization))
+        if not (authorization.startswith("Bearer ") and authorization[7:] in self.accepted()):
+            return handler.send(401, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                      "message": "Unauthorized", "reason": "Unauthorized", "code": 401})
+        if (method, handler.path) != ("GET", "/version"):
+            return handler.send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
+        handler.send(200, {"major": "1", "minor": "32", "gitVersion": "v1.32.0-vouch-test", "platform": "linux/amd64"})
+
+
+class KubectlTests(CacheFixture):
+    """kubectl runs the tool as its exec credential plugin against a local HTTPS API server."""
+
+    issuer_options = {"rate_limit": False, "id_tokens": True}
+
+    def setUp(self):
+        self.kubectl = shutil.which("kubectl")
+        if self.kubectl is None:
+            self.skipTest("kubectl is not installed (Debian: apt-get install kubernetes-client)")
+        CacheFixture.setUp(self)
+        self.id_tokens = []
+        build = self.issuer.id_token
+
+        def id_token(client_id, **extra):
+            token = build(client_id, **extra)
+            self.id_tokens.append(token)
+            return token
+
+        self.issuer.id_token = id_token
+        self.issuer.approve_after_polls = 0
+        self.api = FakeKubeApi(lambda: self.id_tokens)
+        self.api.__enter__()
+        self.addCleanup(self.api.__exit__)
+        kubeconfig = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "local",
+            "clusters": [{"name": "local", "cluster": {"server": self.api.url,
+                                                       "certificate-authority": pem_file("ca.pem", TEST_CA_PEM)}}],
+            "contexts": [{"name": "local", "context": {"cluster": "local", "user": "vouch"}}],
+            "users": [{"name": "vouch", "user": {"exec": {
+                "apiVersion": EXEC_V1, "command": sys.executable,
+                "args": [SCRIPT, "--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "exec-credential"],
+                "installHint": "python3 vouch_device_login.py --install", "interactiveMode": "IfAvailable",
+                "provideClusterInfo": False}}}],
+        }
+        self.kubeconfig = os.path.join(self.home, "kubeconfig")
+        with open(self.kubeconfig, "w") as handle:
+            json.dump(kubeconfig, handle)
+        self.env = consumer_env(dict(self.env, KUBECONFIG=self.kubeconfig, HOME=self.home))
+
+    def kubectl_version(self, terminal):
+        """kubectl get --raw /version; with terminal, stdin is a pseudo-terminal, as when a person types it."""
+        import pty
+        master, slave = pty.openpty() if terminal else (None, None)
+        try:
+            proc = subprocess.run([self.kubectl, "get", "--raw", "/version"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=self.env, timeout=120, check=False,
+                                  stdin=slave if terminal else subprocess.DEVNULL)
+        finally:
+            for fd in (master, slave):
+                if fd is not None:
+                    os.close(fd)
+        return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+    def test_kubectl_gets_the_token_and_a_second_call_signs_in_no_more(self):
+        first = self.kubectl_version(terminal=True)
+        self.assertEqual(first.code, 0, first.stderr)
+        self.assertEqual(first.json()["gitVersion"], "v1.32.0-vouch-test")
+        self.assertIn("To sign in, open", first.stderr)
+        requests = len(self.issuer.requests)
+        second = self.kubectl_version(terminal=False)
+        self.assertEqual((second.code, second.stdout), (0, first.stdout), second.stderr)
+        self.assertEqual(len(self.issuer.requests), requests)
+        self.assertEqual(len(self.issuer.devices), 1)
+        self.assertEqual({auth for _, path, auth in self.api.requests if path == "/version"},
+                         {"Bearer " + self.id_tokens[0]})
+
+    def test_kubectl_without_a_terminal_gets_the_one_line_refusal(self):
+        result = self.kubectl_version(terminal=False)
+        self.assertNotEqual(result.code, 0)
+        self.assertEqual(result.stdout, "")
+        self.assertIn("run the same command in a terminal to sign in", result.stderr)
+        self.assertEqual((self.issuer.devices, self.api.requests), ({}, []))
+
+
 # ============================================================================
 # make demo: the whole flow against the bundled issuer, approved by a "person"
 # ============================================================================
