@@ -1454,7 +1454,7 @@ class CacheTests(CacheFixture):
         self.cached_sign_in(env={"VOUCH_CACHE": "1"})
         self.assertEqual(os.stat(self.directory).st_mode & 0o777, 0o700)
         files = self.cache_files()
-        self.assertEqual([f.rsplit(".", 1)[1] for f in files], ["json", "lock"])
+        self.assertEqual([f.rsplit(".", 1)[1] for f in files], ["answers", "json", "lock"])
         for name in files:
             self.assertEqual(os.stat(os.path.join(self.directory, name)).st_mode & 0o777, 0o600, name)
 
@@ -6130,8 +6130,9 @@ class ExecCredentialTests(CacheFixture):
     issuer_options = {"rate_limit": False, "id_tokens": True}
 
     def kubectl_call(self, api_version=EXEC_V1, interactive=True, *extra, **kwargs):
+        """A run the way kubectl makes it: KUBERNETES_EXEC_INFO as Go's encoding/json writes it."""
         info = {"kind": "ExecCredential", "apiVersion": api_version, "spec": {"interactive": interactive}}
-        env = dict(self.env, KUBERNETES_EXEC_INFO=json.dumps(info), **kwargs.pop("env", {}))
+        env = dict(self.env, KUBERNETES_EXEC_INFO=json.dumps(info, separators=(",", ":")), **kwargs.pop("env", {}))
         return self.sign_in("--format", "exec-credential", *extra, env=env, **kwargs)
 
     def test_the_exec_credential_names_the_api_version_kubectl_asked_for(self):
@@ -6143,8 +6144,12 @@ class ExecCredentialTests(CacheFixture):
                 self.assertEqual(out, {"kind": "ExecCredential", "apiVersion": api_version, "spec": {},
                                        "status": out["status"]})
                 self.assertEqual(sorted(out["status"]), ["expirationTimestamp", "token"])
+        spaced = json.dumps({"kind": "ExecCredential", "apiVersion": EXEC_V1, "spec": {"interactive": False}}, indent=1)
+        self.assertEqual(self.sign_in("--format", "exec-credential", env=dict(self.env, KUBERNETES_EXEC_INFO=spaced))
+                         .json()["apiVersion"], EXEC_V1)
         for value in (None, "", "not json", "[]", '{"apiVersion": "client.authentication.k8s.io/v1alpha1"}',
-                      '{"apiVersion": 1, "spec": []}'):
+                      '{"apiVersion": 1, "spec": []}',
+                      '{"kind":"ExecCredential","apiVersion":"client.authentication.k8s.io/v2","spec":{}}'):
             with self.subTest(value=value):
                 env = dict(self.env, **({} if value is None else {"KUBERNETES_EXEC_INFO": value}))
                 result = self.sign_in("--format", "exec-credential", env=env)
@@ -6189,6 +6194,49 @@ class ExecCredentialTests(CacheFixture):
         self.kubectl_call(EXEC_V1BETA1, True)
         self.assertFailed(self.kubectl_call(EXEC_V1, False, "--min-ttl", "30000"), 2, "in a terminal")
 
+    def test_every_way_of_asking_for_a_cached_credential_gets_the_same_answer_with_no_request(self):
+        # Access tokens carry a jti, so each sign-in's differs (ID tokens of the same second do not).
+        self.issuer.id_tokens = False
+        first = self.kubectl_call()
+        requests = len(self.issuer.requests)
+        cacert = pem_file("ca.pem", TEST_CA_PEM)
+        variants = [["--format=exec-credential"], ["-q", "--no-browser"], ["--min-ttl=60"], ["--require-hardware"],
+                    ["--cacert", cacert, "--timeout", "5", "--max-restarts=1"], ["-v"], ["--scope", "openid email"],
+                    ["--verify", "--jwks-uri", self.issuer.issuer + "/oauth/jwks"]]
+        for extra in variants:
+            with self.subTest(extra=extra):
+                result = self.kubectl_call(EXEC_V1, False, *extra)
+                self.assertEqual((result.code, result.stdout), (0, first.stdout), result.stderr)
+        self.assertEqual([r["path"] for r in self.issuer.requests[requests:]], ["/oauth/jwks"])
+        self.issuer.user["hardware_aaguid"] = "cb69481e-8ff7-4039-93ec-0a2729a154a8"
+        self.kubectl_call(EXEC_V1, True, "--min-ttl", "40000")
+        second = self.kubectl_call(EXEC_V1, False, "--require-aaguid", "CB69481E-8FF7-4039-93EC-0A2729A154A8")
+        self.assertEqual(second.code, 0, second.stderr)
+        self.assertNotEqual(second.stdout, first.stdout)
+        # Failures take the full path, which names them.
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--require-aaguid", "ee882879-721c-4913-9775-3dfcce97072a"),
+                          8, "--require-aaguid")
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--require-aaguid", "not-a-uuid"), 2, "not a UUID")
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--cacert", cacert + ".missing"), 2, "no such file")
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--min-ttl", "-1"), 2, "--min-ttl")
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--aws-region", "eu-west-1"), 2, "needs --aws-role-arn")
+        self.assertEqual(self.kubectl_call(EXEC_V1, False, env={"VOUCH_AWS_ROLE_ARN": ROLE_ARN}).stdout, second.stdout)
+
+    def test_logout_and_a_new_sign_in_leave_no_stale_answer(self):
+        self.issuer.id_tokens = False
+        first = self.kubectl_call()
+        answers = [os.path.join(self.directory, f) for f in os.listdir(self.directory) if f.endswith(".answers")]
+        self.assertEqual(len(answers), 1)
+        os.chmod(answers[0], 0o644)
+        self.assertFailed(self.kubectl_call(EXEC_V1, False), 2, "chmod 600 " + answers[0])
+        os.chmod(answers[0], 0o600)
+        renewed = self.kubectl_call(EXEC_V1, True, "--min-ttl", "40000")
+        self.assertNotEqual(renewed.stdout, first.stdout)
+        self.assertEqual(self.kubectl_call(EXEC_V1, False).stdout, renewed.stdout)
+        self.assertEqual(self.sign_in("--logout", env=self.env).code, 0)
+        self.assertFalse(os.path.exists(answers[0]))
+        self.assertFailed(self.kubectl_call(EXEC_V1, False), 2, "in a terminal")
+
     def test_policy_is_checked_before_kubectl_gets_a_token(self):
         self.issuer.user.update(hardware_verified=False)
         self.assertFailed(self.kubectl_call(EXEC_V1, True, "--require-hardware"), 8, "--require-hardware")
@@ -6212,7 +6260,8 @@ def imported_modules(args, env):
 class CredentialCacheHitImportTests(StsFixture):
     """A cache hit, what kubectl and the AWS CLI run before every command, imports no network or XML code."""
 
-    HEAVY = ("ssl", "http.client", "xml", "xml.parsers.expat", "pyexpat", "_ssl")
+    # argparse too: the cache hit is answered before the command line is parsed in full.
+    HEAVY = ("ssl", "http.client", "xml", "xml.parsers.expat", "pyexpat", "_ssl", "argparse")
 
     def test_cache_hits_import_no_ssl_http_or_xml(self):
         base = ["--issuer", self.issuer.issuer, "--client-id", "cli"]
@@ -6485,7 +6534,8 @@ def run_bench():
         installed = _installed_command(workdir)
         for section in (functools.partial(_bench_startup, installed), _bench_verify,
                         functools.partial(_bench_inspect, workdir, installed),
-                        functools.partial(_bench_sign_in, workdir, installed)):
+                        functools.partial(_bench_sign_in, workdir, installed),
+                        functools.partial(_bench_credential_cache_hits, workdir, installed)):
             try:
                 section()
             except _BenchFailure as exc:
@@ -7000,6 +7050,44 @@ def _bench_sign_in(workdir, installed):
                      ("max RSS of the sign-in process", _mib(rss), "< 25 MiB", "PASS" if rss < 25 * 2 ** 20 else "MISS"),
                      ("max RSS of `python3 -c pass`, for scale", _mib(bare), "", ""),
                  ], ["max RSS: ru_maxrss of that process alone, reaped by a minimal Python parent (_MAX_RSS_WRAPPER)"])
+
+
+# -- (f) a cache hit for kubectl and credential_process ---------------------------
+
+def _bench_credential_cache_hits(workdir, installed):
+    """Whole-process cached --format exec-credential and --format aws against --version (issue 13).
+
+    kubectl runs its exec plugin before every command, and the AWS CLI its
+    credential_process: the cache hit is what they wait for each time.
+    """
+    with LocalIssuer(rate_limit=False, id_tokens=True, approve_after_polls=0) as issuer, FakeSts(issuer) as sts, \
+            mock.patch.dict(os.environ, {"XDG_CACHE_HOME": os.path.join(workdir, "cache")}):
+        base = ["--issuer", issuer.issuer, "--client-id", "cli"]
+        kubectl = base + ["--format", "exec-credential"]
+        aws = base + ["--cache", "--aws-role-arn", ROLE_ARN, "--aws-sts-endpoint", sts.url, "--format", "aws"]
+        for args in (kubectl, aws):
+            _run_child(installed + args)  # the sign-in and the STS exchange the hits below reuse
+        requests = (len(issuer.requests), len(sts.requests))
+        version = "vouch-device-login --version (installed)"
+        commands = {
+            version: installed + ["--version"],
+            "vouch-device-login --format exec-credential, cached (installed)": installed + kubectl,
+            "vouch-device-login --format aws, cached (installed)": installed + aws,
+            "python3 vouch_device_login.py --format exec-credential, cached": [sys.executable, SCRIPT] + kubectl,
+            "python3 vouch_device_login.py --format aws, cached": [sys.executable, SCRIPT] + aws,
+        }
+        medians = _median_wall_times(commands, BENCH_STARTUP_RUNS)
+        if (len(issuer.requests), len(sts.requests)) != requests:
+            raise _BenchFailure("a cache hit made a request")
+    rows = []
+    for name, median in medians.items():
+        ratio = median / medians[version]
+        target = ("<= 1.50x", _verdict(ratio, 1.5)) if "cached (installed)" in name else ("", "")
+        rows.append((name, _ms(median), "%.2fx" % ratio) + target)
+    _print_table("(f) cache hit for kubectl and credential_process, whole process, median of %d interleaved runs"
+                 % BENCH_STARTUP_RUNS, ("command", "median", "vs --version", "target", "result"), rows,
+                 ["no request reaches the issuer or STS; ssl, http.client and xml stay unimported",
+                  "(CredentialCacheHitImportTests checks that)"])
 
 
 if __name__ == "__main__":

@@ -3079,6 +3079,19 @@ def _cache_directory(environ):
     return os.path.join(base, "vouch-device-login")
 
 
+def _sha256(data):
+    """hashlib.sha256, from the interpreter's own module where it has one: loading OpenSSL's
+    costs a cached credential (kubectl, credential_process) more than all the rest it does."""
+    try:
+        from _sha2 import sha256  # CPython 3.12 and later
+    except ImportError:
+        try:
+            from _sha256 import sha256
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data)
+
+
 def _check_private(path, stat_result, kind):
     """Refuse a cache file or directory another user could read or plant."""
     import stat
@@ -3130,16 +3143,18 @@ class _Cache:
 
     Written atomically (temporary file, then rename), every file 0600, the
     directory 0700, and a lock file so that two runs at once do not both
-    start a sign-in.
+    start a sign-in. Beside the entry, the answers a cached kubectl or
+    credential_process run prints (_fast_answers), readable without json.
     """
 
-    def __init__(self, directory, key_parts):
-        import hashlib
-        import json
+    def __init__(self, directory, key_parts=None, digest=None):
         self.directory = directory
-        digest = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+        if digest is None:
+            import json
+            digest = _sha256(json.dumps(key_parts, sort_keys=True).encode("utf-8")).hexdigest()[:32]
         self.path = os.path.join(directory, digest + ".json")
         self.lock_path = os.path.join(directory, digest + ".lock")
+        self.answers_path = os.path.join(directory, digest + ".answers")
         self._lock_fd = None
 
     def _ensure_directory(self):
@@ -3208,18 +3223,45 @@ class _Cache:
         import json
         self._ensure_directory()
         entry = dict(entry, format=CACHE_FORMAT)
+        # The old answers go first: they must never outlive the entry they came from.
+        self._discard_answers()
         try:
             _write_replacing(self.path, json.dumps(entry).encode("utf-8"), 0o600)
+            answers = _fast_answers(entry)
+            if answers:
+                _write_replacing(self.answers_path, answers.encode("utf-8"), 0o600)
         except OSError as exc:
-            raise UsageError("cannot write the cache file %s: %s" % (self.path, exc.strerror or exc))
+            raise UsageError("cannot write the cache file %s: %s" % (exc.filename or self.path, exc.strerror or exc))
 
     def delete(self):
         """Remove the entry; True when there was one."""
+        self._discard_answers()
         try:
             os.unlink(self.path)
             return True
         except FileNotFoundError:
             return False
+
+    def _discard_answers(self):
+        try:
+            os.unlink(self.answers_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise UsageError("cannot remove the cache file %s: %s" % (self.answers_path, exc.strerror or exc))
+
+    def load_answers(self):
+        """The text _fast_answers wrote, or None when there is none."""
+        try:
+            fd = self._open_private(self.answers_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            self._check_directory()
+            try:
+                return handle.read(MAX_BODY_BYTES).decode("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError("cannot read the cache file %s: %s" % (self.answers_path, exc))
 
     def acquire(self, terminal, wait=CACHE_LOCK_WAIT):
         """Take the entry's lock, waiting (bounded) for another run holding it."""
@@ -3603,7 +3645,7 @@ def _run(config, http, terminal):
     if "cached" not in result:
         _remember_secrets(terminal, result)
         # kubectl shows its plugin's stderr on every command: only a sign-in is news there.
-        (terminal.debug if config.output_format == "exec-credential" else terminal.info)(
+        (terminal.debug if config.output_format in ("exec-credential", "aws") else terminal.info)(
             "using the cached token (%s left)" % _format_duration(result["expires_at"] - time.time()))
         result.update(cached=True, verified=False)
         metadata = entry.get("metadata") or {}
@@ -3744,7 +3786,7 @@ def exec_credential(result, api_version=EXEC_CREDENTIAL_API_VERSIONS[0]):
 def _aws_settings(args, environ):
     """The --aws-* settings as _Config fields, checked; UsageError for a bad one."""
     import re
-    role_arn = args.aws_role_arn or environ.get("VOUCH_AWS_ROLE_ARN") or None
+    role_arn = _role_arn(args.aws_role_arn, args.format, environ)
     if role_arn is None:
         for flag in ("aws_region", "aws_sts_endpoint", "aws_session_name", "aws_duration"):
             if getattr(args, flag) is not None:
@@ -3758,21 +3800,14 @@ def _aws_settings(args, environ):
     if not re.match(_ROLE_ARN_PATTERN, role_arn, re.ASCII):
         raise UsageError("--aws-role-arn %s: not an IAM role ARN like arn:aws:iam::123456789012:role/NAME"
                          % _sanitize(role_arn))
-    region = args.aws_region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    endpoint, what, region = _sts_endpoint(args.aws_sts_endpoint, args.aws_region, environ)
     if region is not None and not re.match(_REGION_PATTERN, region):
         raise UsageError("AWS region %s: not a region name like eu-west-1" % _sanitize(region))
-    endpoint, what = args.aws_sts_endpoint, "--aws-sts-endpoint"
-    if endpoint is None:
-        endpoint, what = environ.get("AWS_ENDPOINT_URL_STS"), "AWS_ENDPOINT_URL_STS"
-    if endpoint:
+    if what is not None:
         try:
             _parse_url(endpoint, what)
         except ProtocolError as exc:
             raise UsageError(str(exc))
-    elif region:
-        endpoint = "https://sts.%s.amazonaws.com%s/" % (region, ".cn" if region.startswith("cn-") else "")
-    else:
-        endpoint = "https://sts.amazonaws.com/"
     session_name = args.aws_session_name
     if session_name is not None and not re.match(_SESSION_NAME_PATTERN, session_name, re.ASCII):
         raise UsageError("--aws-session-name %s: 2 to 64 of the characters A-Z a-z 0-9 _ + = , . @ -"
@@ -3782,6 +3817,30 @@ def _aws_settings(args, environ):
         raise UsageError("--aws-duration must be between 900 and 43200 seconds")
     return {"aws_role_arn": role_arn, "aws_sts_endpoint": endpoint, "aws_session_name": session_name,
             "aws_duration": duration}
+
+
+def _role_arn(flag, output_format, environ):
+    """--aws-role-arn, else VOUCH_AWS_ROLE_ARN for the formats that print AWS credentials, else None.
+
+    The variable is ignored by the others, so that one exported for the AWS
+    CLI does not break kubectl's --format exec-credential.
+    """
+    if flag:
+        return flag
+    return (environ.get("VOUCH_AWS_ROLE_ARN") or None) if output_format in ("json", "shell", "aws") else None
+
+
+def _sts_endpoint(endpoint, region, environ):
+    """(URL, the flag or variable naming it or None, region): --aws-sts-endpoint, AWS_ENDPOINT_URL_STS,
+    the region's endpoint (--aws-region, AWS_REGION, AWS_DEFAULT_REGION), else the global one."""
+    region = region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None
+    if endpoint:
+        return endpoint, "--aws-sts-endpoint", region
+    if environ.get("AWS_ENDPOINT_URL_STS"):
+        return environ["AWS_ENDPOINT_URL_STS"], "AWS_ENDPOINT_URL_STS", region
+    if region:
+        return "https://sts.%s.amazonaws.com%s/" % (region, ".cn" if region.startswith("cn-") else ""), None, region
+    return "https://sts.amazonaws.com/", None, region
 
 
 def _session_name(config, result):
@@ -3941,8 +4000,12 @@ def _sts_credentials(root, what):
 
 
 def _aws_slot(config):
-    """Where a cache entry keeps the AWS credentials of this role, endpoint, session name and duration."""
-    return _json_text([config.aws_sts_endpoint, config.aws_role_arn, config.aws_session_name, config.aws_duration])
+    """Where a cache entry keeps the AWS credentials of this role, endpoint, session name and duration.
+
+    Checked values hold no white space, so the fields cannot run into each other.
+    """
+    return "%s %s %s %d" % (config.aws_sts_endpoint, config.aws_role_arn, config.aws_session_name or "-",
+                            config.aws_duration)
 
 
 def _cached_aws(config, entry, now):
@@ -3995,6 +4058,120 @@ def _exchange_for_aws(config, http, terminal, result):
         _session_name(config, result), config.aws_duration)
     terminal.info("AWS credentials for %s until %s" % (credentials["AssumedRoleArn"], credentials["Expiration"]))
     return credentials, expires_at
+
+
+# Options a cached credential is answered for without argparse, and whether
+# each takes a value; anything else goes the whole way through the parser.
+_FAST_OPTIONS = {
+    "--issuer": True, "--client-id": True, "--scope": True, "--format": True, "--min-ttl": True,
+    "--cacert": True, "--timeout": True, "--max-restarts": True, "--require-aaguid": True,
+    "--aws-role-arn": True, "--aws-region": True, "--aws-sts-endpoint": True, "--aws-session-name": True,
+    "--aws-duration": True, "--cache": False, "--require-hardware": False, "-q": False, "--quiet": False,
+    "--qr": False, "--copy": False, "--browser": False, "--no-browser": False,
+}
+
+
+def _fast_answers(entry):
+    """What cached kubectl and credential_process runs print, one tab-separated line each.
+
+    A line holds what it answers ("exec" and an ExecCredential apiVersion, or
+    "aws" and an _aws_slot), until when (epoch seconds), hardware_verified,
+    hardware_aaguid ("-" for none) and the output. Kept beside the cache
+    entry so that _cached_credential can answer without json, whose import
+    alone (re, enum) costs such a run more than everything else it does.
+    """
+    result = entry["result"]
+    facts = "%s\t%s" % (_json_text(result.get("hardware_verified")), result.get("hardware_aaguid") or "-")
+    lines = []
+    token_expiry, expires_at = _handed_token(result)[1], result.get("expires_at")
+    if _is_number(token_expiry) and _is_number(expires_at):
+        try:
+            lines = [("exec " + version, min(token_expiry, expires_at),
+                      render_output(result, "exec-credential", exec_api_version=version))
+                     for version in EXEC_CREDENTIAL_API_VERSIONS]
+        except ProtocolError:
+            pass  # an expiry RFC 3339 cannot write; the full path reports it
+    slots = entry.get("aws")
+    for slot, value in sorted(slots.items()) if isinstance(slots, dict) else ():
+        lines.append(("aws " + slot, value["expires_at"], render_output(dict(result, aws=value["credentials"]), "aws")))
+    return "".join("%s\t%d\t%s\t%s" % (tag, until, facts, output) for tag, until, output in lines)
+
+
+def _cached_credential(argv, environ):
+    """The output of a --format exec-credential or aws run that the cache answers, or None.
+
+    kubectl and credential_process run the tool before every command. This
+    answers their cache hits from _fast_answers, without argparse, json, URL
+    parsing or OpenSSL. An option it does not know, a value it would have to
+    check with more than a glance, a policy not met or a miss returns None,
+    and main() takes the full path, which reports any error. The values that
+    name the cache entry and the answer were checked by the run that wrote them.
+    """
+    import time
+    values, flags, aaguids = {}, set(), []
+    items = iter(argv)
+    for item in items:
+        name, equals, value = item.partition("=")
+        takes_value = _FAST_OPTIONS.get(name)
+        if takes_value is None or (equals and not takes_value):
+            return None
+        if takes_value and not equals:
+            value = next(items, None)
+            if value is None or value.startswith("-"):
+                return None
+        if name == "--require-aaguid":
+            aaguids.append(value.lower())
+        elif takes_value:
+            values[name] = value
+        else:
+            flags.add(name)
+    output_format = values.get("--format")
+    client_id = values.get("--client-id") or environ.get("VOUCH_CLIENT_ID")
+    cache = output_format == "exec-credential" or "--cache" in flags \
+        or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on")
+    role_arn = _role_arn(values.get("--aws-role-arn"), output_format, environ)
+    # Pretty output (stdout a terminal) is the full path's.
+    if output_format not in ("exec-credential", "aws") or not client_id or not cache or _isatty(sys.stdout) \
+            or (output_format == "aws") != (role_arn is not None) \
+            or (output_format != "aws" and any(name.startswith("--aws-") for name in values)) \
+            or ("--cacert" in values and not os.path.isfile(values["--cacert"])):
+        return None
+    try:
+        min_ttl, timeout = int(values.get("--min-ttl", DEFAULT_MIN_TTL)), float(values.get("--timeout", DEFAULT_TIMEOUT))
+        restarts, duration = int(values.get("--max-restarts", 0)), int(values.get("--aws-duration", DEFAULT_AWS_DURATION))
+    except ValueError:
+        return None
+    if min_ttl < 0 or not 0 < timeout <= 3600 or not 0 <= restarts <= 100:
+        return None
+    key = ((values.get("--issuer") or environ.get("VOUCH_ISSUER") or DEFAULT_ISSUER).rstrip("/"), client_id,
+           values["--scope"] if "--scope" in values else environ.get("VOUCH_SCOPE", DEFAULT_SCOPE))
+    if any(not "\x20" <= ch <= "\x7e" or ch in "\"\\" for part in key for ch in part):
+        return None
+    # For such values this is the very text _Cache hashes: json.dumps([issuer, client_id, scope, None, []]).
+    answers = _Cache(_cache_directory(environ), digest=_sha256(
+        ('["%s", "%s", "%s", null, []]' % key).encode("ascii")).hexdigest()[:32]).load_answers()
+    if output_format == "aws":
+        endpoint = _sts_endpoint(values.get("--aws-sts-endpoint"), values.get("--aws-region"), environ)[0]
+        tag = "aws " + _aws_slot(_Config(aws_sts_endpoint=endpoint, aws_role_arn=role_arn,
+                                         aws_session_name=values.get("--aws-session-name"), aws_duration=duration))
+    else:
+        # kubectl writes KUBERNETES_EXEC_INFO with Go's encoding/json: compact, kind before apiVersion.
+        info = environ.get("KUBERNETES_EXEC_INFO")
+        versions = [v for v in EXEC_CREDENTIAL_API_VERSIONS
+                    if not info or info.startswith('{"kind":"ExecCredential","apiVersion":"%s",' % v)]
+        if not versions:
+            return None
+        tag = "exec " + versions[0]
+    for line in (answers or "").splitlines(True):
+        fields = line.split("\t", 4)
+        if len(fields) == 5 and fields[0] == tag:
+            until, verified, aaguid, output = fields[1:]
+            if _is_ascii_digits(until, 12) and int(until) - time.time() > min_ttl \
+                    and (verified == "true" or "--require-hardware" not in flags) \
+                    and (aaguid in aaguids or not aaguids):
+                return output
+            return None
+    return None
 
 
 # ============================================================================
@@ -4433,6 +4610,10 @@ def main(argv=None):
         if "--version" in argv[: argv.index("--") if "--" in argv else len(argv)]:
             # Answered before argparse is imported: shell profiles call this often.
             _write_stdout("%s %s\n" % (_PROG, __version__))
+            return 0
+        cached = _cached_credential(argv, os.environ)
+        if cached is not None:
+            _write_stdout(cached)
             return 0
         args = _argument_parser().parse_args(argv)
         terminal = _Terminal(quiet=args.quiet, verbose=args.verbose)
