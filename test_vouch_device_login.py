@@ -6222,6 +6222,15 @@ class ExecCredentialTests(CacheFixture):
         self.assertFailed(self.kubectl_call(EXEC_V1, False, "--aws-region", "eu-west-1"), 2, "needs --aws-role-arn")
         self.assertEqual(self.kubectl_call(EXEC_V1, False, env={"VOUCH_AWS_ROLE_ARN": ROLE_ARN}).stdout, second.stdout)
 
+    def test_an_expiry_rfc_3339_cannot_write_is_a_protocol_error(self):
+        build = self.issuer.id_token
+        for exp in (10 ** 12, -5):
+            with self.subTest(exp=exp):
+                self.issuer.id_token = lambda client_id, exp=exp: build(client_id, exp=exp)
+                home = {"XDG_CACHE_HOME": os.path.join(self.home, str(exp))}
+                self.assertFailed(self.kubectl_call(env=home), 6, "expiry is out of range")
+                self.assertFailed(self.kubectl_call(EXEC_V1, False, env=home), 6 if exp > 0 else 2)
+
     def test_logout_and_a_new_sign_in_leave_no_stale_answer(self):
         self.issuer.id_tokens = False
         first = self.kubectl_call()

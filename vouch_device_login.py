@@ -3027,7 +3027,7 @@ def render_output(result, output_format, pretty=False, exec_api_version=None):
         return "".join("export %s=%s\n" % (name, _shell_quote(_shell_value(result, key)))
                        for name, key in _SHELL_VARIABLES + (_AWS_SHELL_VARIABLES if "aws" in result else ()))
     if output_format == "exec-credential":
-        result = exec_credential(result, exec_api_version or EXEC_CREDENTIAL_API_VERSIONS[0])
+        result = _exec_credential(result, exec_api_version or EXEC_CREDENTIAL_API_VERSIONS[0])
     elif output_format == "aws":
         # credential_process output, Version 1 (the AWS SDKs' process credential provider)
         result = dict(Version=1, **{k: result["aws"][k] for k in _AWS_PROCESS_FIELDS})
@@ -3774,7 +3774,7 @@ def _rfc3339(epoch):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch)))
 
 
-def exec_credential(result, api_version=EXEC_CREDENTIAL_API_VERSIONS[0]):
+def _exec_credential(result, api_version=EXEC_CREDENTIAL_API_VERSIONS[0]):
     """The client-go ExecCredential (kubectl's exec plugin answer) for a result."""
     token, expires_at = _handed_token(result)
     status = {"token": token}
@@ -3910,7 +3910,8 @@ def _sts_xml(response, what):
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("%s: the answer (HTTP %d) is not UTF-8" % (what, response.status))
-    if "<!DOCTYPE" in text.upper() or "<!ENTITY" in text.upper():
+    upper = text.upper()
+    if "<!DOCTYPE" in upper or "<!ENTITY" in upper:
         raise ProtocolError("%s: the answer (HTTP %d) declares a DTD or entities, which are refused"
                             % (what, response.status))
     document = ["", [], []]
