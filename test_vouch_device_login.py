@@ -5899,7 +5899,7 @@ class AwsStsTests(StsFixture):
         self.assertEqual((self.issuer.requests, self.sts.requests), ([], []))
 
     def test_the_role_and_the_endpoint_come_from_the_environment_too(self):
-        result = self.sign_in("--format", "aws", env=dict(self.env, VOUCH_AWS_ROLE_ARN=ROLE_ARN,
+        result = self.sign_in("--format", "aws", env=dict(self.env, VOUCH_AWS_ROLE_ARN=ROLE_ARN, AWS_REGION="local",
                                                           AWS_ENDPOINT_URL_STS=self.sts.url))
         self.assertEqual(result.code, 0, result.stderr)
         self.assertEqual(self.sts.requests[0]["form"]["RoleArn"], ROLE_ARN)

@@ -3801,7 +3801,8 @@ def _aws_settings(args, environ):
         raise UsageError("--aws-role-arn %s: not an IAM role ARN like arn:aws:iam::123456789012:role/NAME"
                          % _sanitize(role_arn))
     endpoint, what, region = _sts_endpoint(args.aws_sts_endpoint, args.aws_region, environ)
-    if region is not None and not re.match(_REGION_PATTERN, region):
+    # A region from the environment that names no endpoint may be meant for other tools.
+    if region is not None and (what is None or args.aws_region) and not re.match(_REGION_PATTERN, region):
         raise UsageError("AWS region %s: not a region name like eu-west-1" % _sanitize(region))
     if what is not None:
         try:
