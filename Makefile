@@ -9,7 +9,8 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 # Reference libraries the optional tests and the benchmark compare against.
 TEST_PACKAGES := cryptography==50.0.2 segno==1.6.6 zxing-cpp==3.1.1 numpy==2.4.6 \
-	PyJWT==2.15.1 ecdsa==0.19.2 ruff==0.17.6
+	PyJWT==2.15.1 ecdsa==0.19.2 ruff==0.17.6 \
+	'moto[server]==5.2.5' awscli==1.46.3 botocore==1.44.8
 PYENV_ROOT := $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 MATRIX := 3.6 3.7 3.8 3.9 3.10 3.11 3.12 3.13
 
@@ -23,14 +24,15 @@ $(VENV)/.installed: Makefile
 	@$(VENV_PY) -m pip install --quiet --disable-pip-version-check $(TEST_PACKAGES)
 	@touch $@
 
-# PyPy3 and zsh widen the matrix; install them where this machine allows it
-# (root with apt), and go on without them elsewhere.
+# PyPy3 and zsh widen the matrix, kubectl judges --format exec-credential; install
+# them where this machine allows it (root with apt), and go on without them elsewhere.
 system-deps:
-	@if { ! command -v pypy3 || ! command -v zsh; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	@if { ! command -v pypy3 || ! command -v zsh || ! command -v kubectl; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 	    && command -v apt-get >/dev/null; then \
-	  echo "installing pypy3 and zsh for the test matrix"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pypy3 zsh) >/dev/null 2>&1 \
-	    || echo "note: could not install pypy3/zsh; testing without them"; \
+	  echo "installing pypy3, zsh and kubectl (kubernetes-client) for the test matrix"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pypy3 zsh \
+	    $$(command -v kubectl >/dev/null || echo kubernetes-client)) >/dev/null 2>&1 \
+	    || echo "note: could not install pypy3/zsh/kubectl; testing without them"; \
 	fi
 
 # The matrix: the venv (every test), then each interpreter found, stdlib only.

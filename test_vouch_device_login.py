@@ -1501,7 +1501,7 @@ class CacheTests(CacheFixture):
         self.cached_sign_in(env={"VOUCH_CACHE": "1"})
         self.assertEqual(os.stat(self.directory).st_mode & 0o777, 0o700)
         files = self.cache_files()
-        self.assertEqual([f.rsplit(".", 1)[1] for f in files], ["json", "lock"])
+        self.assertEqual([f.rsplit(".", 1)[1] for f in files], ["answers", "json", "lock"])
         for name in files:
             self.assertEqual(os.stat(os.path.join(self.directory, name)).st_mode & 0o777, 0o600, name)
 
@@ -6081,6 +6081,812 @@ class PlainPromptTests(IssuerTest):
 
 
 # ============================================================================
+# Credentials for other tools (issue 13): a fake STS, kubectl's exec plugin
+# ============================================================================
+
+STS_NS = "https://sts.amazonaws.com/doc/2011-06-15/"
+ROLE_ARN = "arn:aws:iam::123456789012:role/vouch-dev"
+EXEC_V1 = "client.authentication.k8s.io/v1"
+EXEC_V1BETA1 = "client.authentication.k8s.io/v1beta1"
+
+
+def sts_error(code, message="", status=400):
+    """An STS ErrorResponse answer."""
+    body = ('<ErrorResponse xmlns="%s"><Error><Type>Sender</Type><Code>%s</Code><Message>%s</Message></Error>'
+            '<RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ErrorResponse>' % (STS_NS, code, message))
+    return status, body.encode(), None, "text/xml"
+
+
+class FakeSts:
+    """STS AssumeRoleWithWebIdentity on 127.0.0.1, answering in AWS's XML.
+
+    It accepts a web identity token only when the issuer beside it issued it
+    (iss and aud checked, not expired); `script` holds answers (status, body,
+    headers, content type) or callables(handler) to give instead, in order.
+    """
+
+    def __init__(self, issuer):
+        self.issuer = issuer
+        self.connections = 0
+        self.tls_context = None
+        self.requests = []
+        self.script = []
+        self.issued = []
+        self.server = _Server(("127.0.0.1", 0), _Handler)
+        self.server.issuer = self
+        self.url = "http://127.0.0.1:%d/" % self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self._thread.daemon = True
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def handle(self, handler, method):
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        form = dict(parse_qsl(body.decode(), keep_blank_values=True))
+        self.requests.append({"method": method, "headers": dict(handler.headers), "form": form})
+        if self.script:
+            answer = self.script.pop(0)
+            if callable(answer):
+                return answer(handler)
+            status, body, headers, content_type = answer
+            return handler.send(status, body, headers, content_type)
+        handler.send(*self.answer(form), content_type="text/xml")
+
+    def answer(self, form):
+        if method_error(form):
+            return sts_error("InvalidParameterValue", method_error(form))[:2]
+        try:
+            claims = vdl.decode_jwt(form.get("WebIdentityToken", ""))[1]
+        except vdl.VouchError:
+            return sts_error("InvalidIdentityToken", "Couldn't retrieve verification key from your identity provider")[:2]
+        if claims.get("iss") != self.issuer.issuer or claims.get("aud") != "cli" or claims["exp"] < time.time():
+            return sts_error("InvalidIdentityToken", "Incorrect token audience")[:2]
+        expiration = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + int(form["DurationSeconds"])))
+        credentials = {"AccessKeyId": "ASIA" + "".join(random.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+                                                       for _ in range(16)),
+                       "SecretAccessKey": b64url(secrets.token_bytes(30)),
+                       "SessionToken": "IQoJb3JpZ2luX2Vj" + b64url(secrets.token_bytes(300))}
+        self.issued.append(credentials)
+        role = form["RoleArn"].rsplit("/", 1)[1]
+        body = """<AssumeRoleWithWebIdentityResponse xmlns="%s">
+  <AssumeRoleWithWebIdentityResult>
+    <SubjectFromWebIdentityToken>%s</SubjectFromWebIdentityToken>
+    <Audience>cli</Audience>
+    <AssumedRoleUser>
+      <Arn>arn:aws:sts::123456789012:assumed-role/%s/%s</Arn>
+      <AssumedRoleId>AROACLKWSDQRAOEXAMPLE:%s</AssumedRoleId>
+    </AssumedRoleUser>
+    <Credentials>
+      <SessionToken>%s</SessionToken>
+      <SecretAccessKey>%s</SecretAccessKey>
+      <Expiration>%s</Expiration>
+      <AccessKeyId>%s</AccessKeyId>
+    </Credentials>
+    <Provider>%s</Provider>
+  </AssumeRoleWithWebIdentityResult>
+  <ResponseMetadata><RequestId>ad4156e9-bce1-11e2-82e6-6b6efEXAMPLE</RequestId></ResponseMetadata>
+</AssumeRoleWithWebIdentityResponse>
+""" % (STS_NS, claims["sub"], role, form["RoleSessionName"], form["RoleSessionName"], credentials["SessionToken"],
+       credentials["SecretAccessKey"], expiration, credentials["AccessKeyId"], self.issuer.issuer)
+        return 200, body.encode()
+
+
+def method_error(form):
+    """What is wrong with an AssumeRoleWithWebIdentity form, the way STS would see it, or None."""
+    if form.get("Action") != "AssumeRoleWithWebIdentity" or form.get("Version") != "2011-06-15":
+        return "unknown action or version"
+    if not form.get("RoleArn", "").startswith("arn:aws:iam::"):
+        return "bad RoleArn"
+    if not 2 <= len(form.get("RoleSessionName", "")) <= 64 or \
+            any(not (ord(ch) < 128 and ch.isalnum()) and ch not in "_+=,.@-" for ch in form["RoleSessionName"]):
+        return "bad RoleSessionName"
+    if not 900 <= int(form.get("DurationSeconds", "0")) <= 43200:
+        return "bad DurationSeconds"
+    return None
+
+
+def sts_success(sts, expiration=None, **replace):
+    """A success body like FakeSts's, with elements replaced (None drops one) or the Expiration set."""
+    def answer(handler):
+        status, body = sts.answer(sts.requests[-1]["form"])
+        text = body.decode()
+        import re
+        for name, value in dict(replace, **({"Expiration": "<Expiration>%s</Expiration>" % expiration} if expiration else {})).items():
+            text = re.sub(r"<%s>[^<]*</%s>" % (name, name), "" if value is None else value, text)
+        handler.send(status, text.encode(), content_type="text/xml")
+    return answer
+
+
+class StsFixture(CacheFixture):
+    """The local issuer (with ID tokens) and a fake STS beside it."""
+
+    issuer_options = {"rate_limit": False, "id_tokens": True}
+
+    def setUp(self):
+        CacheFixture.setUp(self)
+        self.sts = FakeSts(self.issuer)
+        self.sts.__enter__()
+        self.addCleanup(self.sts.__exit__)
+
+    def aws(self, *extra, **kwargs):
+        env = dict(self.env, **kwargs.pop("env", {}))
+        return self.sign_in("--aws-role-arn", ROLE_ARN, "--aws-sts-endpoint", self.sts.url, *extra, env=env, **kwargs)
+
+
+class AwsStsTests(StsFixture):
+    def test_format_aws_prints_credential_process_json_for_the_id_token(self):
+        result = self.aws("--format", "aws")
+        self.assertEqual(result.code, 0, result.stderr)
+        out = result.json()
+        issued = self.sts.issued[0]
+        self.assertEqual(list(out), ["Version", "AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration"])
+        self.assertEqual(out, dict(Version=1, Expiration=out["Expiration"], **issued))
+        expiration = time.mktime(time.strptime(out["Expiration"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        self.assertAlmostEqual(expiration, time.time() + 3600, delta=60)
+        (request,) = self.sts.requests
+        self.assertEqual(request["method"], "POST")
+        self.assertEqual(request["headers"]["Content-Type"], "application/x-www-form-urlencoded")
+        self.assertEqual(request["headers"]["Accept"], "text/xml")
+        self.assertNotIn("Authorization", request["headers"])
+        form = request["form"]
+        self.assertEqual(vdl.decode_jwt(form.pop("WebIdentityToken"))[0]["typ"], "JWT")
+        self.assertEqual(form, {"Action": "AssumeRoleWithWebIdentity", "Version": "2011-06-15", "RoleArn": ROLE_ARN,
+                                "RoleSessionName": "ada@example.com", "DurationSeconds": "3600"})
+        self.assertIn("AWS credentials for arn:aws:sts::123456789012:assumed-role/vouch-dev/ada@example.com",
+                      result.stderr)
+
+    def test_json_gains_an_aws_object_and_the_token_sent_is_the_id_token_else_the_access_token(self):
+        out = self.aws().json()
+        self.assertEqual(self.sts.requests[0]["form"]["WebIdentityToken"], out["id_token"])
+        self.assertEqual(out["aws"], dict(self.sts.issued[0], Expiration=out["aws"]["Expiration"],
+                                          AssumedRoleArn="arn:aws:sts::123456789012:assumed-role/vouch-dev/"
+                                                         "ada@example.com"))
+        self.issuer.id_tokens = False
+        out = self.aws("--aws-duration", "900").json()
+        self.assertNotIn("id_token", out)
+        self.assertEqual(self.sts.requests[1]["form"]["WebIdentityToken"], out["access_token"])
+        self.assertEqual(self.sts.requests[1]["form"]["DurationSeconds"], "900")
+
+    def test_shell_format_adds_the_aws_variables(self):
+        result = self.aws("--format", "shell")
+        self.assertEqual(result.code, 0, result.stderr)
+        issued = self.sts.issued[0]
+        script = result.stdout + 'printf "%s|%s|%s|%s" "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" ' \
+                                 '"$AWS_SESSION_TOKEN" "$AWS_CREDENTIAL_EXPIRATION"'
+        printed = subprocess.run(["sh", "-c", script], stdout=subprocess.PIPE, check=True).stdout.decode()
+        key, secret, token, expiration = printed.split("|")
+        self.assertEqual((key, secret, token), (issued["AccessKeyId"], issued["SecretAccessKey"],
+                                                issued["SessionToken"]))
+        self.assertRegex(expiration, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        plain = self.sign_in("--format", "shell")
+        self.assertNotIn("AWS_", plain.stdout)
+
+    def test_session_name_is_reduced_to_the_sts_alphabet(self):
+        cases = [({"email": "Ada Lovelace/ops <ada>@example.com"}, "Ada-Lovelace-ops--ada-@example.com"),
+                 ({"email": "a" * 70 + "@example.com"}, "a" * 64),
+                 ({"email": "\u00e9"}, "vouch_device_login")]
+        for user, expected in cases:
+            with self.subTest(user=user):
+                self.issuer.user.update(user)
+                result = self.aws("--format", "aws")
+                self.assertEqual(result.code, 0, result.stderr)
+                self.assertEqual(self.sts.requests[-1]["form"]["RoleSessionName"], expected)
+        self.aws("--aws-session-name", "ci+deploy=1,x.y@z-w")
+        self.assertEqual(self.sts.requests[-1]["form"]["RoleSessionName"], "ci+deploy=1,x.y@z-w")
+
+    def test_bad_settings_are_usage_errors_before_any_request(self):
+        cases = [(["--aws-session-name", "a b"], "--aws-session-name"),
+                 (["--aws-session-name", "x"], "--aws-session-name"),
+                 (["--aws-session-name", "x" * 65], "--aws-session-name"),
+                 (["--aws-duration", "899"], "between 900 and 43200"),
+                 (["--aws-duration", "43201"], "between 900 and 43200"),
+                 (["--aws-region", "eu-west-1;x"], "not a region name"),
+                 (["--aws-sts-endpoint", "http://sts.example.com/"], "plain http on a non-loopback host"),
+                 (["--aws-sts-endpoint", "ftp://127.0.0.1/"], "absolute https URL"),
+                 (["--format", "token"], "--format aws, json or shell"),
+                 (["--format", "exec-credential"], "--format aws, json or shell")]
+        for extra, fragment in cases:
+            with self.subTest(extra=extra):
+                self.assertFailed(self.aws(*extra), 2, fragment)
+        self.assertFailed(self.sign_in("--aws-role-arn", "arn:aws:iam::1234:role/x"), 2, "not an IAM role ARN")
+        self.assertFailed(self.sign_in("--aws-role-arn", ROLE_ARN, env={"AWS_ENDPOINT_URL_STS": "http://10.0.0.1/"}),
+                          2, "AWS_ENDPOINT_URL_STS uses plain http")
+        self.assertFailed(self.sign_in("--format", "aws"), 2, "--format aws needs --aws-role-arn")
+        self.assertFailed(self.sign_in("--aws-region", "eu-west-1"), 2, "--aws-region needs --aws-role-arn")
+        self.assertEqual((self.issuer.requests, self.sts.requests), ([], []))
+
+    def test_the_role_and_the_endpoint_come_from_the_environment_too(self):
+        result = self.sign_in("--format", "aws", env=dict(self.env, VOUCH_AWS_ROLE_ARN=ROLE_ARN, AWS_REGION="local",
+                                                          AWS_ENDPOINT_URL_STS=self.sts.url))
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(self.sts.requests[0]["form"]["RoleArn"], ROLE_ARN)
+
+    def test_regional_and_global_endpoints(self):
+        """Through a CONNECT proxy that refuses every tunnel: the tunnel asked for names the endpoint."""
+        proxy = socket.socket()
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen(5)
+        self.addCleanup(proxy.close)
+        tunnels = []
+
+        def serve():
+            while True:
+                try:
+                    client, _ = proxy.accept()
+                except OSError:
+                    return
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += client.recv(4096)
+                tunnels.append(request.split(b" ")[1].decode())
+                client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                client.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        proxy_env = {"HTTPS_PROXY": "http://127.0.0.1:%d" % proxy.getsockname()[1]}
+        cases = [([], {}, "sts.amazonaws.com:443"),
+                 (["--aws-region", "eu-west-1"], {"AWS_REGION": "us-east-2"}, "sts.eu-west-1.amazonaws.com:443"),
+                 ([], {"AWS_REGION": "us-east-2", "AWS_DEFAULT_REGION": "ca-central-1"}, "sts.us-east-2.amazonaws.com:443"),
+                 ([], {"AWS_DEFAULT_REGION": "cn-north-1"}, "sts.cn-north-1.amazonaws.com.cn:443"),
+                 (["--aws-sts-endpoint", "https://sts.internal.example:8443/"],
+                  {"AWS_ENDPOINT_URL_STS": "https://ignored.example/"}, "sts.internal.example:8443"),
+                 ([], {"AWS_ENDPOINT_URL_STS": "https://vpce-1.sts.us-east-1.vpce.amazonaws.com/",
+                       "AWS_REGION": "eu-west-1"}, "vpce-1.sts.us-east-1.vpce.amazonaws.com:443")]
+        for extra, env, tunnel in cases:
+            with self.subTest(tunnel=tunnel):
+                del tunnels[:]
+                result = self.sign_in("--aws-role-arn", ROLE_ARN, *extra, env=dict(self.env, **dict(proxy_env, **env)))
+                self.assertFailed(result, 5)
+                self.assertEqual(set(tunnels), {tunnel})
+
+    def test_sts_errors_map_to_exit_codes_with_the_code_and_message_quoted(self):
+        cases = [("AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity", 403, 3),
+                 ("InvalidIdentityToken", "Incorrect token audience", 400, 6),
+                 ("IDPRejectedClaim", "The identity provider rejected the claim", 403, 6),
+                 ("ExpiredTokenException", "Token expired: current date/time 1 must be before 0", 400, 6),
+                 ("MalformedPolicyDocument", "Syntax errors in policy.", 400, 6),
+                 ("PackedPolicyTooLarge", "Packed policy too large", 400, 6),
+                 ("SomethingNewFromAws", "", 400, 6)]
+        for code, message, status, exit_code in cases:
+            with self.subTest(code=code):
+                self.sts.script = [sts_error(code, message, status)]
+                line = self.assertFailed(self.aws("--format", "aws"), exit_code, "STS AssumeRoleWithWebIdentity: " + code)
+                self.assertIn(message, line)
+        self.sts.script = [sts_error("InvalidIdentityToken", "bad \u202e\u0085token\x9b31m &lt;x&gt;")]
+        line = self.assertFailed(self.aws(), 6, "InvalidIdentityToken: bad ??token <x>")
+        self.assertNotIn("\u202e", line)
+
+    def test_throttling_and_server_errors_are_retried(self):
+        requests = 0
+        for script, code in (([sts_error("Throttling", "Rate exceeded"), sts_error("ThrottlingException", "slow"),
+                               (503, b"<html>busy</html>", None, "text/html")], 0),
+                             ([(429, b"slow down", {"Retry-After": "1"}, "text/plain")], 0),
+                             ([sts_error("Throttling", "Rate exceeded")] * 4, 5),
+                             ([sts_error("InternalFailure", "oops", 500)] * 4, 5),
+                             ([sts_error("IDPCommunicationError", "the IdP did not answer")] * 4, 5)):
+            with self.subTest(script=script[0][1][:80]):
+                self.sts.script = list(script)
+                result = self.aws("--format", "aws")
+                if code:
+                    self.assertFailed(result, code)
+                else:
+                    self.assertEqual(result.code, 0, result.stderr)
+                self.assertEqual(len(self.sts.requests) - requests, len(script) + (code == 0))
+                requests = len(self.sts.requests)
+
+    def test_redirects_and_bodies_that_are_not_sts_xml_are_protocol_errors(self):
+        cases = [((302, b"", {"Location": "https://evil.example/"}, "text/plain"), 6, "redirect"),
+                 ((403, b"<html><body>Forbidden</body></html>", None, "text/html"), 6, "without an STS ErrorResponse"),
+                 ((400, b"{\"error\": \"nope\"}", None, "application/json"), 6, "not well-formed XML"),
+                 ((200, b"", None, "text/xml"), 6, "not well-formed XML"),
+                 ((200, b"<a><b></a>", None, "text/xml"), 6, "not well-formed XML"),
+                 ((200, b"\xff\xfe<\x00a\x00/\x00>\x00", None, "text/xml"), 6, "not UTF-8"),
+                 ((200, b"<AssumeRoleWithWebIdentityResponse/>", None, "text/xml"), 6,
+                  "expected one <AssumeRoleWithWebIdentityResult>"),
+                 ((200, b"<GetCallerIdentityResponse/>", None, "text/xml"), 6,
+                  "expected <AssumeRoleWithWebIdentityResponse>"),
+                 ((200, sts_error("AccessDenied")[1], None, "text/xml"), 6, "expected <AssumeRoleWithWebIdentityResponse>"),
+                 ((400, b"<ErrorResponse><Error><Code>a b</Code></Error></ErrorResponse>", None, "text/xml"), 6,
+                  "<Code> is empty or malformed")]
+        for answer, code, fragment in cases:
+            with self.subTest(answer=answer[1][:40]):
+                self.sts.script = [answer]
+                self.assertFailed(self.aws("--format", "aws"), code, fragment)
+
+    def test_every_credential_field_is_checked(self):
+        past = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 10))
+        cases = [({"AccessKeyId": None}, "expected one <AccessKeyId>"),
+                 ({"SecretAccessKey": None}, "expected one <SecretAccessKey>"),
+                 ({"SessionToken": None}, "expected one <SessionToken>"),
+                 ({"Expiration": None}, "expected one <Expiration>"),
+                 ({"Arn": None}, "expected one <Arn>"),
+                 ({"AccessKeyId": "<AccessKeyId></AccessKeyId>"}, "<AccessKeyId> is empty or malformed"),
+                 ({"AccessKeyId": "<AccessKeyId>ASIA EXAMPLE EXAMPLE</AccessKeyId>"}, "<AccessKeyId> is empty"),
+                 ({"AccessKeyId": "<AccessKeyId>ASIAEXAMPLEEXAMPLE<b/></AccessKeyId>"}, "<AccessKeyId> is empty"),
+                 ({"AccessKeyId": "<AccessKeyId>ASIAEXAMPLEEXAMPLE</AccessKeyId><AccessKeyId>ASIAEXAMPLEEXAMPLE"
+                                  "</AccessKeyId>"}, "expected one <AccessKeyId> in <Credentials>, found 2"),
+                 ({"SessionToken": "<SessionToken>tok\u00e9n-with-unicode-1234</SessionToken>"}, "<SessionToken> is"),
+                 ({"SecretAccessKey": "<SecretAccessKey>'; touch %s; '12345</SecretAccessKey>" % PWNED},
+                  "<SecretAccessKey> is empty"),
+                 ({"Arn": "<Arn>not-an-arn</Arn>"}, "<Arn> is empty or malformed"),
+                 ({"Expiration": "<Expiration>2026-13-01T00:00:00Z</Expiration>"}, "<Expiration> is not a valid time"),
+                 ({"Expiration": "<Expiration>2026-12-01T00:00:00+02:00</Expiration>"}, "<Expiration> is empty"),
+                 ({"Expiration": "<Expiration>1764547200</Expiration>"}, "<Expiration> is empty"),
+                 ({"Expiration": "<Expiration>%s</Expiration>" % past}, "the credentials expired already")]
+        for replace, fragment in cases:
+            with self.subTest(replace=replace):
+                self.sts.script = [sts_success(self.sts, **replace)]
+                self.assertFailed(self.aws("--format", "aws"), 6, fragment)
+        self.sts.script = [sts_success(self.sts, expiration="2999-01-01T00:00:00.123Z")]
+        self.assertEqual(self.aws("--format", "aws").json()["Expiration"], "2999-01-01T00:00:00Z")
+
+    def test_hostile_xml_dtds_entities_and_huge_bodies(self):
+        laughs = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+                  + "".join('<!ENTITY lol%d "%s">' % (i, ("&lol%s;" % (i - 1 if i > 1 else "")) * 10)
+                            for i in range(1, 10))
+                  + ']><ErrorResponse><Error><Code>&lol9;</Code></Error></ErrorResponse>').encode()
+        external = (b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+                    b'<ErrorResponse><Error><Code>&x;</Code></Error></ErrorResponse>')
+        lower = b'<!doctype r><ErrorResponse><Error><Code>X</Code></Error></ErrorResponse>'
+        utf16 = '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE r [<!ENTITY x "y">]><r>&x;</r>'.encode("utf-16")
+        declared = (b'<?xml version="1.0" encoding="UTF-16"?>'
+                    b'<ErrorResponse><Error><Code>AccessDenied</Code></Error></ErrorResponse>')
+        padding = b"<ErrorResponse><Error><Code>X</Code><Message>" + b"x" * 100000 + b"</Message></Error></ErrorResponse>"
+        cases = [((400, laughs, None, "text/xml"), 6, "declares a DTD or entities"),
+                 ((200, laughs, None, "text/xml"), 6, "declares a DTD or entities"),
+                 ((400, external, None, "text/xml"), 6, "declares a DTD or entities"),
+                 ((400, lower, None, "text/xml"), 6, "declares a DTD or entities"),
+                 ((400, utf16, None, "text/xml"), 6, "not UTF-8"),
+                 ((400, declared, None, "text/xml"), 3, "AccessDenied"),
+                 ((400, padding, None, "text/xml"), 6, "larger than 65536 bytes"),
+                 (huge_body, 5, "larger than"),
+                 (endless_body, 5, "larger than")]
+        # The HTTP client retries a body over its cap like any network failure: four attempts.
+        for answer, code, fragment in cases:
+            with self.subTest(answer=getattr(answer, "__name__", None) or answer[1][:60]):
+                self.sts.script = [(lambda handler, answer=answer: answer(handler, b"")) if callable(answer) else answer] * 4
+                self.assertFailed(self.aws("--format", "aws"), code, fragment)
+
+    def test_policy_is_checked_before_any_token_goes_to_sts(self):
+        self.issuer.user.update(hardware_verified=False)
+        self.assertFailed(self.aws("--format", "aws", "--require-hardware"), 8, "--require-hardware")
+        self.assertFailed(self.aws("--cache", "--format", "aws", "--require-hardware"), 8, "--require-hardware")
+        self.issuer.user.update(hardware_verified=True, hardware_aaguid="cb69481e-8ff7-4039-93ec-0a2729a154a8")
+        self.assertFailed(self.aws("--format", "aws", "--require-aaguid", "ee882879-721c-4913-9775-3dfcce97072a"),
+                          8, "--require-aaguid")
+        self.assertEqual(self.sts.requests, [])
+        result = self.aws("--format", "aws", "--require-hardware",
+                          "--require-aaguid", "CB69481E-8FF7-4039-93EC-0A2729A154A8")
+        self.assertEqual(result.code, 0, result.stderr)
+
+    def test_verbose_logs_mask_the_aws_secrets_and_the_web_identity_token(self):
+        runs = [self.aws("-v", "--cache", "--format", "aws"),
+                self.aws("-v", "--cache", "--format", "json", "--aws-duration", "900", "--min-ttl", "1000")]
+        self.assertEqual([r.code for r in runs], [0, 0], runs[0].stderr)
+        stderr = "".join(r.stderr for r in runs)
+        self.assertIn("debug: POST %s" % self.sts.url, stderr)
+        self.assertIn("'WebIdentityToken': '<", stderr)
+        self.assertEqual(len(self.sts.issued), 2)
+        for credentials in self.sts.issued:
+            for name in ("SecretAccessKey", "SessionToken"):
+                self.assertNotIn(credentials[name], stderr)
+        for request in self.sts.requests:
+            for part in request["form"]["WebIdentityToken"].split("."):
+                self.assertNotIn(part, stderr)
+
+
+class AwsCacheTests(StsFixture):
+    def test_cached_credentials_are_reused_with_no_request_at_all(self):
+        first = self.aws("--cache", "--format", "aws")
+        self.assertEqual(first.code, 0, first.stderr)
+        issuer_requests = len(self.issuer.requests)
+        second = self.aws("--cache", "--format", "aws")
+        self.assertEqual(second.code, 0, second.stderr)
+        self.assertEqual(second.stdout, first.stdout)
+        self.assertEqual((len(self.issuer.requests), len(self.sts.requests)), (issuer_requests, 1))
+        self.assertEqual(self.aws("--cache").json()["aws"]["AccessKeyId"], first.json()["AccessKeyId"])
+        (entry,) = [f for f in os.listdir(self.directory) if f.endswith(".json")]
+        path = os.path.join(self.directory, entry)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        with open(path) as handle:
+            self.assertIn(first.json()["SessionToken"], handle.read())
+
+    def test_a_still_valid_token_is_exchanged_again_without_a_new_sign_in(self):
+        self.aws("--cache", "--format", "aws", "--aws-duration", "900")
+        result = self.aws("--cache", "--format", "aws", "--aws-duration", "900", "--min-ttl", "1000", approve=False)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual((len(self.issuer.devices), len(self.sts.requests)), (1, 2))
+        self.assertEqual(result.json()["AccessKeyId"], self.sts.issued[1]["AccessKeyId"])
+        # The new credentials replaced the old in the cache.
+        again = self.aws("--cache", "--format", "aws", "--aws-duration", "900", "--min-ttl", "800")
+        self.assertEqual((again.stdout, len(self.sts.requests)), (result.stdout, 2))
+
+    def test_each_role_has_its_own_credentials_and_a_new_sign_in_drops_them(self):
+        other = "arn:aws:iam::123456789012:role/vouch-admin"
+        one = self.aws("--cache", "--format", "aws").json()
+        two = self.aws("--cache", "--format", "aws", "--aws-role-arn", other).json()
+        self.assertNotEqual(one["AccessKeyId"], two["AccessKeyId"])
+        self.assertEqual(self.sts.requests[1]["form"]["RoleArn"], other)
+        self.assertEqual(self.aws("--cache", "--format", "aws").json(), one)
+        self.assertEqual(self.aws("--cache", "--format", "aws", "--aws-role-arn", other).json(), two)
+        self.assertEqual(len(self.sts.requests), 2)
+        self.sign_in("--cache", "--min-ttl", "30000", env=self.env)
+        self.assertEqual(len(self.issuer.devices), 2)
+        self.assertNotEqual(self.aws("--cache", "--format", "aws").json(), one)
+        self.assertEqual(len(self.sts.requests), 3)
+
+    def test_a_failed_exchange_keeps_the_signed_in_token(self):
+        self.sts.script = [sts_error("AccessDenied", "no", 403)]
+        self.assertFailed(self.aws("--cache", "--format", "aws"), 3)
+        result = self.aws("--cache", "--format", "aws")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(len(self.issuer.devices), 1)
+
+
+class ExecCredentialTests(CacheFixture):
+    issuer_options = {"rate_limit": False, "id_tokens": True}
+
+    def kubectl_call(self, api_version=EXEC_V1, interactive=True, *extra, **kwargs):
+        """A run the way kubectl makes it: KUBERNETES_EXEC_INFO as Go's encoding/json writes it."""
+        info = {"kind": "ExecCredential", "apiVersion": api_version, "spec": {"interactive": interactive}}
+        env = dict(self.env, KUBERNETES_EXEC_INFO=json.dumps(info, separators=(",", ":")), **kwargs.pop("env", {}))
+        return self.sign_in("--format", "exec-credential", *extra, env=env, **kwargs)
+
+    def test_the_exec_credential_names_the_api_version_kubectl_asked_for(self):
+        for api_version in (EXEC_V1, EXEC_V1BETA1):
+            with self.subTest(api_version=api_version):
+                result = self.kubectl_call(api_version)
+                self.assertEqual(result.code, 0, result.stderr)
+                out = result.json()
+                self.assertEqual(out, {"kind": "ExecCredential", "apiVersion": api_version, "spec": {},
+                                       "status": out["status"]})
+                self.assertEqual(sorted(out["status"]), ["expirationTimestamp", "token"])
+        spaced = json.dumps({"kind": "ExecCredential", "apiVersion": EXEC_V1, "spec": {"interactive": False}}, indent=1)
+        self.assertEqual(self.sign_in("--format", "exec-credential", env=dict(self.env, KUBERNETES_EXEC_INFO=spaced))
+                         .json()["apiVersion"], EXEC_V1)
+        for value in (None, "", "not json", "[]", '{"apiVersion": "client.authentication.k8s.io/v1alpha1"}',
+                      '{"apiVersion": 1, "spec": []}',
+                      '{"kind":"ExecCredential","apiVersion":"client.authentication.k8s.io/v2","spec":{}}'):
+            with self.subTest(value=value):
+                env = dict(self.env, **({} if value is None else {"KUBERNETES_EXEC_INFO": value}))
+                result = self.sign_in("--format", "exec-credential", env=env)
+                self.assertEqual(result.code, 0, result.stderr)
+                self.assertEqual(result.json()["apiVersion"], EXEC_V1BETA1)
+
+    def test_the_token_is_the_id_token_else_the_access_token_with_its_expiry(self):
+        result = self.kubectl_call()
+        status = result.json()["status"]
+        claims = vdl.decode_jwt(status["token"])[1]
+        self.assertEqual(vdl.decode_jwt(status["token"])[0]["typ"], "JWT")
+        self.assertEqual(status["expirationTimestamp"], time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claims["exp"])))
+        self.issuer.id_tokens = False
+        result = self.kubectl_call(env={"XDG_CACHE_HOME": os.path.join(self.home, "other")})
+        status = result.json()["status"]
+        self.assertEqual(status["token"], self.issuer.issued[-1])
+        expires = __import__("calendar").timegm(time.strptime(status["expirationTimestamp"], "%Y-%m-%dT%H:%M:%SZ"))
+        # The client counts expires_in from its own clock, so it may differ from exp by a second.
+        self.assertAlmostEqual(expires, vdl.decode_jwt(status["token"])[1]["exp"], delta=2)
+
+    def test_it_implies_the_cache_and_a_second_call_makes_no_request_at_all(self):
+        first = self.kubectl_call()
+        self.assertEqual(first.code, 0, first.stderr)
+        self.assertIn("To sign in, open", first.stderr)
+        requests = len(self.issuer.requests)
+        second = self.kubectl_call(interactive=False)
+        self.assertEqual((second.code, second.stdout, second.stderr), (0, first.stdout, ""))
+        self.assertEqual(len(self.issuer.requests), requests)
+
+    def test_an_id_token_near_its_expiry_means_a_new_sign_in_though_the_access_token_lasts(self):
+        self.kubectl_call()
+        # The ID token lasts 3600 s, the access token 28800 s.
+        result = self.kubectl_call(EXEC_V1, True, "--min-ttl", "4000")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(len(self.issuer.devices), 2)
+
+    def test_no_sign_in_without_a_person_to_see_the_prompt(self):
+        result = self.kubectl_call(EXEC_V1, False)
+        line = self.assertFailed(result, 2, "run the same command in a terminal")
+        self.assertIn("interactive: false", line)
+        self.assertEqual([r for r in self.issuer.requests if r["method"] == "POST"], [])
+        self.kubectl_call(EXEC_V1BETA1, True)
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--min-ttl", "30000"), 2, "in a terminal")
+
+    def test_every_way_of_asking_for_a_cached_credential_gets_the_same_answer_with_no_request(self):
+        # Access tokens carry a jti, so each sign-in's differs (ID tokens of the same second do not).
+        self.issuer.id_tokens = False
+        first = self.kubectl_call()
+        requests = len(self.issuer.requests)
+        cacert = pem_file("ca.pem", TEST_CA_PEM)
+        variants = [["--format=exec-credential"], ["-q", "--no-browser"], ["--min-ttl=60"], ["--require-hardware"],
+                    ["--cacert", cacert, "--timeout", "5", "--max-restarts=1"], ["-v"], ["--scope", "openid email"],
+                    ["--verify", "--jwks-uri", self.issuer.issuer + "/oauth/jwks"]]
+        for extra in variants:
+            with self.subTest(extra=extra):
+                result = self.kubectl_call(EXEC_V1, False, *extra)
+                self.assertEqual((result.code, result.stdout), (0, first.stdout), result.stderr)
+        self.assertEqual([r["path"] for r in self.issuer.requests[requests:]], ["/oauth/jwks"])
+        self.issuer.user["hardware_aaguid"] = "cb69481e-8ff7-4039-93ec-0a2729a154a8"
+        self.kubectl_call(EXEC_V1, True, "--min-ttl", "40000")
+        second = self.kubectl_call(EXEC_V1, False, "--require-aaguid", "CB69481E-8FF7-4039-93EC-0A2729A154A8")
+        self.assertEqual(second.code, 0, second.stderr)
+        self.assertNotEqual(second.stdout, first.stdout)
+        # Failures take the full path, which names them.
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--require-aaguid", "ee882879-721c-4913-9775-3dfcce97072a"),
+                          8, "--require-aaguid")
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--require-aaguid", "not-a-uuid"), 2, "not a UUID")
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--cacert", cacert + ".missing"), 2, "no such file")
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--min-ttl", "-1"), 2, "--min-ttl")
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--aws-region", "eu-west-1"), 2, "needs --aws-role-arn")
+        self.assertEqual(self.kubectl_call(EXEC_V1, False, env={"VOUCH_AWS_ROLE_ARN": ROLE_ARN}).stdout, second.stdout)
+
+    def test_an_expiry_rfc_3339_cannot_write_is_a_protocol_error(self):
+        build = self.issuer.id_token
+        for exp in (10 ** 12, -5):
+            with self.subTest(exp=exp):
+                self.issuer.id_token = lambda client_id, exp=exp: build(client_id, exp=exp)
+                home = {"XDG_CACHE_HOME": os.path.join(self.home, str(exp))}
+                self.assertFailed(self.kubectl_call(env=home), 6, "expiry is out of range")
+                self.assertFailed(self.kubectl_call(EXEC_V1, False, env=home), 6 if exp > 0 else 2)
+
+    def test_logout_and_a_new_sign_in_leave_no_stale_answer(self):
+        self.issuer.id_tokens = False
+        first = self.kubectl_call()
+        answers = [os.path.join(self.directory, f) for f in os.listdir(self.directory) if f.endswith(".answers")]
+        self.assertEqual(len(answers), 1)
+        os.chmod(answers[0], 0o644)
+        self.assertFailed(self.kubectl_call(EXEC_V1, False), 2, "chmod 600 " + answers[0])
+        os.chmod(answers[0], 0o600)
+        renewed = self.kubectl_call(EXEC_V1, True, "--min-ttl", "40000")
+        self.assertNotEqual(renewed.stdout, first.stdout)
+        self.assertEqual(self.kubectl_call(EXEC_V1, False).stdout, renewed.stdout)
+        self.assertEqual(self.sign_in("--logout", env=self.env).code, 0)
+        self.assertFalse(os.path.exists(answers[0]))
+        self.assertFailed(self.kubectl_call(EXEC_V1, False), 2, "in a terminal")
+
+    def test_policy_is_checked_before_kubectl_gets_a_token(self):
+        self.issuer.user.update(hardware_verified=False)
+        self.assertFailed(self.kubectl_call(EXEC_V1, True, "--require-hardware"), 8, "--require-hardware")
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--require-hardware"), 8, "--require-hardware")
+        self.assertFailed(self.kubectl_call(EXEC_V1, False, "--require-aaguid", "cb69481e-8ff7-4039-93ec-0a2729a154a8"),
+                          8, "--require-aaguid")
+
+
+def imported_modules(args, env):
+    """Run the CLI in a child process; return (exit code, stdout, the modules it ended up importing)."""
+    code = ("import sys; sys.path.insert(0, %r); import vouch_device_login as v; code = v.main(sys.argv[1:]); "
+            "sys.stderr.write('\\nMODULES ' + ' '.join(sorted(sys.modules))); sys.exit(code)" % HERE)
+    environment = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
+    environment.update(env)
+    proc = subprocess.run([sys.executable, "-c", code] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=environment, cwd=HERE, stdin=subprocess.DEVNULL, timeout=60, check=False)
+    stderr = proc.stderr.decode()
+    return proc.returncode, proc.stdout.decode(), set(stderr.rpartition("MODULES ")[2].split())
+
+
+class CredentialCacheHitImportTests(StsFixture):
+    """A cache hit, what kubectl and the AWS CLI run before every command, imports no network or XML code."""
+
+    # argparse too: the cache hit is answered before the command line is parsed in full.
+    HEAVY = ("ssl", "http.client", "xml", "xml.parsers.expat", "pyexpat", "_ssl", "argparse")
+
+    def test_cache_hits_import_no_ssl_http_or_xml(self):
+        base = ["--issuer", self.issuer.issuer, "--client-id", "cli"]
+        aws = base + ["--cache", "--aws-role-arn", ROLE_ARN, "--aws-sts-endpoint", self.sts.url, "--format", "aws"]
+        for args in (base + ["--format", "exec-credential"], aws):
+            with self.subTest(args=args[-1]):
+                self.issuer.approve_after_polls = 0
+                code, first, modules = imported_modules(args, self.env)
+                self.assertEqual(code, 0)
+                self.assertIn("http.client", modules)
+                requests = (len(self.issuer.requests), len(self.sts.requests))
+                code, second, modules = imported_modules(args, self.env)
+                self.assertEqual((code, second), (0, first))
+                self.assertEqual((len(self.issuer.requests), len(self.sts.requests)), requests)
+                self.assertIn("vouch_device_login", modules)
+                self.assertEqual([m for m in self.HEAVY if m in modules], [])
+
+
+# -- the real consumers: the AWS CLI and botocore with moto as STS, kubectl ----------
+
+def venv_program(name):
+    """A program installed beside this interpreter (the venv's bin), or None."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    return path if os.access(path, os.X_OK) else None
+
+
+def consumer_env(env):
+    """The environment for a consumer: no AWS or kubectl settings from this machine."""
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in _ENV_KEYS and not k.startswith(("AWS_", "KUBE"))}
+    environment.update(env)
+    return environment
+
+
+class AwsCliTests(CacheFixture):
+    """The AWS CLI v1 and botocore take the credentials through credential_process; moto's server is STS."""
+
+    issuer_options = {"rate_limit": False, "id_tokens": True}
+
+    def setUp(self):
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError:
+            self.skipTest("moto[server] is not installed (make test installs it)")
+        CacheFixture.setUp(self)
+        import logging
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        self.addCleanup(server.stop)
+        self.sts_url = "http://%s:%d/" % server.get_host_and_port()
+        self.issuer.approve_after_polls = 0
+        self.command = [sys.executable, SCRIPT, "--issuer", self.issuer.issuer, "--client-id", "cli", "--cache",
+                        "--aws-role-arn", ROLE_ARN, "--aws-sts-endpoint", self.sts_url, "--format", "aws"]
+        self.config = os.path.join(self.home, "aws-config")
+        with open(self.config, "w") as handle:
+            handle.write("[profile vouch]\ncredential_process = %s\n"
+                         % " ".join(__import__("shlex").quote(part) for part in self.command))
+        self.env = consumer_env(dict(self.env, AWS_CONFIG_FILE=self.config, AWS_EC2_METADATA_DISABLED="true",
+                                     AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.home, "no-credentials")))
+
+    def test_aws_sts_get_caller_identity_runs_as_the_assumed_role(self):
+        aws = venv_program("aws")
+        if aws is None:
+            self.skipTest("the AWS CLI (awscli) is not installed beside %s" % sys.executable)
+        command = [aws, "sts", "get-caller-identity", "--profile", "vouch", "--region", "us-east-1",
+                   "--endpoint-url", self.sts_url, "--output", "json"]
+        identities = []
+        for _ in range(2):
+            proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                                  stdin=subprocess.DEVNULL, timeout=120, check=False)
+            self.assertEqual(proc.returncode, 0, proc.stderr.decode())
+            identities.append(json.loads(proc.stdout.decode()))
+        self.assertEqual(identities[0]["Arn"], "arn:aws:sts::123456789012:assumed-role/vouch-dev/ada@example.com")
+        # moto names a new role id for every call; the role session is the same.
+        self.assertEqual(identities[1]["Arn"], identities[0]["Arn"])
+        # The second command's credential_process was a cache hit: one sign-in in all.
+        self.assertEqual(len(self.issuer.devices), 1)
+
+    def test_botocore_process_provider_accepts_the_output(self):
+        try:
+            from botocore.credentials import ProcessProvider
+        except ImportError:
+            self.skipTest("botocore is not installed")
+        printed = subprocess.run(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                                 check=True, timeout=60, stdin=subprocess.DEVNULL).stdout
+        expected = json.loads(printed.decode())
+        with open(self.config) as handle:
+            command = handle.read().split(" = ", 1)[1].strip()
+        profile = {"profiles": {"vouch": {"credential_process": command}}}
+        provider = ProcessProvider("vouch", lambda: profile)
+        with mock.patch.dict(os.environ, self.env, clear=True):
+            credentials = provider.load()
+            frozen = credentials.get_frozen_credentials()
+        self.assertEqual(credentials.method, "custom-process")
+        self.assertEqual((frozen.access_key, frozen.secret_key, frozen.token),
+                         (expected["AccessKeyId"], expected["SecretAccessKey"], expected["SessionToken"]))
+        self.assertEqual(credentials._expiry_time.strftime("%Y-%m-%dT%H:%M:%SZ"), expected["Expiration"])
+
+
+class FakeKubeApi:
+    """A Kubernetes API server's /version over HTTPS on 127.0.0.1, for bearer tokens it is told to accept."""
+
+    def __init__(self, accepted):
+        import ssl
+        self.accepted = accepted
+        self.requests = []
+        self.connections = 0
+        self.tls_handshakes = 0
+        self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls_context.load_cert_chain(pem_file("server.pem", TEST_SERVER_CERT_PEM),
+                                         pem_file("server.key", TEST_SERVER_KEY_PEM))
+        self.server = _Server(("127.0.0.1", 0), _Handler)
+        self.server.issuer = self
+        self.url = "https://127.0.0.1:%d" % self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self._thread.daemon = True
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def handle(self, handler, method):
+        authorization = handler.headers.get("Authorization", "")
+        self.requests.append((method, handler.path, authorization))
+        if not (authorization.startswith("Bearer ") and authorization[7:] in self.accepted()):
+            return handler.send(401, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                      "message": "Unauthorized", "reason": "Unauthorized", "code": 401})
+        if (method, handler.path) != ("GET", "/version"):
+            return handler.send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
+        handler.send(200, {"major": "1", "minor": "32", "gitVersion": "v1.32.0-vouch-test", "platform": "linux/amd64"})
+
+
+class KubectlTests(CacheFixture):
+    """kubectl runs the tool as its exec credential plugin against a local HTTPS API server."""
+
+    issuer_options = {"rate_limit": False, "id_tokens": True}
+
+    def setUp(self):
+        self.kubectl = shutil.which("kubectl")
+        if self.kubectl is None:
+            self.skipTest("kubectl is not installed (Debian: apt-get install kubernetes-client)")
+        CacheFixture.setUp(self)
+        self.id_tokens = []
+        build = self.issuer.id_token
+
+        def id_token(client_id, **extra):
+            token = build(client_id, **extra)
+            self.id_tokens.append(token)
+            return token
+
+        self.issuer.id_token = id_token
+        self.issuer.approve_after_polls = 0
+        self.api = FakeKubeApi(lambda: self.id_tokens)
+        self.api.__enter__()
+        self.addCleanup(self.api.__exit__)
+        kubeconfig = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "local",
+            "clusters": [{"name": "local", "cluster": {"server": self.api.url,
+                                                       "certificate-authority": pem_file("ca.pem", TEST_CA_PEM)}}],
+            "contexts": [{"name": "local", "context": {"cluster": "local", "user": "vouch"}}],
+            "users": [{"name": "vouch", "user": {"exec": {
+                "apiVersion": EXEC_V1, "command": sys.executable,
+                "args": [SCRIPT, "--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "exec-credential"],
+                "installHint": "python3 vouch_device_login.py --install", "interactiveMode": "IfAvailable",
+                "provideClusterInfo": False}}}],
+        }
+        self.kubeconfig = os.path.join(self.home, "kubeconfig")
+        with open(self.kubeconfig, "w") as handle:
+            json.dump(kubeconfig, handle)
+        self.env = consumer_env(dict(self.env, KUBECONFIG=self.kubeconfig, HOME=self.home))
+
+    def kubectl_version(self, terminal):
+        """kubectl get --raw /version; with terminal, stdin is a pseudo-terminal, as when a person types it."""
+        import pty
+        master, slave = pty.openpty() if terminal else (None, None)
+        try:
+            proc = subprocess.run([self.kubectl, "get", "--raw", "/version"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=self.env, timeout=120, check=False,
+                                  stdin=slave if terminal else subprocess.DEVNULL)
+        finally:
+            for fd in (master, slave):
+                if fd is not None:
+                    os.close(fd)
+        return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+    def test_kubectl_gets_the_token_and_a_second_call_signs_in_no_more(self):
+        first = self.kubectl_version(terminal=True)
+        self.assertEqual(first.code, 0, first.stderr)
+        self.assertEqual(first.json()["gitVersion"], "v1.32.0-vouch-test")
+        self.assertIn("To sign in, open", first.stderr)
+        requests = len(self.issuer.requests)
+        second = self.kubectl_version(terminal=False)
+        self.assertEqual((second.code, second.stdout), (0, first.stdout), second.stderr)
+        self.assertEqual(len(self.issuer.requests), requests)
+        self.assertEqual(len(self.issuer.devices), 1)
+        self.assertEqual({auth for _, path, auth in self.api.requests if path == "/version"},
+                         {"Bearer " + self.id_tokens[0]})
+
+    def test_kubectl_without_a_terminal_gets_the_one_line_refusal(self):
+        result = self.kubectl_version(terminal=False)
+        self.assertNotEqual(result.code, 0)
+        self.assertEqual(result.stdout, "")
+        self.assertIn("run the same command in a terminal to sign in", result.stderr)
+        self.assertEqual((self.issuer.devices, self.api.requests), ({}, []))
+
+
+# ============================================================================
 # make demo: the whole flow against the bundled issuer, approved by a "person"
 # ============================================================================
 
@@ -6141,7 +6947,8 @@ def run_bench():
         installed = _installed_command(workdir)
         for section in (functools.partial(_bench_startup, installed), _bench_verify,
                         functools.partial(_bench_inspect, workdir, installed),
-                        functools.partial(_bench_sign_in, workdir, installed)):
+                        functools.partial(_bench_sign_in, workdir, installed),
+                        functools.partial(_bench_credential_cache_hits, workdir, installed)):
             try:
                 section()
             except _BenchFailure as exc:
@@ -6656,6 +7463,44 @@ def _bench_sign_in(workdir, installed):
                      ("max RSS of the sign-in process", _mib(rss), "< 25 MiB", "PASS" if rss < 25 * 2 ** 20 else "MISS"),
                      ("max RSS of `python3 -c pass`, for scale", _mib(bare), "", ""),
                  ], ["max RSS: ru_maxrss of that process alone, reaped by a minimal Python parent (_MAX_RSS_WRAPPER)"])
+
+
+# -- (f) a cache hit for kubectl and credential_process ---------------------------
+
+def _bench_credential_cache_hits(workdir, installed):
+    """Whole-process cached --format exec-credential and --format aws against --version (issue 13).
+
+    kubectl runs its exec plugin before every command, and the AWS CLI its
+    credential_process: the cache hit is what they wait for each time.
+    """
+    with LocalIssuer(rate_limit=False, id_tokens=True, approve_after_polls=0) as issuer, FakeSts(issuer) as sts, \
+            mock.patch.dict(os.environ, {"XDG_CACHE_HOME": os.path.join(workdir, "cache")}):
+        base = ["--issuer", issuer.issuer, "--client-id", "cli"]
+        kubectl = base + ["--format", "exec-credential"]
+        aws = base + ["--cache", "--aws-role-arn", ROLE_ARN, "--aws-sts-endpoint", sts.url, "--format", "aws"]
+        for args in (kubectl, aws):
+            _run_child(installed + args)  # the sign-in and the STS exchange the hits below reuse
+        requests = (len(issuer.requests), len(sts.requests))
+        version = "vouch-device-login --version (installed)"
+        commands = {
+            version: installed + ["--version"],
+            "vouch-device-login --format exec-credential, cached (installed)": installed + kubectl,
+            "vouch-device-login --format aws, cached (installed)": installed + aws,
+            "python3 vouch_device_login.py --format exec-credential, cached": [sys.executable, SCRIPT] + kubectl,
+            "python3 vouch_device_login.py --format aws, cached": [sys.executable, SCRIPT] + aws,
+        }
+        medians = _median_wall_times(commands, BENCH_STARTUP_RUNS)
+        if (len(issuer.requests), len(sts.requests)) != requests:
+            raise _BenchFailure("a cache hit made a request")
+    rows = []
+    for name, median in medians.items():
+        ratio = median / medians[version]
+        target = ("<= 1.50x", _verdict(ratio, 1.5)) if "cached (installed)" in name else ("", "")
+        rows.append((name, _ms(median), "%.2fx" % ratio) + target)
+    _print_table("(f) cache hit for kubectl and credential_process, whole process, median of %d interleaved runs"
+                 % BENCH_STARTUP_RUNS, ("command", "median", "vs --version", "target", "result"), rows,
+                 ["no request reaches the issuer or STS; ssl, http.client and xml stay unimported",
+                  "(CredentialCacheHitImportTests checks that)"])
 
 
 if __name__ == "__main__":

@@ -1363,8 +1363,12 @@ def request_device_authorization(http, endpoint, client_id, scope, extra=None, c
     return parse_device_authorization(_json_document(response, what), received_at, http.terminal)
 
 
-def _post_with_retries(http, url, what, form, attempts=4):
-    """POST, retrying 5xx, 429 and network failures a few times with backoff."""
+def _post_with_retries(http, url, what, form, attempts=4, headers=None, retryable=None):
+    """POST, retrying 5xx, 429 and network failures a few times with backoff.
+
+    retryable(response), when given, names more answers to retry (STS
+    throttles with HTTP 400).
+    """
     import time
     last = None
     for attempt in range(attempts):
@@ -1375,7 +1379,7 @@ def _post_with_retries(http, url, what, form, attempts=4):
             http.terminal.debug("retrying in %.1f s" % delay)
             _sleep(delay)
         try:
-            last = http.post(url, what, form)
+            last = http.post(url, what, form, headers=headers)
         except _TimeLimitError:
             raise
         except NetworkError:
@@ -1383,7 +1387,7 @@ def _post_with_retries(http, url, what, form, attempts=4):
                 raise
             last = None
             continue
-        if last.status < 500 and last.status != 429:
+        if last.status < 500 and last.status != 429 and not (retryable and retryable(last)):
             return last
     return last
 
@@ -3282,6 +3286,15 @@ _SHELL_VARIABLES = (
 )
 
 
+_AWS_PROCESS_FIELDS = ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")
+_AWS_SHELL_VARIABLES = (
+    ("AWS_ACCESS_KEY_ID", "AccessKeyId"),
+    ("AWS_SECRET_ACCESS_KEY", "SecretAccessKey"),
+    ("AWS_SESSION_TOKEN", "SessionToken"),
+    ("AWS_CREDENTIAL_EXPIRATION", "Expiration"),
+)
+
+
 def _shell_quote(value):
     """POSIX single quoting: nothing inside single quotes is special but the quote."""
     return "'" + value.replace("'", "'\\''") + "'"
@@ -3290,6 +3303,8 @@ def _shell_quote(value):
 def _shell_value(result, key):
     if key == "sub":
         value = _first_string("sub", result.get("claims"), result.get("id_token_claims"))
+    elif key in _AWS_PROCESS_FIELDS:
+        value = result["aws"][key]
     else:
         value = result.get(key)
     if value is None:
@@ -3306,14 +3321,19 @@ def _shell_value(result, key):
     return value
 
 
-def render_output(result, output_format, pretty=False):
-    """The text printed on stdout for --format json, shell or token."""
+def render_output(result, output_format, pretty=False, exec_api_version=None):
+    """The text printed on stdout for --format json, shell, token, exec-credential or aws."""
     import json
     if output_format == "token":
         return result["access_token"] + "\n"
     if output_format == "shell":
         return "".join("export %s=%s\n" % (name, _shell_quote(_shell_value(result, key)))
-                       for name, key in _SHELL_VARIABLES)
+                       for name, key in _SHELL_VARIABLES + (_AWS_SHELL_VARIABLES if "aws" in result else ()))
+    if output_format == "exec-credential":
+        result = _exec_credential(result, exec_api_version or EXEC_CREDENTIAL_API_VERSIONS[0])
+    elif output_format == "aws":
+        # credential_process output, Version 1 (the AWS SDKs' process credential provider)
+        result = dict(Version=1, **{k: result["aws"][k] for k in _AWS_PROCESS_FIELDS})
     # ensure_ascii keeps every server-supplied control character escaped.
     return json.dumps(result, indent=2 if pretty else None, ensure_ascii=True, allow_nan=False) + "\n"
 
@@ -3360,6 +3380,19 @@ CACHED_JWKS_TTL = 300
 def _cache_directory(environ):
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "vouch-device-login")
+
+
+def _sha256(data):
+    """hashlib.sha256, from the interpreter's own module where it has one: loading OpenSSL's
+    costs a cached credential (kubectl, credential_process) more than all the rest it does."""
+    try:
+        from _sha2 import sha256  # CPython 3.12 and later
+    except ImportError:
+        try:
+            from _sha256 import sha256
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data)
 
 
 def _check_private(path, stat_result, kind):
@@ -3413,16 +3446,18 @@ class _Cache:
 
     Written atomically (temporary file, then rename), every file 0600, the
     directory 0700, and a lock file so that two runs at once do not both
-    start a sign-in.
+    start a sign-in. Beside the entry, the answers a cached kubectl or
+    credential_process run prints (_fast_answers), readable without json.
     """
 
-    def __init__(self, directory, key_parts):
-        import hashlib
-        import json
+    def __init__(self, directory, key_parts=None, digest=None):
         self.directory = directory
-        digest = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+        if digest is None:
+            import json
+            digest = _sha256(json.dumps(key_parts, sort_keys=True).encode("utf-8")).hexdigest()[:32]
         self.path = os.path.join(directory, digest + ".json")
         self.lock_path = os.path.join(directory, digest + ".lock")
+        self.answers_path = os.path.join(directory, digest + ".answers")
         self._lock_fd = None
 
     def _ensure_directory(self):
@@ -3491,18 +3526,45 @@ class _Cache:
         import json
         self._ensure_directory()
         entry = dict(entry, format=CACHE_FORMAT)
+        # The old answers go first: they must never outlive the entry they came from.
+        self._discard_answers()
         try:
             _write_replacing(self.path, json.dumps(entry).encode("utf-8"), 0o600)
+            answers = _fast_answers(entry)
+            if answers:
+                _write_replacing(self.answers_path, answers.encode("utf-8"), 0o600)
         except OSError as exc:
-            raise UsageError("cannot write the cache file %s: %s" % (self.path, exc.strerror or exc))
+            raise UsageError("cannot write the cache file %s: %s" % (exc.filename or self.path, exc.strerror or exc))
 
     def delete(self):
         """Remove the entry; True when there was one."""
+        self._discard_answers()
         try:
             os.unlink(self.path)
             return True
         except FileNotFoundError:
             return False
+
+    def _discard_answers(self):
+        try:
+            os.unlink(self.answers_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise UsageError("cannot remove the cache file %s: %s" % (self.answers_path, exc.strerror or exc))
+
+    def load_answers(self):
+        """The text _fast_answers wrote, or None when there is none."""
+        try:
+            fd = self._open_private(self.answers_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            self._check_directory()
+            try:
+                return handle.read(MAX_BODY_BYTES).decode("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError("cannot read the cache file %s: %s" % (self.answers_path, exc))
 
     def acquire(self, terminal, wait=CACHE_LOCK_WAIT):
         """Take the entry's lock, waiting (bounded) for another run holding it."""
@@ -3547,6 +3609,23 @@ def _reusable(entry, min_ttl, now):
     return None
 
 
+def _reusable_for(config, entry, now):
+    """The cached result this run can use without signing in, or None.
+
+    Cached AWS credentials of the role asked for do not need the token any
+    more; a token handed to kubectl or STS (the ID token, when there is one)
+    must itself have more than --min-ttl seconds left.
+    """
+    if config.aws_role_arn and _cached_aws(config, entry, now) is not None:
+        return entry["result"]
+    result = _reusable(entry, config.min_ttl, now)
+    if result is not None and (config.aws_role_arn or config.output_format == "exec-credential"):
+        expires_at = _handed_token(result)[1]
+        if expires_at is not None and expires_at - now <= config.min_ttl:
+            return None
+    return result
+
+
 # ============================================================================
 # Sign-in: endpoints, device code, prompt, polling, restarts
 # ============================================================================
@@ -3572,6 +3651,9 @@ def _resolve_endpoints(config, http):
 
 def _sign_in(config, http, terminal, metadata):
     """Run the device flow, restarting with a new code when one expires."""
+    if config.interactive is False:
+        raise UsageError("a sign-in is needed, but kubectl runs this without a terminal (KUBERNETES_EXEC_INFO "
+                         "says interactive: false): run the same command in a terminal to sign in, then retry")
     restarts = 0
     while True:
         device = request_device_authorization(
@@ -3840,15 +3922,17 @@ def _run(config, http, terminal):
     if not config.cache:
         result = _fresh_result(config, http, terminal, None)[0]
         _check_policy(config, result)
+        if config.aws_role_arn:
+            _add_aws_credentials(config, http, terminal, result)
         return result
     cache = _cache_for(config)
     entry = cache.load()
-    result = _reusable(entry, config.min_ttl, time.time())
+    result = _reusable_for(config, entry, time.time())
     if result is None:
         cache.acquire(terminal)
         try:
             entry = cache.load()
-            result = _reusable(entry, config.min_ttl, time.time())
+            result = _reusable_for(config, entry, time.time())
             if result is None:
                 result, metadata, source = _fresh_result(config, http, terminal, entry)
                 stored = {"result": result, "metadata": _metadata_subset(metadata)}
@@ -3863,7 +3947,9 @@ def _run(config, http, terminal):
             cache.release()
     if "cached" not in result:
         _remember_secrets(terminal, result)
-        terminal.info("using the cached token (%s left)" % _format_duration(result["expires_at"] - time.time()))
+        # kubectl shows its plugin's stderr on every command: only a sign-in is news there.
+        (terminal.debug if config.output_format in ("exec-credential", "aws") else terminal.info)(
+            "using the cached token (%s left)" % _format_duration(result["expires_at"] - time.time()))
         result.update(cached=True, verified=False)
         metadata = entry.get("metadata") or {}
         wants_jwks_uri = config.verify and not (config.jwks_file or config.jwks_uri)
@@ -3877,6 +3963,9 @@ def _run(config, http, terminal):
             fresh = _is_number(fetched_at) and 0 <= time.time() - fetched_at < CACHED_JWKS_TTL
             _verify_result(config, _KeySource(config, http, metadata, entry.get("jwks") if fresh else None), result)
     _check_policy(config, result)
+    if config.aws_role_arn:
+        # After the policy check: no token reaches STS unless the policy allows it.
+        _add_aws_credentials(config, http, terminal, result, cache, entry)
     return result
 
 
@@ -3928,6 +4017,466 @@ def _logout(config, http, terminal):
     if failures:
         raise NetworkError("removed the cached tokens, but revocation failed: %s" % "; ".join(failures))
     terminal.info("signed out: the cached tokens were revoked and removed")
+
+
+# ============================================================================
+# Credentials for other tools: kubectl's exec plugin (client-go ExecCredential)
+# and AWS STS AssumeRoleWithWebIdentity (for credential_process)
+# ============================================================================
+
+# v1beta1 is read by every kubectl since 1.11, v1 only since 1.22.
+EXEC_CREDENTIAL_API_VERSIONS = ("client.authentication.k8s.io/v1beta1", "client.authentication.k8s.io/v1")
+DEFAULT_AWS_DURATION = 3600
+_STS_VERSION = "2011-06-15"
+# A real AssumeRoleWithWebIdentity answer is about 2 KB, most of it the session token.
+MAX_STS_BODY_BYTES = 64 * 1024
+# Error codes STS sends with HTTP 400 that mean "try again later"; the AWS SDKs retry them.
+_STS_RETRYABLE = frozenset(("Throttling", "ThrottlingException", "RequestLimitExceeded", "IDPCommunicationError"))
+# STS's own patterns (API reference, AssumeRoleWithWebIdentity), ASCII only.
+_ROLE_ARN_PATTERN = r"arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}\Z"
+_SESSION_NAME_PATTERN = r"[\w+=,.@-]{2,64}\Z"
+_REGION_PATTERN = r"[a-z]{2,4}(-[a-z0-9]+){1,4}\Z"
+# The largest year RFC 3339 can write.
+_MAX_EPOCH = 253402300799
+
+
+def _exec_info(environ):
+    """(apiVersion, interactive) from KUBERNETES_EXEC_INFO, which kubectl sets for its exec plugins.
+
+    v1beta1 when the variable is absent, unreadable or names another version;
+    interactive is None unless the variable says true or false.
+    """
+    text = environ.get("KUBERNETES_EXEC_INFO")
+    try:
+        info = _loads_json(text) if text else None
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        return EXEC_CREDENTIAL_API_VERSIONS[0], None
+    api_version = info.get("apiVersion")
+    if api_version not in EXEC_CREDENTIAL_API_VERSIONS:
+        api_version = EXEC_CREDENTIAL_API_VERSIONS[0]
+    spec = info.get("spec")
+    interactive = spec.get("interactive") if isinstance(spec, dict) else None
+    return api_version, interactive if isinstance(interactive, bool) else None
+
+
+def _handed_token(result):
+    """The token other tools get, with its expiry: the ID token when there is one (as kubelogin does), else the access token."""
+    if result.get("id_token"):
+        expires_at = (result.get("id_token_claims") or {}).get("exp")
+        return result["id_token"], expires_at if _is_number(expires_at) else None
+    return result["access_token"], result.get("expires_at")
+
+
+def _rfc3339(epoch):
+    """Epoch seconds as RFC 3339 UTC, 2026-11-30T12:00:00Z."""
+    import time
+    if not 0 <= epoch <= _MAX_EPOCH:
+        raise ProtocolError("the token's expiry is out of range: %s" % _sanitize(epoch, 40))
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch)))
+
+
+def _exec_credential(result, api_version=EXEC_CREDENTIAL_API_VERSIONS[0]):
+    """The client-go ExecCredential (kubectl's exec plugin answer) for a result."""
+    token, expires_at = _handed_token(result)
+    status = {"token": token}
+    if expires_at is not None:
+        status["expirationTimestamp"] = _rfc3339(expires_at)
+    return {"kind": "ExecCredential", "apiVersion": api_version, "spec": {}, "status": status}
+
+
+def _aws_settings(args, environ):
+    """The --aws-* settings as _Config fields, checked; UsageError for a bad one."""
+    import re
+    role_arn = _role_arn(args.aws_role_arn, args.format, environ)
+    if role_arn is None:
+        for flag in ("aws_region", "aws_sts_endpoint", "aws_session_name", "aws_duration"):
+            if getattr(args, flag) is not None:
+                raise UsageError("--%s needs --aws-role-arn (or VOUCH_AWS_ROLE_ARN)" % flag.replace("_", "-"))
+        if args.format == "aws":
+            raise UsageError("--format aws needs --aws-role-arn ARN (or VOUCH_AWS_ROLE_ARN)")
+        return {"aws_role_arn": None}
+    if args.format not in ("json", "shell", "aws"):
+        raise UsageError("--aws-role-arn prints AWS credentials with --format aws, json or shell, not %s"
+                         % args.format)
+    if not re.match(_ROLE_ARN_PATTERN, role_arn, re.ASCII):
+        raise UsageError("--aws-role-arn %s: not an IAM role ARN like arn:aws:iam::123456789012:role/NAME"
+                         % _sanitize(role_arn))
+    endpoint, what, region = _sts_endpoint(args.aws_sts_endpoint, args.aws_region, environ)
+    # A region from the environment that names no endpoint may be meant for other tools.
+    if region is not None and (what is None or args.aws_region) and not re.match(_REGION_PATTERN, region):
+        raise UsageError("AWS region %s: not a region name like eu-west-1" % _sanitize(region))
+    if what is not None:
+        try:
+            _parse_url(endpoint, what)
+        except ProtocolError as exc:
+            raise UsageError(str(exc))
+    session_name = args.aws_session_name
+    if session_name is not None and not re.match(_SESSION_NAME_PATTERN, session_name, re.ASCII):
+        raise UsageError("--aws-session-name %s: 2 to 64 of the characters A-Z a-z 0-9 _ + = , . @ -"
+                         % _sanitize(session_name))
+    duration = DEFAULT_AWS_DURATION if args.aws_duration is None else args.aws_duration
+    if not 900 <= duration <= 43200:
+        raise UsageError("--aws-duration must be between 900 and 43200 seconds")
+    return {"aws_role_arn": role_arn, "aws_sts_endpoint": endpoint, "aws_session_name": session_name,
+            "aws_duration": duration}
+
+
+def _role_arn(flag, output_format, environ):
+    """--aws-role-arn, else VOUCH_AWS_ROLE_ARN for the formats that print AWS credentials, else None.
+
+    The variable is ignored by the others, so that one exported for the AWS
+    CLI does not break kubectl's --format exec-credential.
+    """
+    if flag:
+        return flag
+    return (environ.get("VOUCH_AWS_ROLE_ARN") or None) if output_format in ("json", "shell", "aws") else None
+
+
+def _sts_endpoint(endpoint, region, environ):
+    """(URL, the flag or variable naming it or None, region): --aws-sts-endpoint, AWS_ENDPOINT_URL_STS,
+    the region's endpoint (--aws-region, AWS_REGION, AWS_DEFAULT_REGION), else the global one."""
+    region = region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None
+    if endpoint:
+        return endpoint, "--aws-sts-endpoint", region
+    if environ.get("AWS_ENDPOINT_URL_STS"):
+        return environ["AWS_ENDPOINT_URL_STS"], "AWS_ENDPOINT_URL_STS", region
+    if region:
+        return "https://sts.%s.amazonaws.com%s/" % (region, ".cn" if region.startswith("cn-") else ""), None, region
+    return "https://sts.amazonaws.com/", None, region
+
+
+def _session_name(config, result):
+    """--aws-session-name, else the email or subject reduced to STS's alphabet and length."""
+    import re
+    if config.aws_session_name:
+        return config.aws_session_name
+    name = _first_string("email", result) or _first_string("sub", result.get("claims"), result.get("id_token_claims"))
+    name = re.sub(r"[^\w+=,.@-]", "-", name or "", flags=re.ASCII)[:64]
+    return name if len(name) >= 2 else _PROG
+
+
+def _assume_role_with_web_identity(http, endpoint, role_arn, token, session_name, duration):
+    """Trade an OIDC token for temporary AWS credentials with STS AssumeRoleWithWebIdentity.
+
+    An unsigned form POST (the token is the proof), retried on 5xx, 429 and
+    STS throttling. Returns (credentials, expires_at): the credentials as the
+    output's `aws` object and their expiry in epoch seconds.
+    """
+    what = "STS AssumeRoleWithWebIdentity"
+    http.terminal.add_secret(token)
+    form = [("Action", "AssumeRoleWithWebIdentity"), ("Version", _STS_VERSION), ("RoleArn", role_arn),
+            ("RoleSessionName", session_name), ("WebIdentityToken", token), ("DurationSeconds", str(duration))]
+    # STS answers JSON when asked for it (the client's default Accept); the XML is what it documents.
+    response = _post_with_retries(http, endpoint, what, form, headers={"Accept": "text/xml"},
+                                  retryable=_sts_throttled)
+    if response.status == 200:
+        credentials, expires_at = _sts_credentials(_sts_xml(response, what), what)
+        for name in ("SecretAccessKey", "SessionToken"):
+            http.terminal.add_secret(credentials[name])
+        return credentials, expires_at
+    _check_redirect(response, what)
+    if response.status >= 500 or response.status == 429:
+        _raise_http_status(response, what)
+    code, message = _sts_error(response, what)
+    text = "%s: %s%s" % (what, code, ": " + message if message else "")
+    if code == "AccessDenied":
+        raise AccessDeniedError(text)
+    if code in _STS_RETRYABLE:
+        raise NetworkError(text + " (still, after retries)")
+    raise ProtocolError(text)
+
+
+def _sts_throttled(response):
+    """Whether an STS answer is a throttling error worth retrying."""
+    if response.status != 400:
+        return False
+    try:
+        return _sts_error(response, "STS")[0] in _STS_RETRYABLE
+    except ProtocolError:
+        return False
+
+
+def _sts_xml(response, what):
+    """Parse an STS answer into (tag, children, text parts) nodes; return the document element.
+
+    Strict and safe: a size cap, UTF-8 only, and no DTD or entity
+    declaration at all (billion laughs, external entities). Namespaces are
+    not processed: the documented answers use only the default namespace.
+    """
+    from xml.parsers import expat
+    body = response.body
+    if len(body) > MAX_STS_BODY_BYTES:
+        raise ProtocolError("%s: the answer (HTTP %d) is larger than %d bytes"
+                            % (what, response.status, MAX_STS_BODY_BYTES))
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("%s: the answer (HTTP %d) is not UTF-8" % (what, response.status))
+    upper = text.upper()
+    if "<!DOCTYPE" in upper or "<!ENTITY" in upper:
+        raise ProtocolError("%s: the answer (HTTP %d) declares a DTD or entities, which are refused"
+                            % (what, response.status))
+    document = ["", [], []]
+    stack = [document]
+
+    def start(tag, attributes):
+        node = [tag, [], []]
+        stack[-1][1].append(node)
+        stack.append(node)
+
+    def refuse(*args):
+        raise ProtocolError("%s: the answer declares a DTD or entities, which are refused" % what)
+
+    # The encoding given here overrides whatever the XML declaration names.
+    parser = expat.ParserCreate("UTF-8")
+    parser.StartElementHandler = start
+    parser.EndElementHandler = lambda tag: stack.pop()
+    parser.CharacterDataHandler = lambda data: stack[-1][2].append(data)
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    try:
+        parser.Parse(body, True)
+    except expat.ExpatError as exc:
+        raise ProtocolError("%s: the answer (HTTP %d) is not well-formed XML: %s"
+                            % (what, response.status, _sanitize(str(exc), 120)))
+    return document[1][0]
+
+
+def _xml_child(node, name, what, optional=False):
+    found = [child for child in node[1] if child[0] == name]
+    if len(found) > 1 or not (found or optional):
+        raise ProtocolError("%s: expected one <%s> in <%s>, found %d" % (what, name, node[0], len(found)))
+    return found[0] if found else None
+
+
+def _xml_text(node, name, what, pattern, optional=False):
+    """The text of node's one child element `name`, which must match pattern (ASCII)."""
+    import re
+    child = _xml_child(node, name, what, optional)
+    if child is None:
+        return None
+    text = "".join(child[2]).strip()
+    if child[1] or not re.match(pattern, text, re.ASCII):
+        raise ProtocolError("%s: <%s> is empty or malformed" % (what, name))
+    return text
+
+
+def _sts_error(response, what):
+    """(code, message) of an STS ErrorResponse; ProtocolError when the body is something else."""
+    root = _sts_xml(response, what)
+    if root[0] != "ErrorResponse":
+        raise ProtocolError("%s: HTTP %d without an STS ErrorResponse" % (what, response.status))
+    error = _xml_child(root, "Error", what)
+    code = _xml_text(error, "Code", what, r"[\w.:-]{1,100}\Z")
+    message = _xml_child(error, "Message", what, optional=True)
+    return code, _sanitize("".join(message[2]).strip(), 200) if message else ""
+
+
+def _sts_credentials(root, what):
+    """The checked credentials of an AssumeRoleWithWebIdentityResponse, and their expiry (epoch seconds)."""
+    import calendar
+    import re
+    import time
+    if root[0] != "AssumeRoleWithWebIdentityResponse":
+        raise ProtocolError("%s: expected <AssumeRoleWithWebIdentityResponse>, got <%s>"
+                            % (what, _sanitize(root[0], 80)))
+    result = _xml_child(root, "AssumeRoleWithWebIdentityResult", what)
+    credentials = _xml_child(result, "Credentials", what)
+    printable = r"[\x21-\x7e]{%d,%d}\Z"
+    aws = {
+        "AccessKeyId": _xml_text(credentials, "AccessKeyId", what, r"\w{16,128}\Z"),
+        "SecretAccessKey": _xml_text(credentials, "SecretAccessKey", what, printable % (16, 256)),
+        "SessionToken": _xml_text(credentials, "SessionToken", what, printable % (16, 16384)),
+    }
+    expiration = _xml_text(credentials, "Expiration", what,
+                           r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]00:?00)\Z")
+    fields = tuple(int(part) for part in re.findall(r"\d+", expiration)[:6])
+    if not (1 <= fields[1] <= 12 and 1 <= fields[2] <= 31 and fields[3] < 24 and fields[4] < 60 and fields[5] < 61):
+        raise ProtocolError("%s: <Expiration> is not a valid time: %s" % (what, expiration))
+    expires_at = calendar.timegm(fields)
+    if expires_at <= time.time():
+        raise ProtocolError("%s: the credentials expired already (%s)" % (what, expiration))
+    aws["Expiration"] = _rfc3339(expires_at)
+    aws["AssumedRoleArn"] = _xml_text(_xml_child(result, "AssumedRoleUser", what), "Arn", what,
+                                      r"arn:[\x21-\x7e]{1,2044}\Z")
+    return aws, expires_at
+
+
+def _aws_slot(config):
+    """Where a cache entry keeps the AWS credentials of this role, endpoint, session name and duration.
+
+    Checked values hold no white space, so the fields cannot run into each other.
+    """
+    return "%s %s %s %d" % (config.aws_sts_endpoint, config.aws_role_arn, config.aws_session_name or "-",
+                            config.aws_duration)
+
+
+def _cached_aws(config, entry, now):
+    """This role's cached AWS credentials while they have more than --min-ttl seconds left, else None."""
+    slots = (entry or {}).get("aws")
+    slot = slots.get(_aws_slot(config)) if isinstance(slots, dict) else None
+    if isinstance(slot, dict) and isinstance(slot.get("credentials"), dict) \
+            and _is_number(slot.get("expires_at")) and slot["expires_at"] - now > config.min_ttl:
+        return slot["credentials"]
+    return None
+
+
+def _add_aws_credentials(config, http, terminal, result, cache=None, entry=None):
+    """--aws-role-arn: put AWS credentials in result["aws"], cached ones while they last, else from STS.
+
+    New credentials are cached only in the entry of the very token they were
+    exchanged for: a new sign-in replaces the entry and drops them.
+    """
+    import time
+    credentials = _cached_aws(config, entry, time.time())
+    if credentials is not None:
+        terminal.debug("using the cached AWS credentials (until %s)" % credentials.get("Expiration"))
+    elif cache is None:
+        credentials = _exchange_for_aws(config, http, terminal, result)[0]
+    else:
+        cache.acquire(terminal)
+        try:
+            entry = cache.load()
+            credentials = _cached_aws(config, entry, time.time())
+            if credentials is None:
+                credentials, expires_at = _exchange_for_aws(config, http, terminal, result)
+                if entry is not None and entry["result"].get("access_token") == result["access_token"]:
+                    now = time.time()
+                    slots = entry.get("aws") if isinstance(entry.get("aws"), dict) else {}
+                    slots = {key: slot for key, slot in slots.items()
+                             if isinstance(slot, dict) and _is_number(slot.get("expires_at")) and slot["expires_at"] > now}
+                    slots[_aws_slot(config)] = {"credentials": credentials, "expires_at": expires_at}
+                    try:
+                        cache.save(dict(entry, aws=slots))
+                    except UsageError as exc:
+                        terminal.warn("the AWS credentials were not cached: %s" % exc)
+        finally:
+            cache.release()
+    result["aws"] = credentials
+
+
+def _exchange_for_aws(config, http, terminal, result):
+    credentials, expires_at = _assume_role_with_web_identity(
+        http, config.aws_sts_endpoint, config.aws_role_arn, _handed_token(result)[0],
+        _session_name(config, result), config.aws_duration)
+    terminal.info("AWS credentials for %s until %s" % (credentials["AssumedRoleArn"], credentials["Expiration"]))
+    return credentials, expires_at
+
+
+# Options a cached credential is answered for without argparse, and whether
+# each takes a value; anything else goes the whole way through the parser.
+_FAST_OPTIONS = {
+    "--issuer": True, "--client-id": True, "--scope": True, "--format": True, "--min-ttl": True,
+    "--cacert": True, "--timeout": True, "--max-restarts": True, "--require-aaguid": True,
+    "--aws-role-arn": True, "--aws-region": True, "--aws-sts-endpoint": True, "--aws-session-name": True,
+    "--aws-duration": True, "--cache": False, "--require-hardware": False, "-q": False, "--quiet": False,
+    "--qr": False, "--copy": False, "--browser": False, "--no-browser": False,
+}
+
+
+def _fast_answers(entry):
+    """What cached kubectl and credential_process runs print, one tab-separated line each.
+
+    A line holds what it answers ("exec" and an ExecCredential apiVersion, or
+    "aws" and an _aws_slot), until when (epoch seconds), hardware_verified,
+    hardware_aaguid ("-" for none) and the output. Kept beside the cache
+    entry so that _cached_credential can answer without json, whose import
+    alone (re, enum) costs such a run more than everything else it does.
+    """
+    result = entry["result"]
+    facts = "%s\t%s" % (_json_text(result.get("hardware_verified")), result.get("hardware_aaguid") or "-")
+    lines = []
+    token_expiry, expires_at = _handed_token(result)[1], result.get("expires_at")
+    if _is_number(token_expiry) and _is_number(expires_at):
+        try:
+            lines = [("exec " + version, min(token_expiry, expires_at),
+                      render_output(result, "exec-credential", exec_api_version=version))
+                     for version in EXEC_CREDENTIAL_API_VERSIONS]
+        except ProtocolError:
+            pass  # an expiry RFC 3339 cannot write; the full path reports it
+    slots = entry.get("aws")
+    for slot, value in sorted(slots.items()) if isinstance(slots, dict) else ():
+        lines.append(("aws " + slot, value["expires_at"], render_output(dict(result, aws=value["credentials"]), "aws")))
+    return "".join("%s\t%d\t%s\t%s" % (tag, until, facts, output) for tag, until, output in lines)
+
+
+def _cached_credential(argv, environ):
+    """The output of a --format exec-credential or aws run that the cache answers, or None.
+
+    kubectl and credential_process run the tool before every command. This
+    answers their cache hits from _fast_answers, without argparse, json, URL
+    parsing or OpenSSL. An option it does not know, a value it would have to
+    check with more than a glance, a policy not met or a miss returns None,
+    and main() takes the full path, which reports any error. The values that
+    name the cache entry and the answer were checked by the run that wrote them.
+    """
+    import time
+    values, flags, aaguids = {}, set(), []
+    items = iter(argv)
+    for item in items:
+        name, equals, value = item.partition("=")
+        takes_value = _FAST_OPTIONS.get(name)
+        if takes_value is None or (equals and not takes_value):
+            return None
+        if takes_value and not equals:
+            value = next(items, None)
+            if value is None or value.startswith("-"):
+                return None
+        if name == "--require-aaguid":
+            aaguids.append(value.lower())
+        elif takes_value:
+            values[name] = value
+        else:
+            flags.add(name)
+    output_format = values.get("--format")
+    client_id = values.get("--client-id") or environ.get("VOUCH_CLIENT_ID")
+    cache = output_format == "exec-credential" or "--cache" in flags \
+        or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on")
+    role_arn = _role_arn(values.get("--aws-role-arn"), output_format, environ)
+    # Pretty output (stdout a terminal) is the full path's.
+    if output_format not in ("exec-credential", "aws") or not client_id or not cache or _isatty(sys.stdout) \
+            or (output_format == "aws") != (role_arn is not None) \
+            or (output_format != "aws" and any(name.startswith("--aws-") for name in values)) \
+            or ("--cacert" in values and not os.path.isfile(values["--cacert"])):
+        return None
+    try:
+        min_ttl, timeout = int(values.get("--min-ttl", DEFAULT_MIN_TTL)), float(values.get("--timeout", DEFAULT_TIMEOUT))
+        restarts, duration = int(values.get("--max-restarts", 0)), int(values.get("--aws-duration", DEFAULT_AWS_DURATION))
+    except ValueError:
+        return None
+    if min_ttl < 0 or not 0 < timeout <= 3600 or not 0 <= restarts <= 100:
+        return None
+    key = ((values.get("--issuer") or environ.get("VOUCH_ISSUER") or DEFAULT_ISSUER).rstrip("/"), client_id,
+           values["--scope"] if "--scope" in values else environ.get("VOUCH_SCOPE", DEFAULT_SCOPE))
+    if any(not "\x20" <= ch <= "\x7e" or ch in "\"\\" for part in key for ch in part):
+        return None
+    # For such values this is the very text _Cache hashes: json.dumps([issuer, client_id, scope, None, []]).
+    answers = _Cache(_cache_directory(environ), digest=_sha256(
+        ('["%s", "%s", "%s", null, []]' % key).encode("ascii")).hexdigest()[:32]).load_answers()
+    if output_format == "aws":
+        endpoint = _sts_endpoint(values.get("--aws-sts-endpoint"), values.get("--aws-region"), environ)[0]
+        tag = "aws " + _aws_slot(_Config(aws_sts_endpoint=endpoint, aws_role_arn=role_arn,
+                                         aws_session_name=values.get("--aws-session-name"), aws_duration=duration))
+    else:
+        # kubectl writes KUBERNETES_EXEC_INFO with Go's encoding/json: compact, kind before apiVersion.
+        info = environ.get("KUBERNETES_EXEC_INFO")
+        versions = [v for v in EXEC_CREDENTIAL_API_VERSIONS
+                    if not info or info.startswith('{"kind":"ExecCredential","apiVersion":"%s",' % v)]
+        if not versions:
+            return None
+        tag = "exec " + versions[0]
+    for line in (answers or "").splitlines(True):
+        fields = line.split("\t", 4)
+        if len(fields) == 5 and fields[0] == tag:
+            until, verified, aaguid, output = fields[1:]
+            if _is_ascii_digits(until, 12) and int(until) - time.time() > min_ttl \
+                    and (verified == "true" or "--require-hardware" not in flags) \
+                    and (aaguid in aaguids or not aaguids):
+                return output
+            return None
+    return None
 
 
 # ============================================================================
@@ -4142,8 +4691,10 @@ def _argument_parser():
     add("--timeout", metavar="SECONDS", type=float, default=DEFAULT_TIMEOUT,
         help="time limit for each HTTP request (default %g)" % DEFAULT_TIMEOUT)
     add("--cacert", metavar="FILE", help="trust the CA certificates in FILE (env SSL_CERT_FILE)")
-    add("--format", choices=("json", "shell", "token"), default="json",
-        help="json (default): one JSON object; shell: export lines for eval; token: the bare access token")
+    add("--format", choices=("json", "shell", "token", "exec-credential", "aws"), default="json",
+        help="json (default): one JSON object; shell: export lines for eval; token: the bare access token; "
+             "exec-credential: a kubectl exec plugin's answer (implies --cache); "
+             "aws: credential_process JSON (needs --aws-role-arn)")
     add("--max-restarts", metavar="N", type=int,
         help="new codes to fetch when one expires (default 2 on a terminal, else 0)")
     add("-q", "--quiet", action="store_true", help="only the code prompt and errors on stderr")
@@ -4183,6 +4734,16 @@ def _argument_parser():
         help="RFC 9396 authorization details, a JSON array of objects, or @FILE")
     add("--resource", metavar="URI", action="append", default=[],
         help="RFC 8707 resource indicator (repeatable)")
+    group = parser.add_argument_group("AWS credentials (STS AssumeRoleWithWebIdentity)")
+    add = group.add_argument
+    add("--aws-role-arn", metavar="ARN",
+        help="exchange the sign-in for AWS credentials of this IAM role (env VOUCH_AWS_ROLE_ARN)")
+    add("--aws-region", metavar="REGION",
+        help="use the regional STS endpoint (env AWS_REGION, AWS_DEFAULT_REGION; default: the global one)")
+    add("--aws-sts-endpoint", metavar="URL", help="the STS endpoint (env AWS_ENDPOINT_URL_STS)")
+    add("--aws-session-name", metavar="NAME", help="the role session name (default: the email or subject)")
+    add("--aws-duration", metavar="SECONDS", type=int,
+        help="lifetime of the AWS credentials, 900 to 43200 (default %d)" % DEFAULT_AWS_DURATION)
     return parser
 
 
@@ -4228,6 +4789,8 @@ def _config_from_args(args, environ, terminal):
     if args.min_ttl < 0:
         raise UsageError("--min-ttl must not be negative")
     details = _authorization_details(args.authorization_details)
+    aws = _aws_settings(args, environ)
+    exec_api_version, interactive = _exec_info(environ) if args.format == "exec-credential" else (None, None)
     for resource in args.resource:
         _check_resource(resource)
     extra = [("resource", r) for r in args.resource]
@@ -4255,7 +4818,9 @@ def _config_from_args(args, environ, terminal):
         copy=args.copy,
         browser=args.browser,
         environ=environ,
-        cache=args.cache or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on"),
+        # kubectl runs its exec plugin before every command: only a cache makes that bearable.
+        cache=args.cache or args.format == "exec-credential"
+        or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on"),
         min_ttl=args.min_ttl,
         logout=args.logout,
         userinfo=args.userinfo,
@@ -4263,6 +4828,9 @@ def _config_from_args(args, environ, terminal):
         require_aaguid=[_aaguid_argument(a) for a in args.require_aaguid],
         authorization_details=details,
         resources=list(args.resource),
+        exec_api_version=exec_api_version,
+        interactive=interactive,
+        **aws
     )
 
 
@@ -4348,6 +4916,10 @@ def main(argv=None):
             # Answered before argparse is imported: shell profiles call this often.
             _write_stdout("%s %s\n" % (_PROG, __version__))
             return 0
+        cached = _cached_credential(argv, os.environ)
+        if cached is not None:
+            _write_stdout(cached)
+            return 0
         args = _argument_parser().parse_args(argv)
         terminal = _Terminal(quiet=args.quiet, verbose=args.verbose)
         if args.install is not None:
@@ -4359,7 +4931,8 @@ def main(argv=None):
         http = _HttpClient(timeout=config.timeout, cafile=config.cacert, terminal=terminal)
         result = _run(config, http, terminal)
         if result is not None:
-            _write_stdout(render_output(result, config.output_format, pretty=_isatty(sys.stdout)))
+            _write_stdout(render_output(result, config.output_format, pretty=_isatty(sys.stdout),
+                                        exec_api_version=config.exec_api_version))
         return 0
     except SystemExit as exc:
         # argparse's --help exits 0 after printing on stdout.
