@@ -2669,6 +2669,71 @@ class TransportDeadlineTests(unittest.TestCase):
         self.assertNotIn("Warning", result.stderr)
 
 
+class TransportAdviceTests(unittest.TestCase):
+    """What the HTTP client says when the way to the issuer is the problem."""
+
+    def client(self, stream=None, **options):
+        client = vdl._HttpClient(terminal=vdl._Terminal(stream=stream or io.StringIO()), **options)
+        self.addCleanup(client.close)
+        return client
+
+    def test_a_slow_first_request_says_what_is_contacted_and_for_how_long(self):
+        server = StallServer(stall_silent)
+        self.addCleanup(server.close)
+        stream = TtyStream()
+        with mock.patch.object(vdl, "_SLOW_NOTICE", 0.2):
+            with self.assertRaises(vdl.NetworkError):
+                self.client(stream, timeout=1).get(server.base + "/x", "discovery")
+            self.assertIn("waiting for http://127.0.0.1:%d to answer; giving up after 1 s (--timeout)" % server.port,
+                          stream.getvalue())
+            # Not in a log, and only for the first request.
+            quiet = io.StringIO()
+            with self.assertRaises(vdl.NetworkError):
+                self.client(quiet, timeout=1).get(server.base + "/x", "discovery")
+            self.assertEqual(quiet.getvalue(), "")
+
+    def test_a_name_that_does_not_resolve_points_at_the_network_issuer_and_proxy(self):
+        with self.assertRaises(vdl.NetworkError) as caught:
+            self.client(timeout=5).get("https://vouch-device-login.invalid/x", "discovery")
+        message = str(caught.exception)
+        for text in ("cannot resolve vouch-device-login.invalid", "network", "--issuer", "HTTPS_PROXY"):
+            self.assertIn(text, message)
+
+    def test_an_empty_ca_store_is_named_instead_of_a_tls_inspecting_proxy(self):
+        """python.org's Python on macOS before "Install Certificates.command": no CA at all."""
+        empty = __import__("tempfile").mkdtemp()
+        self.addCleanup(os.rmdir, empty)
+        nowhere = {"SSL_CERT_FILE": os.path.join(empty, "none.pem"), "SSL_CERT_DIR": empty}
+        with LocalIssuer(tls=True) as issuer, mock.patch.dict(os.environ, nowhere), \
+                self.assertRaises(vdl.NetworkError) as caught:
+            self.client(timeout=5, environ={}).get(issuer.issuer + "/oauth/jwks", "JWKS")
+        message = str(caught.exception)
+        self.assertIn("this Python has no CA certificates", message)
+        self.assertIn("Install Certificates.command", message)
+        self.assertNotIn("TLS-inspecting proxy", message)
+
+    def test_macos_and_windows_proxy_settings_apply_when_no_variable_is_set(self):
+        proxy = StallServer(stall_proxy_silent)
+        self.addCleanup(proxy.close)
+        system = {"https": "http://127.0.0.1:%d" % proxy.port}
+        for platform, bypass, expected in (("darwin", False, "through the proxy 127.0.0.1:%d" % proxy.port),
+                                           ("win32", False, "through the proxy 127.0.0.1:%d" % proxy.port),
+                                           ("darwin", True, "cannot resolve vouch.test"),
+                                           ("linux", False, "cannot resolve vouch.test")):
+            with self.subTest(platform=platform, bypass=bypass), \
+                    mock.patch("urllib.request.getproxies", return_value=system), \
+                    mock.patch("urllib.request.proxy_bypass", return_value=bypass):
+                with self.assertRaises(vdl.NetworkError) as caught:
+                    self.client(timeout=0.5, environ={}, platform=platform).get("https://vouch.test/x", "discovery")
+                self.assertIn(expected, str(caught.exception))
+        # A variable, even NO_PROXY alone, means the environment decides.
+        with mock.patch("urllib.request.getproxies", return_value=system) as platform_settings, \
+                self.assertRaises(vdl.NetworkError):
+            self.client(timeout=0.5, environ={"NO_PROXY": "example.com"}, platform="darwin").get(
+                "https://vouch.test/x", "discovery")
+        platform_settings.assert_not_called()
+
+
 # ============================================================================
 # The contract, clause by clause, where a broader test could not tell
 # ============================================================================

@@ -397,18 +397,26 @@ def _parse_url(url, what):
     return scheme, host, port, target
 
 
-def _proxy_for(scheme, host, port, environ):
+def _proxy_for(scheme, host, port, environ, platform=None):
     """The (host, port, headers) of the proxy to tunnel through, or None.
 
     Follows the curl conventions: HTTPS_PROXY/https_proxy for https targets,
     HTTP_PROXY/http_proxy for http ones, NO_PROXY/no_proxy lists hosts or
-    domain suffixes (optionally with a port) or "*". Loopback targets never
-    go through a proxy: a proxy cannot reach this machine's loopback.
+    domain suffixes (optionally with a port) or "*". With none of those set,
+    macOS (System Settings) and Windows (the registry) have proxy settings of
+    their own, which a managed machine relies on. Loopback targets never go
+    through a proxy: a proxy cannot reach this machine's loopback.
     """
     if _is_loopback_host(host):
         return None
     names = ("https_proxy", "HTTPS_PROXY") if scheme == "https" else ("http_proxy", "HTTP_PROXY")
     proxy = next((environ[n] for n in names if environ.get(n)), None)
+    variables = names + ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY")
+    if not proxy and (platform or sys.platform) in ("darwin", "win32") and not any(environ.get(n) for n in variables):
+        import urllib.request
+        if urllib.request.proxy_bypass(host):
+            return None
+        proxy = urllib.request.getproxies().get(scheme)
     if not proxy:
         return None
     no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
@@ -518,8 +526,9 @@ class _HttpClient:
     goes to the token endpoint and nowhere else.
     """
 
-    def __init__(self, timeout=DEFAULT_TIMEOUT, cafile=None, terminal=None, environ=None):
+    def __init__(self, timeout=DEFAULT_TIMEOUT, cafile=None, terminal=None, environ=None, platform=None):
         self.timeout = timeout
+        self.platform = platform or sys.platform
         self.cafile = cafile
         self.terminal = terminal or _Terminal()
         self.environ = os.environ if environ is None else environ
@@ -629,7 +638,7 @@ class _HttpClient:
 
     def _open(self, scheme, host, port, url, deadline, context):
         """A new connection to the origin, through the proxy if one applies."""
-        proxy = _proxy_for(scheme, host, port, self.environ)
+        proxy = _proxy_for(scheme, host, port, self.environ, self.platform)
         try:
             if proxy:
                 self.terminal.debug("connecting to %s:%d through the proxy %s:%d" % (host, port, proxy[0], proxy[1]))
@@ -726,7 +735,7 @@ class _HttpClient:
     def _show_notice(self):
         scheme, host, port = self._notice[1]
         self._notice = None
-        proxy = _proxy_for(scheme, host, port, self.environ)
+        proxy = _proxy_for(scheme, host, port, self.environ, self.platform)
         self.terminal.info("waiting for %s://%s:%d%s to answer; giving up after %g s (--timeout)" % (
             scheme, host, port, " through the proxy %s:%d" % proxy[:2] if proxy else "", self.timeout))
 
