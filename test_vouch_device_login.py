@@ -1046,7 +1046,7 @@ class SignInTests(IssuerTest):
         self.assertIn(self.issuer.issuer + "/device", result.stderr)
         self.assertIn(device["user_code"], result.stderr)
         self.assertIn("user_code=" + device["user_code"], result.stderr)
-        self.assertIn("expires in 10 min 00 s", result.stderr)
+        self.assertIn("expires in 10 min.", result.stderr)
         self.assertNotIn(device["user_code"], result.stdout)
 
     def test_environment_variables_configure_the_sign_in(self):
@@ -5301,11 +5301,24 @@ class TtyStream(io.StringIO):
         return True
 
 
-def run_in_pty(args, env=None, timeout=60):
-    """Run the script with stderr on a pseudo-terminal; returns (code, stdout, terminal text)."""
+def set_pty_size(fd, rows, columns):
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+
+def run_in_pty(args, env=None, timeout=60, size=None, resize=None):
+    """Run the script with stderr on a pseudo-terminal; returns (code, stdout, terminal text).
+
+    size: (rows, columns) of the terminal; resize: the size it takes once the
+    countdown is first shown, the way a person drags a window narrower.
+    """
     import pty
     import select
     master, slave = pty.openpty()
+    if size:
+        set_pty_size(slave, *size)
     environment = {k: v for k, v in os.environ.items()
                    if k not in _ENV_KEYS + ("DISPLAY", "WAYLAND_DISPLAY", "SSH_CONNECTION", "SSH_TTY",
                                             "SSH_CLIENT", "BROWSER")}
@@ -5326,6 +5339,9 @@ def run_in_pty(args, env=None, timeout=60):
             if not data:
                 break
             chunks.append(data)
+            if resize and b"Waiting for approval" in b"".join(chunks):
+                set_pty_size(master, *resize)
+                resize = None
         elif proc.poll() is not None:
             break
     os.close(master)
@@ -5333,6 +5349,55 @@ def run_in_pty(args, env=None, timeout=60):
     proc.stdout.close()
     proc.wait(timeout=10)
     return proc.returncode, stdout.decode(), b"".join(chunks).decode("utf-8", "replace")
+
+
+def terminal_rows(text, columns):
+    """Every row (scrollback included) a terminal this wide shows for text.
+
+    The VT100 subset the tool uses: printable characters with xterm's
+    delayed wrap at the last column, CR, LF, erase to end of line (CSI K);
+    other CSI and OSC sequences take no room.
+    """
+    import re
+    rows, row, column, wrap_next = [[]], 0, 0, False
+    position = 0
+    while position < len(text):
+        sequence = re.match("\x1b\\[[0-9;?]*([@-~])|\x1b\\][^\x07]*\x07", text[position:])
+        if sequence:
+            if sequence.group(1) == "K":
+                del rows[row][column:]
+            position += len(sequence.group(0))
+            continue
+        char = text[position]
+        position += 1
+        if char == "\r":
+            column, wrap_next = 0, False
+        elif char == "\n" or wrap_next:
+            row, wrap_next = row + 1, False
+            if row == len(rows):
+                rows.append([])
+            if char == "\n":
+                continue
+            column = 0
+        if char not in "\r\n":
+            line = rows[row]
+            line.extend(" " * (column + 1 - len(line)))
+            line[column] = char
+            if column == columns - 1:
+                wrap_next = True
+            else:
+                column += 1
+    return ["".join(r) for r in rows]
+
+
+def screen_while_waiting(screen, columns):
+    """The terminal's rows at the countdown's last update, before the sign-in ended it."""
+    return terminal_rows(screen[:screen.rindex("\r\x1b[K")], columns)
+
+
+def live_lines(screen):
+    """Each text the live line showed, in order."""
+    return [piece.split("\r")[0].split("\n")[0] for piece in screen.split("\r\x1b[K")[1:]]
 
 
 def modules_from_text(lines, unicode=True):
@@ -5596,6 +5661,14 @@ class TerminalPromptTests(IssuerTest):
         self.assertNotIn("\x1b[1m", screen)
         self.assertNotIn("\x1b[97;40m", screen)
         self.assertIn("\u2588", screen)
+        # NO_COLOR is about colour only: the countdown still runs, uncoloured.
+        self.assertIn("\r\x1b[KWaiting for approval... ", screen)
+
+    def test_a_dumb_terminal_gets_plain_lines_instead_of_the_countdown(self):
+        code, _, screen = run_in_pty(self.args + ["--no-browser"], env={"TERM": "dumb"})
+        self.assertEqual(code, 0, screen)
+        self.assertNotIn("\x1b", screen)
+        self.assertIn("To sign in, open", screen)
 
     def test_browser_opens_only_where_a_person_can_see_it(self):
         folder = __import__("tempfile").mkdtemp()
@@ -5636,6 +5709,105 @@ class TerminalPromptTests(IssuerTest):
         self.assertFalse(vdl._browser_visible({"SSH_TTY": "/dev/pts/3", "DISPLAY": ":0"}, err, "linux"))
 
 
+VOUCH_URL = "https://us.vouch.sh/device?user_code=BCDF-GHJK"
+QR_CHARACTERS = set(" \u2580\u2584\u2588")
+
+
+def serve_vouch_device_answer(issuer):
+    """Vouch's own URLs and code from the device endpoint, then one pending poll and the token."""
+    issuer.overrides["/oauth/device"] = lambda h, b: (200, {
+        "device_code": "d" * 43, "user_code": "BCDF-GHJK", "verification_uri": "https://us.vouch.sh/device",
+        "verification_uri_complete": VOUCH_URL, "expires_in": 600, "interval": 1})
+    issuer.token_script = [(400, {"error": "authorization_pending"}), (200, issuer._tokens("cli", "openid email"))]
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "pseudo-terminal tests need Linux")
+class TerminalSizeTests(IssuerTest):
+    """What a person sees on a terminal of a given size (set on the pseudo-terminal with TIOCSWINSZ)."""
+
+    def setUp(self):
+        IssuerTest.setUp(self)
+        self.issuer.approve_after_polls = 2
+        self.args = ["--issuer", self.issuer.issuer, "--client-id", "cli", "--no-browser"]
+
+    def test_the_countdown_never_wraps_or_piles_up_on_a_narrow_terminal(self):
+        for columns in (30, 12, 4):
+            with self.subTest(columns=columns):
+                code, _, screen = run_in_pty(self.args, size=(24, columns))
+                self.assertEqual(code, 0, screen)
+                shown = live_lines(screen)
+                self.assertGreaterEqual(len(shown), 2, screen)
+                self.assertTrue(all(len(text) < columns for text in shown), shown)
+                if columns == 4:
+                    self.assertEqual(set(shown), {""})
+                else:
+                    self.assertIn("min", shown[0])
+                # However long the wait, the live line keeps to one row.
+                first_tick = screen.index("\r\x1b[K")
+                rows = terminal_rows(screen[:first_tick], columns)
+                self.assertEqual(len(screen_while_waiting(screen, columns)), len(rows) + (rows[-1] != ""))
+                self.assertIn(self.issuer.issuer[:columns], "".join(rows))
+
+    def test_the_countdown_follows_a_resize(self):
+        self.issuer.approve_after_polls = 3
+        code, _, screen = run_in_pty(self.args, size=(24, 80), resize=(24, 20))
+        self.assertEqual(code, 0, screen)
+        shown = [text for text in live_lines(screen) if text]
+        self.assertTrue(shown[0].startswith("Waiting for approval... "), shown)
+        self.assertTrue(shown[-1].endswith(" left") and len(shown[-1]) < 20, shown)
+
+    def test_messages_clear_the_live_line_and_bring_it_back_after(self):
+        code, _, screen = run_in_pty(self.args + ["-v"], size=(24, 200))
+        self.assertEqual(code, 0, screen)
+        rows = screen_while_waiting(screen, 200)
+        debug = [row for row in rows if "debug:" in row]
+        self.assertTrue(any("/oauth/token" in row for row in debug), rows)
+        for row in debug:
+            self.assertRegex(row, r"^vouch_device_login(\.py)?: debug: ")
+        self.assertTrue(rows[-1].startswith("Waiting for approval... "), rows)
+
+    def test_a_restart_message_starts_a_line_of_its_own(self):
+        self.issuer.approve_after_polls = None
+        self.issuer.expires_in = 2
+        err = TtyStream()
+        clock = FakeClock()
+        with clean_env(), mock.patch.object(vdl, "_monotonic", clock), mock.patch.object(vdl, "_sleep", clock.sleep), \
+                mock.patch.object(sys, "stdout", io.StringIO()), mock.patch.object(sys, "stderr", err):
+            code = vdl.main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--max-restarts", "1"])
+        self.assertEqual(code, 4, err.getvalue())
+        rows = terminal_rows(err.getvalue(), 80)
+        for message in ("the code expired; getting a new one (restart 1 of 1)", "error: the code expired"):
+            row = next(row for row in rows if message in row)
+            self.assertTrue(row.startswith("vouch_device_login: "), rows)
+
+    def test_vouchs_url_code_and_a_scannable_qr_code_fit_80x24_at_once(self):
+        serve_vouch_device_answer(self.issuer)
+        code, stdout, screen = run_in_pty(self.args + ["--qr"], size=(24, 80))
+        self.assertEqual(code, 0, screen)
+        self.assertEqual(json.loads(stdout)["access_token"], self.issuer.issued[0])
+        rows = screen_while_waiting(screen, 80)
+        self.assertLessEqual(len(rows), 23, rows)  # the 24th row holds the command that was typed
+        qr = [i for i, row in enumerate(rows) if row.strip() and set(row) <= QR_CHARACTERS]
+        self.assertEqual(qr, list(range(qr[0], qr[-1] + 1)))
+        url = next(i for i, row in enumerate(rows) if row == "To sign in, open:  https://us.vouch.sh/device")
+        code_row = next(i for i, row in enumerate(rows) if "the code:  BCDF-GHJK" in row)
+        self.assertLess(qr[-1], url)
+        self.assertLess(url, code_row)
+        self.assertTrue(rows[-1].startswith("Waiting for approval... "))
+        if zxingcpp is not None:
+            self.assertEqual(decoded_text(modules_from_text([rows[i] for i in qr])), VOUCH_URL)
+
+    def test_a_qr_code_that_cannot_be_shown_whole_is_not_drawn(self):
+        serve_vouch_device_answer(self.issuer)
+        code, _, screen = run_in_pty(self.args + ["--qr"], size=(20, 60))
+        self.assertEqual(code, 0, screen)
+        rows = screen_while_waiting(screen, 60)
+        self.assertFalse([row for row in rows if set(row) & QR_CHARACTERS - {" "}], rows)
+        self.assertEqual(rows[0], "No QR code: the code needs 33x17 characters and the terminal has 60x20; "[:60])
+        self.assertIn("To sign in, open:  https://us.vouch.sh/device", rows)
+        self.assertLessEqual(len(rows), 19)
+
+
 class PlainPromptTests(IssuerTest):
     def test_qr_is_drawn_even_when_stderr_is_a_log(self):
         self.issuer.approve_after_polls = 0
@@ -5661,6 +5833,19 @@ class PlainPromptTests(IssuerTest):
             device = next(iter(self.issuer.devices.values()))
             self.assertEqual(decoded_text(modules_from_text(lines, unicode=False)),
                              self.issuer.issuer + "/device?user_code=" + device["user_code"])
+
+    def test_the_ascii_fallback_fits_80_columns_for_vouchs_urls(self):
+        serve_vouch_device_answer(self.issuer)
+        # The captured stderr has no encoding, so it is taken for ASCII, as under LANG=C.
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"])
+        self.assertEqual(result.code, 0, result.stderr)
+        lines = result.stderr.splitlines()
+        qr = [line for line in lines if line.startswith("####")]
+        self.assertGreater(len(qr), 20)
+        self.assertLessEqual(max(len(line) for line in lines), 80)
+        self.assertLess(lines.index(qr[-1]), lines.index("To sign in, open:  https://us.vouch.sh/device"))
+        if zxingcpp is not None:
+            self.assertEqual(decoded_text(modules_from_text(qr, unicode=False)), VOUCH_URL)
 
     def test_a_plain_line_now_and_then_while_waiting_in_a_log(self):
         self.issuer.approve_after_polls = 30

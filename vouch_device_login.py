@@ -180,11 +180,13 @@ def _sanitize(text, limit=_MAX_SHOWN):
 class _Terminal:
     """Writes messages for the person to stderr, honouring -q and -v."""
 
-    def __init__(self, quiet=False, verbose=False, stream=None):
+    def __init__(self, quiet=False, verbose=False, stream=None, prog=_PROG):
         self.quiet = quiet
         self.verbose = verbose
         self.stream = stream
+        self.prog = prog
         self._secrets = set()
+        self._status = None
 
     def output(self):
         """The stream messages go to: stderr unless a test or caller gave another."""
@@ -201,21 +203,36 @@ class _Terminal:
         except (OSError, ValueError):
             pass
 
+    def line(self, text):
+        """Write a whole line; a live status line up is cleared first and drawn again below it."""
+        if self._status:
+            text = "\r\x1b[K" + text + self._status
+        self.write(text)
+
+    def status(self, text):
+        """Show text as the one live line, rewritten in place; None or "" clears it.
+
+        The caller keeps it narrower than the terminal: only the last row of a
+        wrapped line can be rewritten.
+        """
+        self.write("\r\x1b[K" + (text or ""))
+        self._status = text or None
+
     # Messages are sanitised once more here: whatever a server managed to get
     # into one, it cannot reach the terminal as an escape sequence.
     def error(self, message):
         """The one line a failure prints."""
-        self.write("%s: error: %s\n" % (_PROG, _sanitize(self.mask(message), 1000)))
+        self.line("%s: error: %s\n" % (self.prog, _sanitize(self.mask(message), 1000)))
 
     def warn(self, message):
         """A warning; -q silences it."""
         if not self.quiet:
-            self.write("%s: warning: %s\n" % (_PROG, _sanitize(self.mask(message), 1000)))
+            self.line("%s: warning: %s\n" % (self.prog, _sanitize(self.mask(message), 1000)))
 
     def info(self, message):
         """Progress for the person; -q silences it."""
         if not self.quiet:
-            self.write("%s: %s\n" % (_PROG, _sanitize(self.mask(message), 1000)))
+            self.line("%s: %s\n" % (self.prog, _sanitize(self.mask(message), 1000)))
 
     def add_secret(self, value):
         """Remember a value that must never reach a log line."""
@@ -232,7 +249,7 @@ class _Terminal:
     def debug(self, message):
         """A -v log line, masked and sanitised."""
         if self.verbose:
-            self.write("%s: debug: %s\n" % (_PROG, _sanitize(self.mask(message), 2000)))
+            self.line("%s: debug: %s\n" % (self.prog, _sanitize(self.mask(message), 2000)))
 
     def isatty(self):
         """Whether messages go to a terminal (and so may use colour and cursor control)."""
@@ -241,6 +258,15 @@ class _Terminal:
             return bool(stream is not None and stream.isatty())
         except (OSError, ValueError, AttributeError):
             return False
+
+    def size(self):
+        """(columns, rows) of the terminal, read anew each time (it may be resized); rows None when unknown."""
+        try:
+            columns, rows = os.get_terminal_size(self.output().fileno())
+        except (OSError, ValueError, AttributeError):
+            columns, rows = 0, 0
+        # A pseudo-terminal nobody sized reports 0 x 0.
+        return columns or 80, rows or None
 
 
 def _masked(secret):
@@ -1116,28 +1142,40 @@ def _raise_for_error_answer(response, what):
 
 
 def _format_duration(seconds):
+    """A duration as people say it, in its two largest units: 45 s, 9 min 57 s, 7 h 59 min, 2 d 3 h."""
     seconds = max(0, int(seconds + 0.5))
-    if seconds >= 60:
-        return "%d min %02d s" % (seconds // 60, seconds % 60)
-    return "%d s" % seconds
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, rest = divmod(rest, 60)
+    units = [(days, "d"), (hours, "h"), (minutes, "min"), (rest, "s")]
+    first = next((i for i, (value, _unit) in enumerate(units) if value), 3)
+    parts = ["%d %s" % units[first]]
+    if first < 3 and units[first + 1][0]:
+        parts.append("%d %s" % units[first + 1])
+    return " ".join(parts)
 
 
-def show_prompt(device, terminal, presenters=(), bold=False):
+def show_prompt(device, terminal, presenters=(), bold=False, picture=None):
     """Tell the person where to go and which code to enter, on stderr.
 
-    `presenters` are callables taking (device, terminal), run after the text
-    prompt: the seam where QR codes, browsers and clipboards plug in.
+    `picture`, a callable taking (device, terminal, lines), draws the QR code
+    before the text `lines`, so that the URL and the code, written last, stay
+    in view. `presenters` are callables taking (device, terminal), run after
+    the text: the seam where browsers and clipboards plug in.
     """
     code = _sanitize(device.user_code, 64)
     lines = [
-        "",
         "To sign in, open:  %s" % _sanitize(device.verification_uri, 2048),
         "and enter the code:  %s   (%s)" % ("\x1b[1m%s\x1b[0m" % code if bold else code, _spoken(code)),
     ]
     if device.verification_uri_complete:
         lines.append("or open directly:  %s" % _sanitize(device.verification_uri_complete, 2048))
     lines.append("The code expires in %s." % _format_duration(device.expires_in))
-    lines.append("")
+    if picture is not None:
+        picture(device, terminal, lines)
+    elif not terminal.quiet:
+        # A blank line sets the prompt apart; -q adds nothing of its own.
+        lines.insert(0, "")
     terminal.write("\n".join(lines) + "\n")
     for presenter in presenters:
         presenter(device, terminal)
@@ -1641,9 +1679,14 @@ def _qr_render(matrix, unicode=True, quiet=4, invert=False):
 # Prompt extras: QR code, browser, clipboard (OSC 52), live countdown
 # ============================================================================
 
+def _live_allowed(terminal, environ):
+    """Cursor control (the live countdown) only on a terminal that is not TERM=dumb."""
+    return terminal.isatty() and environ.get("TERM") != "dumb"
+
+
 def _color_allowed(terminal, environ):
-    """Colour and cursor control only on a terminal, never under NO_COLOR."""
-    return terminal.isatty() and "NO_COLOR" not in environ and environ.get("TERM") != "dumb"
+    """Colour where cursor control is allowed, unless NO_COLOR is set (no-color.org: colour only)."""
+    return _live_allowed(terminal, environ) and "NO_COLOR" not in environ
 
 
 def _can_encode(stream, text):
@@ -1657,23 +1700,62 @@ def _can_encode(stream, text):
         return False
 
 
-def _qr_presenter(environ):
-    """Draw verification_uri_complete (else verification_uri) as a QR code."""
+# Tried in this order until one fits: the full quiet zone first, then the
+# lower error correction level (a code on a screen suffers no print damage),
+# then the 2-module quiet zone readers still accept.
+_QR_FITTINGS = (("M", 4), ("L", 4), ("M", 2), ("L", 2))
 
-    def present(device, terminal):
+
+def _qr_fitting(data, unicode, columns, rows):
+    """(matrix, quiet) of the first QR code of data within columns x rows (rows None: any height).
+
+    Raises ValueError when none fits, naming the size the smallest one needs.
+    """
+    needs = None
+    for level, quiet in _QR_FITTINGS:
+        matrix = _qr_matrix(data, level)
+        side = len(matrix) + 2 * quiet
+        width, height = (side, (side + 1) // 2) if unicode else (2 * side, side)
+        if width <= columns and (rows is None or height <= rows):
+            return matrix, quiet
+        if needs is None or width * height < needs[0] * needs[1]:
+            needs = (width, height)
+    raise ValueError("the code needs %dx%d characters and the terminal has %s; enlarge it, "
+                     "or use the link" % (needs + ("%dx%d" % (columns, rows) if rows else "%d columns" % columns,)))
+
+
+def _rows_taken(lines, columns):
+    """How many terminal rows these lines fill once wrapped at columns."""
+    return sum(max(1, -(-len(_sanitize(line, 4096)) // columns)) for line in lines)
+
+
+def _qr_presenter(environ):
+    """Draw verification_uri_complete (else verification_uri) as a QR code sized to fit.
+
+    On a terminal the code, the text lines after it, the live line and the
+    command line that started the tool must fit the screen together; in a log
+    it must fit 80 columns. A code that does not fit is not drawn (a cut-off
+    code cannot be scanned): one line says what it needs instead.
+    """
+
+    def present(device, terminal, lines):
         url = device.verification_uri_complete or device.verification_uri
-        try:
-            matrix = _qr_matrix(url.encode("utf-8"))
-        except ValueError as exc:
-            terminal.warn("no QR code: %s" % exc)
-            return
         unicode = _can_encode(terminal.output(), "\u2580\u2584\u2588")
-        text = _qr_render(matrix, unicode=unicode)
+        columns, rows = terminal.size() if terminal.isatty() else (80, None)
+        if rows is not None:
+            rows -= _rows_taken(lines, columns) + 2
+        try:
+            matrix, quiet = _qr_fitting(url.encode("utf-8"), unicode, columns, rows)
+        except ValueError as exc:
+            terminal.write("No QR code: %s.\n" % exc)
+            return
+        text = _qr_render(matrix, unicode=unicode, quiet=quiet)
         if _color_allowed(terminal, environ):
             # Light modules in bright white on black: right on dark and light themes alike.
-            width = len(matrix) + 8 if unicode else 2 * (len(matrix) + 8)
+            width = len(matrix) + 2 * quiet
+            width *= 1 if unicode else 2
             text = "".join("\x1b[97;40m%s\x1b[0m\n" % line.ljust(width) for line in text.splitlines())
-        terminal.write(text + "\n")
+        terminal.write(text)
     return present
 
 
@@ -1753,13 +1835,15 @@ class _Countdown:
             left = end - now
             if left <= 0:
                 return
-            step = 1.0 - (self.deadline - now) % 1.0 if self.live else self.next_plain - now
+            # Live: wake when the shown figure changes (it is rounded to the second).
+            step = (self.deadline - now + 0.5) % 1.0 + 0.01 if self.live else self.next_plain - now
             _sleep(max(0.01, min(left, step)))
 
     def _show(self, now):
         left = _format_duration(self.deadline - now)
         if self.live:
-            self.terminal.write("\r\x1b[KWaiting for approval... %s left " % left)
+            # The width is read on every update, so a resize takes effect at the next one.
+            self.terminal.status(_countdown_text(left, self.terminal.size()[0]))
             self.shown = True
         elif now >= self.next_plain:
             self.terminal.info("still waiting for approval; %s left" % left)
@@ -1768,8 +1852,20 @@ class _Countdown:
     def finish(self):
         """Clear the countdown line before anything else is written."""
         if self.shown:
-            self.terminal.write("\r\x1b[K")
+            self.terminal.status(None)
             self.shown = False
+
+
+def _countdown_text(left, columns):
+    """The live line for a terminal this wide: shorter wording when narrow, nothing when absurdly narrow.
+
+    Always narrower than the terminal, so that it never wraps (only the last
+    row of a wrapped line could be rewritten, the rest would pile up).
+    """
+    for text in ("Waiting for approval... %s left" % left, "%s left" % left, left):
+        if len(text) < columns:
+            return text
+    return ""
 
 
 # ============================================================================
@@ -3275,9 +3371,10 @@ def _sign_in(config, http, terminal, metadata):
             http, metadata["device_authorization_endpoint"], config.client_id, config.scope,
             config.extra_device_parameters)
         terminal.add_secret(device.device_code)
-        color = _color_allowed(terminal, config.environ)
-        show_prompt(device, terminal, _presenters(config, terminal), bold=color)
-        countdown = _Countdown(terminal, device.received_at + device.expires_in, live=color)
+        show_prompt(device, terminal, _presenters(config, terminal), bold=_color_allowed(terminal, config.environ),
+                    picture=_qr_presenter(config.environ) if config.qr else None)
+        countdown = _Countdown(terminal, device.received_at + device.expires_in,
+                               live=_live_allowed(terminal, config.environ))
         try:
             document = poll_for_token(http, metadata["token_endpoint"], config.client_id, device,
                                       sleep=None if terminal.quiet else countdown.sleep)
@@ -3298,8 +3395,6 @@ def _sign_in(config, http, terminal, metadata):
 def _presenters(config, terminal):
     """The prompt extras this run asked for or that suit this terminal."""
     presenters = []
-    if config.qr:
-        presenters.append(_qr_presenter(config.environ))
     if config.copy:
         presenters.append(_copy_presenter)
     browser = config.browser
