@@ -1112,10 +1112,40 @@ class SignInTests(IssuerTest):
     def test_help_and_version(self):
         result = run_main(["--help"])
         self.assertEqual(result.code, 0)
-        for text in ("--client-id", "VOUCH_CLIENT_ID", "examples:", "eval", "exit codes"):
+        for text in ("--client-id", "VOUCH_CLIENT_ID", "eval", "Exit codes"):
             self.assertIn(text, result.stdout)
         result = run_main(["--version"])
         self.assertEqual((result.code, result.stdout), (0, "vouch_device_login %s\n" % vdl.__version__))
+
+    def test_help_puts_the_common_case_first_and_fits_80_columns(self):
+        result = run_main(["--help"], env={"COLUMNS": "80"})
+        self.assertEqual(result.code, 0)
+        lines = result.stdout.splitlines()
+        self.assertLessEqual(max(len(line) for line in lines), 80)
+        self.assertLessEqual(len(lines), 80)
+        # One synopsis line, a wrapped description, then the commonest invocations, all before any option.
+        self.assertTrue(lines[0].startswith("usage: vouch_device_login ") and lines[1] == "", lines[:2])
+        self.assertIn("(RFC 8628)", result.stdout)
+        first_group = next(i for i, line in enumerate(lines) if line.endswith(":") and not line.startswith(" "))
+        self.assertLessEqual(first_group, 12)
+        examples = [line for line in lines[:first_group] if line.startswith("  ")]
+        self.assertEqual(examples[:3], [
+            "  python3 vouch_device_login.py --client-id ID",
+            '  eval "$(python3 vouch_device_login.py --client-id ID --format shell)"',
+            '  eval "$(python3 vouch_device_login.py --client-id ID --cache --format shell)"'])
+        self.assertEqual([line for line in lines if line.endswith(":") and not line.startswith(" ")],
+                         ["sign-in:", "output:", "sessions:", "verification and policy:", "requests:", "this command:"])
+        self.assertLess(result.stdout.index("--client-id ID  "), result.stdout.index("--timeout SECONDS"))
+
+    def test_the_tool_names_itself_as_it_was_run(self):
+        result = run_cli(["--version"])
+        self.assertEqual(result.stdout, "vouch_device_login.py %s\n" % vdl.__version__)
+        self.assertFailed(run_cli(["--bogus"]), 2)
+        self.assertTrue(run_cli(["--bogus"]).stderr.startswith("vouch_device_login.py: error: "))
+        with open(SCRIPT, "rb") as handle:
+            piped = run_cli(["--help"], input_bytes=handle.read(), argv0="-", env={"COLUMNS": "80"})
+        self.assertIn("\n  python3 vouch_device_login.py --install ", piped.stdout)
+        self.assertTrue(piped.stdout.startswith("usage: vouch_device_login.py "))
 
     def test_rfc8414_discovery_with_path_insertion(self):
         issuer = LocalIssuer(discovery="oauth", path="/tenant/acme")
@@ -5469,11 +5499,22 @@ class InstallTests(IssuerTest):
             handle.write(b"raise SystemExit('compiled from source')\n".ljust(stat_result.st_size, b"#"))
         os.utime(self.module, ns=(stat_result.st_atime_ns, stat_result.st_mtime_ns))
         version = self.run_launcher(["--version"])
-        self.assertEqual((version.code, version.stdout), (0, "vouch_device_login %s\n" % vdl.__version__),
+        self.assertEqual((version.code, version.stdout), (0, "vouch-device-login %s\n" % vdl.__version__),
                          version.stderr)
         inspected = self.run_launcher(self.offline_inspect_args())
         self.assertEqual(inspected.code, 0, inspected.stderr)
         self.assertIs(json.loads(inspected.stdout)["verified"], True)
+
+    def test_the_installed_command_names_itself_and_shows_itself_in_its_help(self):
+        self.assertEqual(run_main(["--install", self.prefix]).code, 0)
+        result = self.run_launcher(["--help"], env={"COLUMNS": "80"})
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith("usage: vouch-device-login "))
+        self.assertIn("\n  vouch-device-login --client-id ID\n", result.stdout)
+        self.assertNotIn("vouch_device_login", result.stdout)
+        self.assertNotIn("python3", result.stdout)
+        failed = self.run_launcher(["--timeout", "0", "--client-id", "cli"])
+        self.assertTrue(failed.stderr.startswith("vouch-device-login: error: "), failed.stderr)
 
     def test_the_launcher_signs_in_and_reinstalls_itself(self):
         self.assertEqual(run_main(["--install", self.prefix]).code, 0)
@@ -5763,7 +5804,7 @@ class TerminalSizeTests(IssuerTest):
         debug = [row for row in rows if "debug:" in row]
         self.assertTrue(any("/oauth/token" in row for row in debug), rows)
         for row in debug:
-            self.assertRegex(row, r"^vouch_device_login(\.py)?: debug: ")
+            self.assertTrue(row.startswith("vouch_device_login.py: debug: "), row)
         self.assertTrue(rows[-1].startswith("Waiting for approval... "), rows)
 
     def test_a_restart_message_starts_a_line_of_its_own(self):

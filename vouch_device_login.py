@@ -3891,22 +3891,36 @@ def _has_acl(path):
 # Command line
 # ============================================================================
 
-_EXAMPLES = """\
-examples:
-  %(prog)s --client-id CLIENT_ID
-  VOUCH_CLIENT_ID=CLIENT_ID %(prog)s --format shell
-  eval "$(python3 vouch_device_login.py --client-id CLIENT_ID --format shell)"
-  curl -fsSL https://example.com/vouch_device_login.py | python3 - --client-id CLIENT_ID
-  python3 vouch_device_login.py --install    # then run vouch-device-login: it starts faster
-  %(prog)s --issuer https://id.example.com/realms/main --client-id cli --scope openid
+_DESCRIPTION = """\
+Sign in with the OAuth 2.0 Device Authorization Grant (RFC 8628): the URL and \
+the code to enter go to stderr, the token to stdout as JSON, as shell \
+variables or bare.
 
-exit codes: 0 signed in, 1 internal error, 2 usage, 3 denied, 4 code expired,
-  5 network/TLS/HTTP failure, 6 protocol error, 7 verification failed,
-  8 policy not met, 130 interrupted
+  {command} --client-id ID
+  eval "$({command} --client-id ID --format shell)"
+  eval "$({command} --client-id ID --cache --format shell)"
 """
+_INSTALL_EXAMPLE = "  {command} --install   # installs vouch-device-login\n"
+_EPILOG = """\
+Each setting comes from its flag, then its environment variable, then the \
+default. Exit codes: 0 signed in, 1 internal error, 2 usage, 3 denied, 4 code \
+expired, 5 network/TLS/HTTP failure, 6 protocol error, 7 verification \
+failed, 8 policy not met, 130 interrupted."""
 
 
-def _argument_parser():
+def _invoked_as(argv0):
+    """(name, command): what the tool calls itself in messages, and how its help shows running it.
+
+    The installed launcher is vouch-device-login; a script is run as
+    python3 vouch_device_login.py, also when it was piped into python3 -.
+    """
+    name = os.path.basename(argv0 or "")
+    if name in ("", "-", "-c"):
+        name = "vouch_device_login.py"
+    return name, "python3 " + name if name.endswith(".py") else name
+
+
+def _argument_parser(prog=_PROG, command="python3 vouch_device_login.py"):
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -3916,65 +3930,74 @@ def _argument_parser():
             """One line and exit 2 instead of argparse's usage block."""
             raise UsageError("%s (see --help)" % message)
 
+    class Formatter(argparse.HelpFormatter):
+        """Wraps paragraphs to the terminal's width; indented lines (the examples) stay as they are."""
+
+        def _fill_text(self, text, width, indent):
+            import textwrap
+            return "\n".join(line if line.startswith(" ") or not line else
+                             textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                             for line in text.splitlines())
+
+    description = _DESCRIPTION.format(command=command)
+    if command.endswith(".py"):
+        description += _INSTALL_EXAMPLE.format(command=command)
     parser = Parser(
-        prog=_PROG,
-        description="Sign in with the OAuth 2.0 Device Authorization Grant (RFC 8628) and "
-                    "print the token as JSON, shell variables or the bare token. "
-                    "Prompts go to stderr; stdout carries only the result.",
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog,
+        usage="%(prog)s [--client-id ID] [--format FORMAT] [options]",
+        description=description,
+        epilog=_EPILOG,
+        add_help=False,
+        formatter_class=lambda prog: Formatter(prog, max_help_position=30),
     )
-    add = parser.add_argument
-    add("--issuer", metavar="URL",
-        help="the issuer URL (env VOUCH_ISSUER; default %s)" % DEFAULT_ISSUER)
-    add("--client-id", metavar="ID", help="the OAuth client id (env VOUCH_CLIENT_ID; required)")
-    add("--scope", metavar="SCOPE", help="space-separated scopes (env VOUCH_SCOPE; default %r)" % DEFAULT_SCOPE)
-    add("--device-authorization-endpoint", metavar="URL", help="skip discovery for this endpoint")
-    add("--token-endpoint", metavar="URL", help="skip discovery for this endpoint")
-    add("--timeout", metavar="SECONDS", type=float, default=DEFAULT_TIMEOUT,
-        help="time limit for each HTTP request (default %g)" % DEFAULT_TIMEOUT)
-    add("--cacert", metavar="FILE", help="trust the CA certificates in FILE (env SSL_CERT_FILE)")
-    add("--format", choices=("json", "shell", "token"), default="json",
-        help="json (default): one JSON object; shell: export lines for eval; token: the bare access token")
-    add("--max-restarts", metavar="N", type=int,
-        help="new codes to fetch when one expires (default 2 on a terminal, else 0)")
-    add("-q", "--quiet", action="store_true", help="only the code prompt and errors on stderr")
-    add("--qr", action="store_true", help="also draw the sign-in URL as a QR code on stderr")
+    # The groups run from what every sign-in needs to what few runs need.
+    add = parser.add_argument_group("sign-in").add_argument
+    add("--client-id", metavar="ID", help="OAuth client id (env VOUCH_CLIENT_ID; required)")
+    add("--issuer", metavar="URL", help="env VOUCH_ISSUER; default %s" % DEFAULT_ISSUER)
+    add("--scope", metavar="SCOPE", help="env VOUCH_SCOPE; default %r" % DEFAULT_SCOPE)
+    add("--qr", action="store_true", help="also draw the sign-in URL as a QR code")
+    add("--copy", action="store_true", help="put the code on the clipboard")
     add("--browser", dest="browser", action="store_const", const=True, default=None,
-        help="open the sign-in URL in a browser (default: only where one can be seen)")
-    add("--no-browser", dest="browser", action="store_const", const=False, help="never open a browser")
-    add("--copy", action="store_true", help="put the code on the clipboard (OSC 52) when stderr is a terminal")
-    add("-v", "--verbose", action="store_true", help="log each request and response (secrets masked)")
-    add("--version", action="version", version="%s %s" % (_PROG, __version__))
-    add("--install", metavar="PREFIX", nargs="?", const=DEFAULT_INSTALL_PREFIX,
-        help="install the faster-starting command PREFIX/bin/%s (PREFIX defaults to %s), then exit"
-             % (_LAUNCHER_NAME, DEFAULT_INSTALL_PREFIX))
-    group = parser.add_argument_group("verification")
-    add = group.add_argument
-    add("--verify", action="store_true",
-        help="verify token signatures and claims against the issuer's JWKS (exit 7 when they fail)")
-    add("--jwks-uri", metavar="URL", help="with --verify: fetch the JWKS here instead of from discovery")
-    add("--jwks", metavar="FILE", help="with --verify: use the JWK Set in FILE (offline)")
-    add("--audience", metavar="AUD", help="with --verify: required access-token audience (default: the client id)")
-    add("--leeway", metavar="SECONDS", type=int, default=60,
-        help="with --verify: allowed clock skew for exp/nbf/iat (default 60)")
-    add("--inspect", metavar="TOKEN",
-        help="print the header and claims of TOKEN (or @FILE) as JSON without signing in; add --verify to check it")
-    group = parser.add_argument_group("sessions and policy")
-    add = group.add_argument
-    add("--cache", action="store_true",
-        help="reuse a cached token while it has more than --min-ttl seconds left (env VOUCH_CACHE=1)")
+        help="open the sign-in URL in a browser")
+    add("--no-browser", dest="browser", action="store_const", const=False, help="never (default: only where one is seen)")
+    add("--max-restarts", metavar="N", type=int,
+        help="new codes if one expires (terminal: 2, else 0)")
+    add("-q", "--quiet", action="store_true", help="only the prompt and errors on stderr")
+    add("-v", "--verbose", action="store_true", help="log requests and responses, secrets masked")
+    add = parser.add_argument_group("output").add_argument
+    add("--format", metavar="FORMAT", choices=("json", "shell", "token"), default="json",
+        help="json (default), shell (export lines) or token")
+    add = parser.add_argument_group("sessions").add_argument
+    add("--cache", action="store_true", help="reuse a fresh cached token (env VOUCH_CACHE=1)")
     add("--min-ttl", metavar="SECONDS", type=int, default=DEFAULT_MIN_TTL,
-        help="with --cache: shortest lifetime left that a cached token may have (default %d)" % DEFAULT_MIN_TTL)
-    add("--logout", action="store_true", help="revoke and delete the cached tokens, then exit")
-    add("--userinfo", action="store_true", help="fetch the userinfo endpoint into the output")
+        help="least lifetime left to reuse one (default %d)" % DEFAULT_MIN_TTL)
+    add("--logout", action="store_true", help="revoke and remove cached sign-ins, then exit")
+    add = parser.add_argument_group("verification and policy").add_argument
+    add("--verify", action="store_true", help="check token signatures and claims (else exit 7)")
+    add("--jwks-uri", metavar="URL", help="with --verify: this JWKS URL, not discovery")
+    add("--jwks", metavar="FILE", help="with --verify: the JWK Set in FILE (offline)")
+    add("--audience", metavar="AUD", help="with --verify: audience (default: client id)")
+    add("--leeway", metavar="SECONDS", type=int, default=60,
+        help="with --verify: clock skew allowed (default 60)")
     add("--require-hardware", action="store_true", help="exit 8 unless hardware_verified is true")
     add("--require-aaguid", metavar="UUID", action="append", default=[],
-        help="exit 8 unless hardware_aaguid is this UUID (repeatable)")
-    add("--authorization-details", metavar="JSON",
-        help="RFC 9396 authorization details, a JSON array of objects, or @FILE")
+        help="exit 8 unless hardware_aaguid is one of these")
+    add("--userinfo", action="store_true", help="add the userinfo endpoint's answer")
+    add("--inspect", metavar="TOKEN", help="show TOKEN's claims (or @FILE's), no sign-in")
+    add = parser.add_argument_group("requests").add_argument
+    add("--authorization-details", metavar="JSON", help="RFC 9396 details: a JSON array, or @FILE")
     add("--resource", metavar="URI", action="append", default=[],
         help="RFC 8707 resource indicator (repeatable)")
+    add("--device-authorization-endpoint", metavar="URL", help="use this URL instead of discovery")
+    add("--token-endpoint", metavar="URL", help="use this URL instead of discovery")
+    add("--timeout", metavar="SECONDS", type=float, default=DEFAULT_TIMEOUT,
+        help="limit for each HTTP request (default %g)" % DEFAULT_TIMEOUT)
+    add("--cacert", metavar="FILE", help="trust these CA certificates (env SSL_CERT_FILE)")
+    add = parser.add_argument_group("this command").add_argument
+    add("--install", metavar="PREFIX", nargs="?", const=DEFAULT_INSTALL_PREFIX,
+        help="install %s (PREFIX: %s)" % (_LAUNCHER_NAME, DEFAULT_INSTALL_PREFIX))
+    add("--version", action="version", version="%s %s" % (prog, __version__), help="print the version and exit")
+    add("-h", "--help", action="help", help="show this help and exit")
     return parser
 
 
@@ -4130,18 +4153,20 @@ def main(argv=None):
     Prints the result on stdout only when everything succeeded; every
     message for the person goes to stderr.
     """
+    prog, command = _PROG, "python3 vouch_device_login.py"
     if argv is None:
         argv = sys.argv[1:]
+        prog, command = _invoked_as(sys.argv[0] if sys.argv else "")
     argv = list(argv)
-    terminal = _Terminal(verbose="-v" in argv or "--verbose" in argv)
+    terminal = _Terminal(verbose="-v" in argv or "--verbose" in argv, prog=prog)
     http = None
     try:
         if "--version" in argv[: argv.index("--") if "--" in argv else len(argv)]:
             # Answered before argparse is imported: shell profiles call this often.
-            _write_stdout("%s %s\n" % (_PROG, __version__))
+            _write_stdout("%s %s\n" % (prog, __version__))
             return 0
-        args = _argument_parser().parse_args(argv)
-        terminal = _Terminal(quiet=args.quiet, verbose=args.verbose)
+        args = _argument_parser(prog, command).parse_args(argv)
+        terminal = _Terminal(quiet=args.quiet, verbose=args.verbose, prog=prog)
         if args.install is not None:
             if args.inspect is not None or args.logout:
                 raise UsageError("--install is done on its own; drop --inspect and --logout")
@@ -4160,7 +4185,7 @@ def main(argv=None):
         terminal.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        terminal.write("\n%s: interrupted\n" % _PROG)
+        terminal.write("\n%s: interrupted\n" % terminal.prog)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
         if terminal.verbose:
