@@ -1049,6 +1049,24 @@ class SignInTests(IssuerTest):
         self.assertIn("expires in 10 min.", result.stderr)
         self.assertNotIn(device["user_code"], result.stdout)
 
+    def test_a_sign_in_ends_with_one_line_saying_who_and_for_how_long(self):
+        result = self.sign_in()
+        self.assertRegex(result.stderr.splitlines()[-1],
+                         r"^vouch_device_login: signed in as ada@example\.com, hardware-verified, for (8 h|7 h 59 min)$")
+        self.issuer.user = {"sub": "user-9", "email": "bob@example.com", "hardware_verified": False}
+        self.assertIn(": signed in as bob@example.com, not hardware-verified, for ", self.sign_in().stderr)
+        quiet = self.sign_in("-q")
+        self.assertEqual(quiet.code, 0, quiet.stderr)
+        self.assertNotIn("signed in", quiet.stderr)
+        # -q: the prompt and nothing of its own, not even a blank line.
+        self.assertTrue(quiet.stderr.startswith("To sign in, open:  "), quiet.stderr)
+        self.assertNotIn("", quiet.stderr.splitlines())
+
+    def test_durations_read_as_people_say_them(self):
+        for seconds, text in ((0, "0 s"), (45, "45 s"), (597, "9 min 57 s"), (600, "10 min"), (3660, "1 h 1 min"),
+                              (28793, "7 h 59 min"), (28800, "8 h"), (90061, "1 d 1 h")):
+            self.assertEqual(vdl._format_duration(seconds), text)
+
     def test_environment_variables_configure_the_sign_in(self):
         self.issuer.approve_after_polls = 0
         result = run_main([], env={"VOUCH_ISSUER": self.issuer.issuer, "VOUCH_CLIENT_ID": "cli",

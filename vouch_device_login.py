@@ -3632,6 +3632,7 @@ def _run(config, http, terminal):
     if not config.cache:
         result = _fresh_result(config, http, terminal, None)[0]
         _check_policy(config, result)
+        terminal.info(_summary(result, time.time()))
         return result
     cache = _cache_for(config)
     entry = cache.load()
@@ -3655,7 +3656,6 @@ def _run(config, http, terminal):
             cache.release()
     if "cached" not in result:
         _remember_secrets(terminal, result)
-        terminal.info("using the cached token (%s left)" % _format_duration(result["expires_at"] - time.time()))
         result.update(cached=True, verified=False)
         metadata = entry.get("metadata") or {}
         wants_jwks_uri = config.verify and not (config.jwks_file or config.jwks_uri)
@@ -3669,7 +3669,25 @@ def _run(config, http, terminal):
             fresh = _is_number(fetched_at) and 0 <= time.time() - fetched_at < CACHED_JWKS_TTL
             _verify_result(config, _KeySource(config, http, metadata, entry.get("jwks") if fresh else None), result)
     _check_policy(config, result)
+    terminal.info(_summary(result, time.time()))
     return result
+
+
+def _summary(result, now):
+    """The line that ends a sign-in: who, whether hardware-verified, and for how long."""
+    who = result.get("email") or _first_string("sub", result.get("claims"), result.get("id_token_claims"),
+                                               result.get("userinfo"))
+    parts = [_sanitize(who, 200) if who else "an unnamed user",
+             {True: "hardware-verified", False: "not hardware-verified", None: "no hardware claim"}[
+                 result.get("hardware_verified")]]
+    expires_at = result.get("expires_at")
+    if result.get("cached"):
+        if _is_number(expires_at):
+            parts.append("%s left" % _format_duration(expires_at - now))
+        return "using the cached token: " + ", ".join(parts)
+    if _is_number(expires_at):
+        parts.append("for %s" % _format_duration(expires_at - now))
+    return "signed in as " + ", ".join(parts)
 
 
 def _inspect(config, http):
