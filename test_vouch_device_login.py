@@ -1411,6 +1411,26 @@ class VerifyCliTests(IssuerTest):
         self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": "opaque", "token_type": "Bearer"})
         self.assertFailed(self.sign_in("--verify"), 7, "opaque")
 
+    def test_local_inputs_are_checked_before_any_request(self):
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        not_json = os.path.join(folder, "not.json")
+        with open(not_json, "w") as handle:
+            handle.write("not a JWK Set, not PEM either")
+        missing = os.path.join(folder, "nope.json")
+        cases = [(["--verify", "--jwks", missing], 2, "--jwks %s: " % missing),
+                 (["--verify", "--jwks", not_json], 7, "is not a JWK Set"),
+                 (["--cacert", not_json], 2, "no PEM certificates"),
+                 (["--cacert", folder], 2, "no such file"),
+                 (["--authorization-details", "@" + missing], 2, "cannot read"),
+                 (["--authorization-details", "@" + not_json], 2, "not valid JSON"),
+                 (["--require-aaguid", "yubikey"], 2, "not a UUID")]
+        for extra, code, fragment in cases:
+            with self.subTest(extra=extra):
+                self.assertFailed(self.sign_in(*extra), code, fragment)
+                # Nothing was sent: no prompt, no approval thrown away.
+                self.assertEqual(self.issuer.requests, [])
+
     def test_inspect_offline_with_a_jwks_file(self):
         token = self.issuer.access_token("cli", "openid")
         folder = __import__("tempfile").mkdtemp()

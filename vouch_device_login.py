@@ -3493,7 +3493,7 @@ class _KeySource:
     def keys(self):
         """The JWKS, loaded or fetched on first use."""
         if self.jwks is None:
-            self.jwks = _read_jwks_file(self.config.jwks_file) if self.config.jwks_file else self._fetch()
+            self.jwks = self.config.jwks if self.config.jwks_file else self._fetch()
         return self.jwks
 
     def refetch(self):
@@ -4056,8 +4056,10 @@ def _config_from_args(args, environ, terminal):
         max_restarts = 2 if terminal.isatty() else 0
     if not 0 <= max_restarts <= 100:
         raise UsageError("--max-restarts must be between 0 and 100")
-    if args.cacert and not os.path.isfile(args.cacert):
-        raise UsageError("--cacert %s: no such file" % args.cacert)
+    # Every local file is read now: a mistake in one must not cost a sign-in the person already approved.
+    if args.cacert:
+        _check_cacert(args.cacert)
+    jwks = _read_jwks_file(args.jwks) if args.jwks else None
     if args.min_ttl < 0:
         raise UsageError("--min-ttl must not be negative")
     details = _authorization_details(args.authorization_details)
@@ -4080,6 +4082,7 @@ def _config_from_args(args, environ, terminal):
         verify=args.verify,
         jwks_uri=args.jwks_uri,
         jwks_file=args.jwks,
+        jwks=jwks,
         audience=audience,
         leeway=args.leeway,
         inspect=inspect,
@@ -4100,6 +4103,19 @@ def _config_from_args(args, environ, terminal):
 
 
 MAX_AUTHORIZATION_DETAILS = 8 * 1024
+
+
+def _check_cacert(path):
+    """--cacert must name a readable file of PEM CA certificates."""
+    import ssl
+    if not os.path.isfile(path):
+        raise UsageError("--cacert %s: no such file" % path)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        raise UsageError("--cacert %s: no PEM certificates in it" % path)
+    except OSError as exc:
+        raise UsageError("--cacert %s: %s" % (path, exc.strerror or exc))
 
 
 def _inspect_argument(value):
