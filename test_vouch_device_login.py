@@ -1318,6 +1318,54 @@ class SignInTests(IssuerTest):
 # --verify and --inspect through the real CLI
 # ============================================================================
 
+class ErrorAdviceTests(IssuerTest):
+    """Each failure is still one line, and it says what to do next."""
+
+    def test_an_unknown_client_names_the_flag_and_the_variable(self):
+        line = self.assertFailed(run_main(["--issuer", self.issuer.issuer, "--client-id", "stranger"]), 6,
+                                 "invalid_client: unknown client")
+        for text in ("--client-id", "VOUCH_CLIENT_ID", "stranger"):
+            self.assertIn(text, line)
+
+    def test_an_issuer_mismatch_names_the_issuer_to_use(self):
+        line = self.assertFailed(run_main(["--issuer", "http://localhost:%d" % self.issuer.port, "--client-id", "cli"]),
+                                 6, "calls itself %s" % self.issuer.issuer)
+        self.assertIn("pass --issuer %s" % self.issuer.issuer, line)
+
+    def test_a_bare_host_name_gets_the_url_it_probably_meant(self):
+        line = self.assertFailed(run_main(["--issuer", "us.vouch.sh", "--client-id", "cli"]), 2)
+        self.assertIn("did you mean https://us.vouch.sh?", line)
+        for host in ("localhost:8080", "127.0.0.1:8080/realms/x"):
+            with self.subTest(host=host):
+                line = self.assertFailed(run_main(["--issuer", host, "--client-id", "cli"]), 2)
+                self.assertIn("did you mean http://%s?" % host, line)
+                self.assertNotIn("https", line)
+
+    def test_the_timeout_range_is_stated_as_it_is(self):
+        self.assertFailed(run_main(["--client-id", "cli", "--timeout", "0"]), 2, "more than 0 and at most 3600")
+
+    def test_an_audience_failure_says_what_was_expected_and_how_to_change_it(self):
+        # Glewlwyd puts the scopes in aud.
+        answer = (200, {"access_token": self.issuer.access_token("cli", "openid", aud=["openid"]),
+                        "token_type": "Bearer", "expires_in": 3600})
+        self.issuer.token_script = [answer]
+        line = self.assertFailed(self.sign_in("--verify", approve=False), 7, "aud ['openid'] does not contain 'cli'")
+        self.assertIn("pass --audience", line)
+        self.issuer.token_script = [answer]
+        self.assertEqual(self.sign_in("--verify", "--audience", "openid", approve=False).code, 0)
+
+    def test_browser_with_a_non_https_url_says_why_none_opened(self):
+        self.issuer.overrides["/oauth/device"] = lambda h, b: (200, {
+            "device_code": "d" * 43, "user_code": "BCDF-GHJK", "verification_uri": "http://id.example.test/device",
+            "expires_in": 600, "interval": 1})
+        self.issuer.token_script = [(200, self.issuer._tokens("cli", "openid email"))]
+        with mock.patch("webbrowser.open") as browser:
+            result = self.sign_in("--browser", approve=False)
+        self.assertEqual(result.code, 0, result.stderr)
+        browser.assert_not_called()
+        self.assertIn("no browser opened: the sign-in URL is not https", result.stderr)
+
+
 class VerifyCliTests(IssuerTest):
     issuer_options = {"rate_limit": False}
 

@@ -948,8 +948,9 @@ def discover(http, issuer):
         if not isinstance(reported, str):
             raise ProtocolError("discovery (%s): the document has no issuer string" % url)
         if not _same_issuer(issuer, reported):
-            raise ProtocolError("issuer mix-up: %s says its issuer is %s, not %s"
-                                % (url, _sanitize(reported), _sanitize(issuer)))
+            raise ProtocolError("issuer mix-up: the server at %s calls itself %s, not %s; if that is the "
+                                "issuer you mean, pass --issuer %s" % (_origin(url), _sanitize(reported),
+                                                                       _sanitize(issuer), _sanitize(reported)))
         for field in _ENDPOINT_FIELDS:
             if field in metadata:
                 _parse_url(metadata[field], "%s in the metadata" % field)
@@ -1087,7 +1088,8 @@ def request_device_authorization(http, endpoint, client_id, scope, extra=None, c
     response = _post_with_retries(http, endpoint, what, form)
     received_at = clock()
     if response.status != 200:
-        _raise_for_error_answer(response, what)
+        unknown = "check --client-id (or VOUCH_CLIENT_ID): the issuer does not take client id %s" % _sanitize(client_id)
+        _raise_for_error_answer(response, what, {"invalid_client": unknown, "unauthorized_client": unknown})
     return parse_device_authorization(_json_document(response, what), received_at, http.terminal)
 
 
@@ -1123,8 +1125,11 @@ def _backoff_delay(failures, rng=None):
     return step * (0.5 + 0.5 * (rng or random).random())
 
 
-def _raise_for_error_answer(response, what):
-    """Raise the right error for a non-200 answer of an OAuth endpoint."""
+def _raise_for_error_answer(response, what, advice=None):
+    """Raise the right error for a non-200 answer of an OAuth endpoint.
+
+    `advice` maps an OAuth error code to what the person can do about it.
+    """
     _check_redirect(response, what)
     if response.status >= 500 or response.status == 429:
         _raise_http_status(response, what)
@@ -1138,7 +1143,9 @@ def _raise_for_error_answer(response, what):
                             % (what, response.status, _sanitize(response.reason, 80)))
     if error[0] == "access_denied":
         raise AccessDeniedError("%s: the request was denied (%s)" % (what, _describe_oauth_error(*error)))
-    raise ProtocolError("%s: the server refused: %s" % (what, _describe_oauth_error(*error)))
+    hint = (advice or {}).get(error[0])
+    raise ProtocolError("%s: the server refused: %s%s" % (what, _describe_oauth_error(*error),
+                                                          "; " + hint if hint else ""))
 
 
 def _format_duration(seconds):
@@ -1787,7 +1794,7 @@ def _browser_presenter(device, terminal):
     from urllib.parse import urlsplit
     parts = urlsplit(url)
     if parts.scheme != "https" and not _is_loopback_host(parts.hostname or ""):
-        terminal.debug("not opening a browser for a non-https URL")
+        terminal.info("no browser opened: the sign-in URL is not https, so check it before you open it yourself")
         return
     thread = threading.Thread(target=open_browser, name="browser")
     thread.daemon = True
@@ -3560,7 +3567,7 @@ def _verify_result(config, source, result):
         _verify_token(result["access_token"], source, issuer=issuer, audience=config.audience,
                       typ="at+jwt", leeway=config.leeway)
     except TokenVerificationError as exc:
-        raise TokenVerificationError("access token: %s" % exc)
+        raise TokenVerificationError("access token: %s%s" % (exc, _audience_advice(exc, config)))
     if result.get("id_token"):
         try:
             _verify_token(result["id_token"], source, issuer=issuer, audience=config.client_id,
@@ -3568,6 +3575,16 @@ def _verify_result(config, source, result):
         except TokenVerificationError as exc:
             raise TokenVerificationError("ID token: %s" % exc)
     result["verified"] = True
+
+
+def _audience_advice(exc, config):
+    """What to do when aud was the check that failed: some servers (Glewlwyd for one) put the scopes there."""
+    if not str(exc).startswith(("aud ", "token has no aud")):
+        return ""
+    if config.audience != config.client_id:
+        return " (the audience --audience asked for)"
+    return ("; the expected audience is the client id, the default: pass --audience with the one this issuer "
+            "puts in aud (some, Glewlwyd for one, put the scopes there)")
 
 
 def _check_policy(config, result):
@@ -3709,7 +3726,10 @@ def _inspect(config, http):
                   "leeway": config.leeway, "typ": "at+jwt" if access else NOT_AT_JWT}
         if not access:
             checks["azp"] = config.client_id
-        _verify_token(config.inspect, source, **checks)
+        try:
+            _verify_token(config.inspect, source, **checks)
+        except TokenVerificationError as exc:
+            raise TokenVerificationError("%s%s" % (exc, _audience_advice(exc, config) if access else ""))
         result["verified"] = True
     _check_policy(config, {"hardware_verified": hardware_verified, "hardware_aaguid": aaguid})
     return result
@@ -4045,12 +4065,9 @@ def _config_from_args(args, environ, terminal):
     for what, url in (("--issuer", issuer), ("--device-authorization-endpoint", args.device_authorization_endpoint),
                       ("--token-endpoint", args.token_endpoint)):
         if url is not None:
-            try:
-                _parse_url(url, what)
-            except ProtocolError as exc:
-                raise UsageError(str(exc))
+            _check_url_argument(url, what)
     if not 0 < args.timeout <= 3600:
-        raise UsageError("--timeout must be between 0 and 3600 seconds")
+        raise UsageError("--timeout must be more than 0 and at most 3600 seconds")
     max_restarts = args.max_restarts
     if max_restarts is None:
         max_restarts = 2 if terminal.isatty() else 0
@@ -4160,6 +4177,24 @@ def _authorization_details(value):
         if not isinstance(item, dict) or not isinstance(item.get("type"), str) or not item["type"]:
             raise UsageError("%s: item %d must be an object with a string \"type\"" % (source, index))
     return json.dumps(details, separators=(",", ":"))
+
+
+def _check_url_argument(url, what):
+    """A URL flag: like an endpoint URL, and a bare host name gets the URL it probably meant."""
+    from urllib.parse import urlsplit
+    if "://" not in url and url.strip() and all("\x21" <= ch <= "\x7e" for ch in url):
+        try:
+            host = urlsplit("//" + url).hostname
+        except ValueError:
+            host = None
+        if host:
+            # Loopback is where plain http is allowed, and where local test issuers listen.
+            scheme = "http" if _is_loopback_host(host) else "https"
+            raise UsageError("%s %s is not a URL; did you mean %s://%s?" % (what, url, scheme, url))
+    try:
+        _parse_url(url, what)
+    except ProtocolError as exc:
+        raise UsageError(str(exc))
 
 
 def _check_resource(resource):
