@@ -1639,6 +1639,29 @@ class CacheTests(CacheFixture):
         self.assertEqual((result.code, result.stdout), (0, ""))
         self.assertIn("no cached sign-in", result.stderr)
 
+    def test_logout_signs_out_of_every_cached_sign_in_of_the_client(self):
+        self.issuer.clients.add("other")
+        tokens = [self.cached_sign_in(*extra).json()["access_token"]
+                  for extra in ([], ["--scope", "openid"], ["--resource", "https://api.example.com/"])]
+        self.issuer.approve_after_polls = 0
+        other = run_main(["--issuer", self.issuer.issuer, "--client-id", "other", "--cache"], env=self.env)
+        self.assertEqual(other.code, 0, other.stderr)
+        self.assertEqual(len(self.cache_files()), 8)
+        kept = []
+        for name in self.cache_files():
+            with open(os.path.join(self.directory, name)) as handle:
+                if '"client_id": "other"' in handle.read():
+                    kept = [name, name.replace(".json", ".lock")]
+        result = self.sign_in("--logout", env=self.env)
+        self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
+        self.assertIn("signed out: 3 cached sign-ins revoked and removed", result.stderr)
+        self.assertEqual(sorted(r["token"] for r in self.issuer.revoked), sorted(tokens))
+        # Only the other client's sign-in is left, and no lock file of the removed ones.
+        self.assertEqual(self.cache_files(), sorted(kept))
+        again = self.sign_in("--logout", env=self.env)
+        self.assertIn("no cached sign-in of client cli at %s to remove" % self.issuer.issuer, again.stderr)
+        self.assertEqual(self.cache_files(), sorted(kept))
+
     def test_two_processes_at_once_sign_in_only_once(self):
         self.issuer.approve_after_polls = 1
         args = ["--issuer", self.issuer.issuer, "--client-id", "cli", "--cache", "--format", "token"]

@@ -3216,11 +3216,12 @@ class _Cache:
     start a sign-in.
     """
 
-    def __init__(self, directory, key_parts):
-        import hashlib
-        import json
+    def __init__(self, directory, key_parts=None, digest=None):
         self.directory = directory
-        digest = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+        if digest is None:
+            import hashlib
+            import json
+            digest = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode("utf-8")).hexdigest()[:32]
         self.path = os.path.join(directory, digest + ".json")
         self.lock_path = os.path.join(directory, digest + ".lock")
         self._lock_fd = None
@@ -3330,9 +3331,18 @@ class _Cache:
                     told = True
                 _sleep(0.2)
 
-    def release(self):
-        """Let the next run in; closing the descriptor drops the flock."""
+    def release(self, remove=False):
+        """Let the next run in; closing the descriptor drops the flock.
+
+        remove=True deletes the lock file first, while it is still held: a
+        run waiting on it then signs in anew, which is all it would have done.
+        """
         if self._lock_fd is not None:
+            if remove:
+                try:
+                    os.unlink(self.lock_path)
+                except FileNotFoundError:
+                    pass
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -3736,28 +3746,69 @@ def _inspect(config, http):
 
 
 def _logout(config, http, terminal):
-    """Revoke and delete the cached sign-in; nothing to remove is not an error."""
-    cache = _cache_for(config)
-    cache.acquire(terminal)
-    try:
-        entry = cache.load()
-        if entry is None:
-            terminal.info("no cached sign-in to remove")
-            return
-        _remember_secrets(terminal, entry["result"])
-        metadata = entry.get("metadata") or {}
-        if not metadata.get("revocation_endpoint") and not config.token_endpoint:
-            try:
-                metadata = discover(http, config.issuer)
-            except VouchError as exc:
-                terminal.warn("cannot find the revocation endpoint (%s)" % exc)
-        failures = _revoke(config, http, terminal, metadata, entry["result"])
-        cache.delete()
-    finally:
-        cache.release()
+    """Revoke and delete every cached sign-in of the issuer and client id; nothing to remove is not an error.
+
+    Whatever scope, resources or authorization details a sign-in was made
+    with, it is the same person's session with this client: all of them go.
+    """
+    caches = _cached_sign_ins(config)
+    if not caches:
+        terminal.info("no cached sign-in of client %s at %s to remove" % (config.client_id, config.issuer))
+        return
+    discovered = None
+    failures = []
+    removed = 0
+    for cache in caches:
+        cache.acquire(terminal)
+        try:
+            entry = cache.load()
+            if not _same_sign_in(entry, config):
+                continue
+            _remember_secrets(terminal, entry["result"])
+            metadata = entry.get("metadata") or {}
+            if not metadata.get("revocation_endpoint") and not config.token_endpoint:
+                if discovered is None:
+                    try:
+                        discovered = discover(http, config.issuer)
+                    except VouchError as exc:
+                        terminal.warn("cannot find the revocation endpoint (%s)" % exc)
+                        discovered = {}
+                metadata = discovered
+            failures.extend(_revoke(config, http, terminal, metadata, entry["result"]))
+            cache.delete()
+            removed += 1
+        finally:
+            cache.release(remove=True)
+    count = "the cached sign-in" if removed == 1 else "%d cached sign-ins" % removed
     if failures:
-        raise NetworkError("removed the cached tokens, but revocation failed: %s" % "; ".join(failures))
-    terminal.info("signed out: the cached tokens were revoked and removed")
+        raise NetworkError("removed %s, but revocation failed: %s" % (count, "; ".join(failures)))
+    terminal.info("signed out: %s revoked and removed" % count)
+
+
+def _cached_sign_ins(config):
+    """The cache entries of the configured issuer and client id, whatever else they were made with."""
+    directory = _cache_directory(config.environ)
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise UsageError("cannot use the cache directory %s: %s" % (directory, exc.strerror or exc))
+    caches = []
+    for name in names:
+        digest, _dot, extension = name.partition(".")
+        if extension == "json" and len(digest) == 32:
+            cache = _Cache(directory, digest=digest)
+            if _same_sign_in(cache.load(), config):
+                caches.append(cache)
+    return caches
+
+
+def _same_sign_in(entry, config):
+    result = (entry or {}).get("result") or {}
+    issuer = result.get("issuer")
+    return result.get("client_id") == config.client_id and isinstance(issuer, str) \
+        and issuer.rstrip("/") == config.issuer.rstrip("/")
 
 
 # ============================================================================
