@@ -5848,6 +5848,32 @@ class TerminalPromptTests(IssuerTest):
                 else:
                     self.assertFalse(os.path.exists(opened))
 
+    def test_copy_uses_pbcopy_in_a_local_mac_session_and_says_what_it_did(self):
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        copied = os.path.join(folder, "copied")
+        with open(os.path.join(folder, "pbcopy"), "w") as handle:
+            handle.write("#!/bin/sh\ncat > %s\n" % copied)
+        os.chmod(os.path.join(folder, "pbcopy"), 0o755)
+        device = vdl.DeviceAuthorization("d" * 43, "BCDF-GHJK", "https://id.example.com/device", None, 600.0, 5.0, 0.0)
+        cases = [({}, "darwin", True), ({"SSH_CONNECTION": "10.0.0.1 5000 10.0.0.2 22"}, "darwin", False),
+                 ({}, "linux", False)]
+        for env, platform, local in cases:
+            with self.subTest(env=env, platform=platform):
+                if os.path.exists(copied):
+                    os.unlink(copied)
+                err = TtyStream()
+                vdl._copy_presenter(dict(env, PATH=folder), platform)(device, vdl._Terminal(stream=err))
+                self.assertEqual(os.path.exists(copied), local)
+                if local:
+                    with open(copied) as handle:
+                        self.assertEqual(handle.read(), "BCDF-GHJK")
+                    self.assertEqual(err.getvalue(), "vouch_device_login: the code is on the clipboard\n")
+                else:
+                    self.assertIn("\x1b]52;c;", err.getvalue())
+                    # Whether the terminal took it nobody can tell: say what was done.
+                    self.assertIn("the code was sent to the terminal's clipboard", err.getvalue())
+
     def test_no_browser_when_stderr_is_not_a_terminal(self):
         self.assertFalse(vdl._browser_visible({"DISPLAY": ":0"}, vdl._Terminal(stream=io.StringIO()), "linux"))
         err = vdl._Terminal(stream=TtyStream())

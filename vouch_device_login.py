@@ -1766,10 +1766,14 @@ def _qr_presenter(environ):
     return present
 
 
+def _over_ssh(environ):
+    return bool(environ.get("SSH_CONNECTION") or environ.get("SSH_TTY") or environ.get("SSH_CLIENT"))
+
+
 def _browser_visible(environ, terminal, platform=None):
     """Whether a browser opened here would be seen by the person (SPEC §4)."""
     platform = platform or sys.platform
-    if environ.get("SSH_CONNECTION") or environ.get("SSH_TTY") or environ.get("SSH_CLIENT"):
+    if _over_ssh(environ):
         return False
     if not terminal.isatty():
         return False
@@ -1801,14 +1805,34 @@ def _browser_presenter(device, terminal):
     thread.start()
 
 
-def _copy_presenter(device, terminal):
-    """Put the user code on the clipboard with OSC 52, which also works over SSH."""
-    import base64
-    if not terminal.isatty():
-        return
-    payload = base64.b64encode(device.user_code.encode("utf-8")).decode("ascii")
-    terminal.write("\x1b]52;c;%s\x07" % payload)
-    terminal.info("the code is on your clipboard (if your terminal allows OSC 52)")
+def _copy_presenter(environ, platform=None):
+    """Put the user code on the clipboard: pbcopy in a local macOS session, else OSC 52 (which also crosses SSH).
+
+    Nothing can tell whether a terminal honoured OSC 52 (Terminal.app
+    ignores it), so the message says what was done, not what happened.
+    """
+    platform = platform or sys.platform
+
+    def present(device, terminal):
+        import shutil
+        pbcopy = shutil.which("pbcopy", path=environ.get("PATH")) \
+            if platform == "darwin" and not _over_ssh(environ) else None
+        if pbcopy:
+            import subprocess
+            try:
+                subprocess.run([pbcopy], input=device.user_code.encode("utf-8"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=5, check=True)
+                terminal.info("the code is on the clipboard")
+                return
+            except (OSError, subprocess.SubprocessError) as exc:
+                terminal.debug("pbcopy failed: %s" % exc)
+        if not terminal.isatty():
+            return
+        import base64
+        payload = base64.b64encode(device.user_code.encode("utf-8")).decode("ascii")
+        terminal.write("\x1b]52;c;%s\x07" % payload)
+        terminal.info("the code was sent to the terminal's clipboard (OSC 52, which some terminals ignore)")
+    return present
 
 
 def _spoken(user_code):
@@ -3413,7 +3437,7 @@ def _presenters(config, terminal):
     """The prompt extras this run asked for or that suit this terminal."""
     presenters = []
     if config.copy:
-        presenters.append(_copy_presenter)
+        presenters.append(_copy_presenter(config.environ))
     browser = config.browser
     if browser is None:
         browser = _browser_visible(config.environ, terminal)
