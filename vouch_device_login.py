@@ -206,7 +206,7 @@ class _Terminal:
     def line(self, text):
         """Write a whole line; a live status line up is cleared first and drawn again below it."""
         if self._status:
-            text = "\r\x1b[K" + text + self._status
+            text = self._clear_status() + text + self._status
         self.write(text)
 
     def status(self, text):
@@ -215,8 +215,16 @@ class _Terminal:
         The caller keeps it narrower than the terminal: only the last row of a
         wrapped line can be rewritten.
         """
-        self.write("\r\x1b[K" + (text or ""))
+        self.write(self._clear_status() + (text or ""))
         self._status = text or None
+
+    def _clear_status(self):
+        up = (len(self._status) - 1) // self.size()[0] if self._status else 0
+        if up:
+            # The terminal got narrower, and one that reflows (tmux, VTE, iTerm2,
+            # Terminal.app) wrapped the line: erase from its first row down.
+            return "\r\x1b[%dA\x1b[J" % up
+        return "\r\x1b[K"
 
     # Messages are sanitised once more here: whatever a server managed to get
     # into one, it cannot reach the terminal as an escape sequence.
@@ -1151,6 +1159,11 @@ def _raise_for_error_answer(response, what, advice=None):
 def _format_duration(seconds):
     """A duration as people say it, in its two largest units: 45 s, 9 min 57 s, 7 h 59 min, 2 d 3 h."""
     seconds = max(0, int(seconds + 0.5))
+    # Rounded to the smaller unit shown: 28799 s is 8 h, not 7 h 59 min.
+    if seconds >= 3600:
+        seconds = (seconds + 30) // 60 * 60
+    if seconds >= 86400:
+        seconds = (seconds + 1800) // 3600 * 3600
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, rest = divmod(rest, 60)
@@ -1714,9 +1727,9 @@ _QR_FITTINGS = (("M", 4), ("L", 4), ("M", 2), ("L", 2))
 
 
 def _qr_fitting(data, unicode, columns, rows):
-    """(matrix, quiet) of the first QR code of data within columns x rows (rows None: any height).
+    """(matrix, quiet, None) of the first QR code of data within columns x rows (rows None: any height).
 
-    Raises ValueError when none fits, naming the size the smallest one needs.
+    When none fits: (None, None, (width, height)) of the smallest one.
     """
     needs = None
     for level, quiet in _QR_FITTINGS:
@@ -1724,11 +1737,10 @@ def _qr_fitting(data, unicode, columns, rows):
         side = len(matrix) + 2 * quiet
         width, height = (side, (side + 1) // 2) if unicode else (2 * side, side)
         if width <= columns and (rows is None or height <= rows):
-            return matrix, quiet
+            return matrix, quiet, None
         if needs is None or width * height < needs[0] * needs[1]:
             needs = (width, height)
-    raise ValueError("the code needs %dx%d characters and the terminal has %s; enlarge it, "
-                     "or use the link" % (needs + ("%dx%d" % (columns, rows) if rows else "%d columns" % columns,)))
+    return None, None, needs
 
 
 def _rows_taken(lines, columns):
@@ -1749,12 +1761,16 @@ def _qr_presenter(environ):
         url = device.verification_uri_complete or device.verification_uri
         unicode = _can_encode(terminal.output(), "\u2580\u2584\u2588")
         columns, rows = terminal.size() if terminal.isatty() else (80, None)
-        if rows is not None:
-            rows -= _rows_taken(lines, columns) + 2
+        below = _rows_taken(lines, columns) + 2
         try:
-            matrix, quiet = _qr_fitting(url.encode("utf-8"), unicode, columns, rows)
+            matrix, quiet, needs = _qr_fitting(url.encode("utf-8"), unicode, columns,
+                                               rows and rows - below)
         except ValueError as exc:
             terminal.write("No QR code: %s.\n" % exc)
+            return
+        if matrix is None:
+            terminal.write("No QR code: with the text below it, it needs a terminal of %dx%d and this one is "
+                           "%dx%d; enlarge it, or use the link.\n" % (needs[0], needs[1] + below, columns, rows))
             return
         text = _qr_render(matrix, unicode=unicode, quiet=quiet)
         if _color_allowed(terminal, environ):
