@@ -2659,6 +2659,52 @@ class ContractTests(IssuerTest):
             self.assertEqual("no browser here" in err.getvalue(), verbose, err.getvalue())
 
 
+class ReadmeTests(unittest.TestCase):
+    """The README is the first thing a person reads: what the tool is and how to run it come first."""
+
+    def setUp(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+            self.readme = handle.read()
+
+    def test_the_first_screen_says_what_the_tool_is_and_how_to_run_it(self):
+        first_screen = "\n".join(self.readme.splitlines()[:24])
+        commands = [line for line in first_screen.splitlines() if line.startswith("make ")]
+        self.assertEqual([line.split()[1] for line in commands], ["demo", "test"])
+        for text in ("Device Authorization Grant", "standard library only", "python3 vouch_device_login.py --client-id"):
+            self.assertIn(text, first_screen)
+        # Reference material comes after the how-to.
+        for reference in ("## Options", "## Verification", "## Installing the command", "## Development"):
+            self.assertLess(self.readme.index("## Recipes"), self.readme.index(reference))
+
+    def test_the_piped_recipe_says_where_the_file_comes_from(self):
+        line = next(line for line in self.readme.splitlines() if "| python3 -" in line)
+        explained = self.readme[:self.readme.index(line)].rsplit("\n\n", 2)[-2]
+        self.assertIn("URL", line)
+        self.assertIn("`URL` is where you published `vouch_device_login.py`", explained)
+
+    @unittest.skipUnless(os.path.exists("/bin/sh"), "needs a POSIX shell")
+    def test_the_expiry_recipe_works_with_gnu_and_bsd_date(self):
+        recipe = next(line for line in self.readme.splitlines() if "$VOUCH_EXPIRES_AT" in line and "date" in line)
+        expression = recipe[recipe.index("$(date"):recipe.rindex(")") + 1]
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        # macOS and the BSDs: no -d @EPOCH, but -r EPOCH.
+        with open(os.path.join(folder, "date"), "w") as handle:
+            handle.write('#!/bin/sh\n[ "$1" = -r ] && echo "BSD $2" && exit 0\necho "date: illegal option" >&2; exit 1\n')
+        os.chmod(os.path.join(folder, "date"), 0o755)
+        for path, expected in ((folder, "BSD 1700000000"), (os.environ.get("PATH", ""), None)):
+            with self.subTest(bsd=expected is not None):
+                proc = subprocess.run(["/bin/sh", "-c", "echo " + expression], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env={"PATH": path, "VOUCH_EXPIRES_AT": "1700000000",
+                                                                   "TZ": "UTC", "LC_ALL": "C"}, check=False)
+                self.assertEqual(proc.stderr, b"")
+                if expected is not None:
+                    self.assertEqual(proc.stdout.decode().strip(), expected)
+                else:
+                    # GNU date here; 1700000000 is 14 November 2023.
+                    self.assertIn("Nov 14", proc.stdout.decode())
+
+
 # ============================================================================
 # End to end: the script as a real process, with real waiting (interval 1 s)
 # ============================================================================
