@@ -5456,6 +5456,29 @@ class TestDecode(unittest.TestCase):
             self.assertEqual(found.text, url)
             self.assertEqual(found.ec_level, level)
 
+    def test_every_fitting_the_prompt_may_draw_decodes(self):
+        # The level and quiet zone the prompt falls back to on a small terminal.
+        for url in (VOUCH_URL,) + self.urls[:3]:
+            for level, quiet in vdl._QR_FITTINGS:
+                matrix = vdl._qr_matrix(url, level)
+                for unicode in (True, False):
+                    with self.subTest(length=len(url), level=level, quiet=quiet, unicode=unicode):
+                        text = vdl._qr_render(matrix, unicode=unicode, quiet=quiet)
+                        grid, _ = parse_render(text, unicode, quiet, len(matrix))
+                        found = decode(grid)
+                        self.assertEqual(found and found.text, url)
+
+    def test_the_smallest_fitting_is_chosen_and_none_past_the_smallest(self):
+        data = VOUCH_URL.encode()
+        sides = {(level, quiet): len(vdl._qr_matrix(data, level)) + 2 * quiet for level, quiet in vdl._QR_FITTINGS}
+        self.assertEqual(vdl._qr_fitting(data, True, 80, None)[1:], (4, None))
+        self.assertEqual(len(vdl._qr_fitting(data, True, 80, 17)[0]), 29)
+        self.assertEqual(vdl._qr_fitting(data, True, 80, 16), (None, None, (33, 17)))
+        # ASCII in 80 columns: M with its full quiet zone would take 82.
+        self.assertEqual(2 * sides["M", 4], 82)
+        matrix, quiet, _ = vdl._qr_fitting(data, False, 80, None)
+        self.assertLessEqual(2 * (len(matrix) + 2 * quiet), 80)
+
     def test_decode_rendered_text(self):
         for url in self.urls[:4]:
             matrix = vdl._qr_matrix(url)
