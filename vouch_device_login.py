@@ -4046,7 +4046,7 @@ def _invoked_as(argv0):
     name = os.path.basename(argv0 or "")
     if name in ("", "-", "-c"):
         name = "vouch_device_login.py"
-    return name, "python3 " + name if name.endswith(".py") else name
+    return name, ("python3 " + name if name.endswith(".py") else name)
 
 
 def _argument_parser(prog=_PROG, command="python3 vouch_device_login.py"):
@@ -4073,7 +4073,8 @@ def _argument_parser(prog=_PROG, command="python3 vouch_device_login.py"):
         description += _INSTALL_EXAMPLE.format(command=command)
     parser = Parser(
         prog=prog,
-        usage="%(prog)s [--client-id ID] [--format FORMAT] [options]",
+        # Short enough for 40 columns; the examples below show the flags that matter.
+        usage="%(prog)s [options]",
         description=description,
         epilog=_EPILOG,
         add_help=False,
