@@ -1093,8 +1093,27 @@ class SignInTests(IssuerTest):
         self.assertIn(self.issuer.issuer + "/device", result.stderr)
         self.assertIn(device["user_code"], result.stderr)
         self.assertIn("user_code=" + device["user_code"], result.stderr)
-        self.assertIn("expires in 10 min 00 s", result.stderr)
+        self.assertIn("expires in 10 min.", result.stderr)
         self.assertNotIn(device["user_code"], result.stdout)
+
+    def test_a_sign_in_ends_with_one_line_saying_who_and_for_how_long(self):
+        result = self.sign_in()
+        self.assertRegex(result.stderr.splitlines()[-1],
+                         r"^vouch_device_login: signed in as ada@example\.com, hardware-verified, for (8 h|7 h 59 min)$")
+        self.issuer.user = {"sub": "user-9", "email": "bob@example.com", "hardware_verified": False}
+        self.assertIn(": signed in as bob@example.com, not hardware-verified, for ", self.sign_in().stderr)
+        quiet = self.sign_in("-q")
+        self.assertEqual(quiet.code, 0, quiet.stderr)
+        self.assertNotIn("signed in", quiet.stderr)
+        # -q: the prompt and nothing of its own, not even a blank line.
+        self.assertTrue(quiet.stderr.startswith("To sign in, open:  "), quiet.stderr)
+        self.assertNotIn("", quiet.stderr.splitlines())
+
+    def test_durations_read_as_people_say_them(self):
+        for seconds, text in ((0, "0 s"), (45, "45 s"), (597, "9 min 57 s"), (600, "10 min"), (3660, "1 h 1 min"),
+                              (28740, "7 h 59 min"), (28799, "8 h"), (28800, "8 h"), (90061, "1 d 1 h"),
+                              (86399, "1 d")):
+            self.assertEqual(vdl._format_duration(seconds), text)
 
     def test_environment_variables_configure_the_sign_in(self):
         self.issuer.approve_after_polls = 0
@@ -1159,10 +1178,40 @@ class SignInTests(IssuerTest):
     def test_help_and_version(self):
         result = run_main(["--help"])
         self.assertEqual(result.code, 0)
-        for text in ("--client-id", "VOUCH_CLIENT_ID", "examples:", "eval", "exit codes"):
+        for text in ("--client-id", "VOUCH_CLIENT_ID", "eval", "Exit codes"):
             self.assertIn(text, result.stdout)
         result = run_main(["--version"])
         self.assertEqual((result.code, result.stdout), (0, "vouch_device_login %s\n" % vdl.__version__))
+
+    def test_help_puts_the_common_case_first_and_fits_80_columns(self):
+        result = run_main(["--help"], env={"COLUMNS": "80"})
+        self.assertEqual(result.code, 0)
+        lines = result.stdout.splitlines()
+        self.assertLessEqual(max(len(line) for line in lines), 80)
+        self.assertLessEqual(len(lines), 80)
+        # One synopsis line, a wrapped description, then the commonest invocations, all before any option.
+        self.assertTrue(lines[0].startswith("usage: vouch_device_login ") and lines[1] == "", lines[:2])
+        self.assertIn("(RFC 8628)", result.stdout)
+        first_group = next(i for i, line in enumerate(lines) if line.endswith(":") and not line.startswith(" "))
+        self.assertLessEqual(first_group, 12)
+        examples = [line for line in lines[:first_group] if line.startswith("  ")]
+        self.assertEqual(examples[:3], [
+            "  python3 vouch_device_login.py --client-id ID",
+            '  eval "$(python3 vouch_device_login.py --client-id ID --format shell)"',
+            '  eval "$(python3 vouch_device_login.py --client-id ID --cache --format shell)"'])
+        self.assertEqual([line for line in lines if line.endswith(":") and not line.startswith(" ")],
+                         ["sign-in:", "output:", "sessions:", "verification and policy:", "requests:", "this command:"])
+        self.assertLess(result.stdout.index("--client-id ID  "), result.stdout.index("--timeout SECONDS"))
+
+    def test_the_tool_names_itself_as_it_was_run(self):
+        result = run_cli(["--version"])
+        self.assertEqual(result.stdout, "vouch_device_login.py %s\n" % vdl.__version__)
+        self.assertFailed(run_cli(["--bogus"]), 2)
+        self.assertTrue(run_cli(["--bogus"]).stderr.startswith("vouch_device_login.py: error: "))
+        with open(SCRIPT, "rb") as handle:
+            piped = run_cli(["--help"], input_bytes=handle.read(), argv0="-", env={"COLUMNS": "80"})
+        self.assertIn("\n  python3 vouch_device_login.py --install ", piped.stdout)
+        self.assertTrue(piped.stdout.startswith("usage: vouch_device_login.py "))
 
     def test_rfc8414_discovery_with_path_insertion(self):
         issuer = LocalIssuer(discovery="oauth", path="/tenant/acme")
@@ -1317,6 +1366,54 @@ class SignInTests(IssuerTest):
 # --verify and --inspect through the real CLI
 # ============================================================================
 
+class ErrorAdviceTests(IssuerTest):
+    """Each failure is still one line, and it says what to do next."""
+
+    def test_an_unknown_client_names_the_flag_and_the_variable(self):
+        line = self.assertFailed(run_main(["--issuer", self.issuer.issuer, "--client-id", "stranger"]), 6,
+                                 "invalid_client: unknown client")
+        for text in ("--client-id", "VOUCH_CLIENT_ID", "stranger"):
+            self.assertIn(text, line)
+
+    def test_an_issuer_mismatch_names_the_issuer_to_use(self):
+        line = self.assertFailed(run_main(["--issuer", "http://localhost:%d" % self.issuer.port, "--client-id", "cli"]),
+                                 6, "calls itself %s" % self.issuer.issuer)
+        self.assertIn("pass --issuer %s" % self.issuer.issuer, line)
+
+    def test_a_bare_host_name_gets_the_url_it_probably_meant(self):
+        line = self.assertFailed(run_main(["--issuer", "us.vouch.sh", "--client-id", "cli"]), 2)
+        self.assertIn("did you mean https://us.vouch.sh?", line)
+        for host in ("localhost:8080", "127.0.0.1:8080/realms/x"):
+            with self.subTest(host=host):
+                line = self.assertFailed(run_main(["--issuer", host, "--client-id", "cli"]), 2)
+                self.assertIn("did you mean http://%s?" % host, line)
+                self.assertNotIn("https", line)
+
+    def test_the_timeout_range_is_stated_as_it_is(self):
+        self.assertFailed(run_main(["--client-id", "cli", "--timeout", "0"]), 2, "more than 0 and at most 3600")
+
+    def test_an_audience_failure_says_what_was_expected_and_how_to_change_it(self):
+        # Glewlwyd puts the scopes in aud.
+        answer = (200, {"access_token": self.issuer.access_token("cli", "openid", aud=["openid"]),
+                        "token_type": "Bearer", "expires_in": 3600})
+        self.issuer.token_script = [answer]
+        line = self.assertFailed(self.sign_in("--verify", approve=False), 7, "aud ['openid'] does not contain 'cli'")
+        self.assertIn("pass --audience", line)
+        self.issuer.token_script = [answer]
+        self.assertEqual(self.sign_in("--verify", "--audience", "openid", approve=False).code, 0)
+
+    def test_browser_with_a_non_https_url_says_why_none_opened(self):
+        self.issuer.overrides["/oauth/device"] = lambda h, b: (200, {
+            "device_code": "d" * 43, "user_code": "BCDF-GHJK", "verification_uri": "http://id.example.test/device",
+            "expires_in": 600, "interval": 1})
+        self.issuer.token_script = [(200, self.issuer._tokens("cli", "openid email"))]
+        with mock.patch("webbrowser.open") as browser:
+            result = self.sign_in("--browser", approve=False)
+        self.assertEqual(result.code, 0, result.stderr)
+        browser.assert_not_called()
+        self.assertIn("no browser opened: the sign-in URL is not https", result.stderr)
+
+
 class VerifyCliTests(IssuerTest):
     issuer_options = {"rate_limit": False}
 
@@ -1409,6 +1506,26 @@ class VerifyCliTests(IssuerTest):
     def test_opaque_token_cannot_be_verified(self):
         self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": "opaque", "token_type": "Bearer"})
         self.assertFailed(self.sign_in("--verify"), 7, "opaque")
+
+    def test_local_inputs_are_checked_before_any_request(self):
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        not_json = os.path.join(folder, "not.json")
+        with open(not_json, "w") as handle:
+            handle.write("not a JWK Set, not PEM either")
+        missing = os.path.join(folder, "nope.json")
+        cases = [(["--verify", "--jwks", missing], 2, "--jwks %s: " % missing),
+                 (["--verify", "--jwks", not_json], 7, "is not a JWK Set"),
+                 (["--cacert", not_json], 2, "no PEM certificates"),
+                 (["--cacert", folder], 2, "no such file"),
+                 (["--authorization-details", "@" + missing], 2, "cannot read"),
+                 (["--authorization-details", "@" + not_json], 2, "not valid JSON"),
+                 (["--require-aaguid", "yubikey"], 2, "not a UUID")]
+        for extra, code, fragment in cases:
+            with self.subTest(extra=extra):
+                self.assertFailed(self.sign_in(*extra), code, fragment)
+                # Nothing was sent: no prompt, no approval thrown away.
+                self.assertEqual(self.issuer.requests, [])
 
     def test_inspect_offline_with_a_jwks_file(self):
         token = self.issuer.access_token("cli", "openid")
@@ -1569,6 +1686,29 @@ class CacheTests(CacheFixture):
         result = self.sign_in("--logout", "--cache", env=self.env)
         self.assertEqual((result.code, result.stdout), (0, ""))
         self.assertIn("no cached sign-in", result.stderr)
+
+    def test_logout_signs_out_of_every_cached_sign_in_of_the_client(self):
+        self.issuer.clients.add("other")
+        tokens = [self.cached_sign_in(*extra).json()["access_token"]
+                  for extra in ([], ["--scope", "openid"], ["--resource", "https://api.example.com/"])]
+        self.issuer.approve_after_polls = 0
+        other = run_main(["--issuer", self.issuer.issuer, "--client-id", "other", "--cache"], env=self.env)
+        self.assertEqual(other.code, 0, other.stderr)
+        self.assertEqual(len(self.cache_files()), 8)
+        kept = []
+        for name in self.cache_files():
+            with open(os.path.join(self.directory, name)) as handle:
+                if '"client_id": "other"' in handle.read():
+                    kept = [name, name.replace(".json", ".lock")]
+        result = self.sign_in("--logout", env=self.env)
+        self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
+        self.assertIn("signed out: 3 cached sign-ins revoked and removed", result.stderr)
+        self.assertEqual(sorted(r["token"] for r in self.issuer.revoked), sorted(tokens))
+        # Only the other client's sign-in is left, and no lock file of the removed ones.
+        self.assertEqual(self.cache_files(), sorted(kept))
+        again = self.sign_in("--logout", env=self.env)
+        self.assertIn("no cached sign-in of client cli at %s to remove" % self.issuer.issuer, again.stderr)
+        self.assertEqual(self.cache_files(), sorted(kept))
 
     def test_two_processes_at_once_sign_in_only_once(self):
         self.issuer.approve_after_polls = 1
@@ -2985,6 +3125,52 @@ class ContractTests(IssuerTest):
                 done.wait(10)
                 time.sleep(0.1)
             self.assertEqual("no browser here" in err.getvalue(), verbose, err.getvalue())
+
+
+class ReadmeTests(unittest.TestCase):
+    """The README is the first thing a person reads: what the tool is and how to run it come first."""
+
+    def setUp(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+            self.readme = handle.read()
+
+    def test_the_first_screen_says_what_the_tool_is_and_how_to_run_it(self):
+        first_screen = "\n".join(self.readme.splitlines()[:24])
+        commands = [line for line in first_screen.splitlines() if line.startswith("make ")]
+        self.assertEqual([line.split()[1] for line in commands], ["demo", "test"])
+        for text in ("Device Authorization Grant", "standard library only", "python3 vouch_device_login.py --client-id"):
+            self.assertIn(text, first_screen)
+        # Reference material comes after the how-to.
+        for reference in ("## Options", "## Verification", "## Installing the command", "## Development"):
+            self.assertLess(self.readme.index("## Recipes"), self.readme.index(reference))
+
+    def test_the_piped_recipe_says_where_the_file_comes_from(self):
+        line = next(line for line in self.readme.splitlines() if "| python3 -" in line)
+        explained = self.readme[:self.readme.index(line)].rsplit("\n\n", 2)[-2]
+        self.assertIn("URL", line)
+        self.assertIn("`URL` is where you published `vouch_device_login.py`", explained)
+
+    @unittest.skipUnless(os.path.exists("/bin/sh"), "needs a POSIX shell")
+    def test_the_expiry_recipe_works_with_gnu_and_bsd_date(self):
+        recipe = next(line for line in self.readme.splitlines() if "$VOUCH_EXPIRES_AT" in line and "date" in line)
+        expression = recipe[recipe.index("$(date"):recipe.rindex(")") + 1]
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        # macOS and the BSDs: no -d @EPOCH, but -r EPOCH.
+        with open(os.path.join(folder, "date"), "w") as handle:
+            handle.write('#!/bin/sh\n[ "$1" = -r ] && echo "BSD $2" && exit 0\necho "date: illegal option" >&2; exit 1\n')
+        os.chmod(os.path.join(folder, "date"), 0o755)
+        for path, expected in ((folder, "BSD 1700000000"), (os.environ.get("PATH", ""), None)):
+            with self.subTest(bsd=expected is not None):
+                proc = subprocess.run(["/bin/sh", "-c", "echo " + expression], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env={"PATH": path, "VOUCH_EXPIRES_AT": "1700000000",
+                                                                   "TZ": "UTC", "LC_ALL": "C"}, check=False)
+                self.assertEqual(proc.stderr, b"")
+                if expected is not None:
+                    self.assertEqual(proc.stdout.decode().strip(), expected)
+                else:
+                    # GNU date here; 1700000000 is 14 November 2023.
+                    self.assertIn("Nov 14", proc.stdout.decode())
 
 
 # ============================================================================
@@ -5739,6 +5925,29 @@ class TestDecode(unittest.TestCase):
             self.assertEqual(found.text, url)
             self.assertEqual(found.ec_level, level)
 
+    def test_every_fitting_the_prompt_may_draw_decodes(self):
+        # The level and quiet zone the prompt falls back to on a small terminal.
+        for url in (VOUCH_URL,) + self.urls[:3]:
+            for level, quiet in vdl._QR_FITTINGS:
+                matrix = vdl._qr_matrix(url, level)
+                for unicode in (True, False):
+                    with self.subTest(length=len(url), level=level, quiet=quiet, unicode=unicode):
+                        text = vdl._qr_render(matrix, unicode=unicode, quiet=quiet)
+                        grid, _ = parse_render(text, unicode, quiet, len(matrix))
+                        found = decode(grid)
+                        self.assertEqual(found and found.text, url)
+
+    def test_the_smallest_fitting_is_chosen_and_none_past_the_smallest(self):
+        data = VOUCH_URL.encode()
+        sides = {(level, quiet): len(vdl._qr_matrix(data, level)) + 2 * quiet for level, quiet in vdl._QR_FITTINGS}
+        self.assertEqual(vdl._qr_fitting(data, True, 80, None)[1:], (4, None))
+        self.assertEqual(len(vdl._qr_fitting(data, True, 80, 17)[0]), 29)
+        self.assertEqual(vdl._qr_fitting(data, True, 80, 16), (None, None, (33, 17)))
+        # ASCII in 80 columns: M with its full quiet zone would take 82.
+        self.assertEqual(2 * sides["M", 4], 82)
+        matrix, quiet, _ = vdl._qr_fitting(data, False, 80, None)
+        self.assertLessEqual(2 * (len(matrix) + 2 * quiet), 80)
+
     def test_decode_rendered_text(self):
         for url in self.urls[:4]:
             matrix = vdl._qr_matrix(url)
@@ -5770,11 +5979,24 @@ class TtyStream(io.StringIO):
         return True
 
 
-def run_in_pty(args, env=None, timeout=60):
-    """Run the script with stderr on a pseudo-terminal; returns (code, stdout, terminal text)."""
+def set_pty_size(fd, rows, columns):
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+
+def run_in_pty(args, env=None, timeout=60, size=None, resize=None):
+    """Run the script with stderr on a pseudo-terminal; returns (code, stdout, terminal text).
+
+    size: (rows, columns) of the terminal; resize: the size it takes once the
+    countdown is first shown, the way a person drags a window narrower.
+    """
     import pty
     import select
     master, slave = pty.openpty()
+    if size:
+        set_pty_size(slave, *size)
     environment = {k: v for k, v in os.environ.items()
                    if k not in _ENV_KEYS + ("DISPLAY", "WAYLAND_DISPLAY", "SSH_CONNECTION", "SSH_TTY",
                                             "SSH_CLIENT", "BROWSER")}
@@ -5795,6 +6017,9 @@ def run_in_pty(args, env=None, timeout=60):
             if not data:
                 break
             chunks.append(data)
+            if resize and b"Waiting for approval" in b"".join(chunks):
+                set_pty_size(master, *resize)
+                resize = None
         elif proc.poll() is not None:
             break
     os.close(master)
@@ -5802,6 +6027,65 @@ def run_in_pty(args, env=None, timeout=60):
     proc.stdout.close()
     proc.wait(timeout=10)
     return proc.returncode, stdout.decode(), b"".join(chunks).decode("utf-8", "replace")
+
+
+def terminal_rows(text, columns):
+    """Every row (scrollback included) a terminal this wide shows for text.
+
+    The VT100 subset the tool uses: printable characters with xterm's
+    delayed wrap at the last column, CR, LF, cursor up (CSI A), erase to the
+    end of the line (CSI K) or screen (CSI J); other CSI and OSC sequences
+    take no room.
+    """
+    import re
+    rows, row, column, wrap_next = [[]], 0, 0, False
+    position = 0
+    while position < len(text):
+        sequence = re.match("\x1b\\[[0-9;?]*([@-~])|\x1b\\][^\x07]*\x07", text[position:])
+        if sequence:
+            if sequence.group(1) in ("K", "J"):
+                del rows[row][column:]
+            if sequence.group(1) == "J":
+                del rows[row + 1:]
+            elif sequence.group(1) == "A":
+                row = max(0, row - int(sequence.group(0)[2:-1] or 1))
+            position += len(sequence.group(0))
+            continue
+        char = text[position]
+        position += 1
+        if char == "\r":
+            column, wrap_next = 0, False
+        elif char == "\n" or wrap_next:
+            row, wrap_next = row + 1, False
+            if row == len(rows):
+                rows.append([])
+            if char == "\n":
+                continue
+            column = 0
+        if char not in "\r\n":
+            line = rows[row]
+            line.extend(" " * (column + 1 - len(line)))
+            line[column] = char
+            if column == columns - 1:
+                wrap_next = True
+            else:
+                column += 1
+    return ["".join(r) for r in rows]
+
+
+def screen_while_waiting(screen, columns):
+    """The terminal's rows at the countdown's last update, before the sign-in ended it."""
+    return terminal_rows(screen[:screen.rindex("\r\x1b[K")], columns)
+
+
+def live_lines(screen):
+    """Each text the live line showed, in order ("" where it was cleared).
+
+    A message line is written as clear, the message, a newline, the live line again.
+    """
+    import re
+    return [piece.split("\n")[-1].split("\r")[0]
+            for piece in re.split("\r\x1b\\[(?:K|[0-9]+A\x1b\\[J)", screen)[1:]]
 
 
 def modules_from_text(lines, unicode=True):
@@ -5873,11 +6157,22 @@ class InstallTests(IssuerTest):
             handle.write(b"raise SystemExit('compiled from source')\n".ljust(stat_result.st_size, b"#"))
         os.utime(self.module, ns=(stat_result.st_atime_ns, stat_result.st_mtime_ns))
         version = self.run_launcher(["--version"])
-        self.assertEqual((version.code, version.stdout), (0, "vouch_device_login %s\n" % vdl.__version__),
+        self.assertEqual((version.code, version.stdout), (0, "vouch-device-login %s\n" % vdl.__version__),
                          version.stderr)
         inspected = self.run_launcher(self.offline_inspect_args())
         self.assertEqual(inspected.code, 0, inspected.stderr)
         self.assertIs(json.loads(inspected.stdout)["verified"], True)
+
+    def test_the_installed_command_names_itself_and_shows_itself_in_its_help(self):
+        self.assertEqual(run_main(["--install", self.prefix]).code, 0)
+        result = self.run_launcher(["--help"], env={"COLUMNS": "80"})
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith("usage: vouch-device-login "))
+        self.assertIn("\n  vouch-device-login --client-id ID\n", result.stdout)
+        self.assertNotIn("vouch_device_login", result.stdout)
+        self.assertNotIn("python3", result.stdout)
+        failed = self.run_launcher(["--timeout", "0", "--client-id", "cli"])
+        self.assertTrue(failed.stderr.startswith("vouch-device-login: error: "), failed.stderr)
 
     def test_the_launcher_signs_in_and_reinstalls_itself(self):
         self.assertEqual(run_main(["--install", self.prefix]).code, 0)
@@ -6065,6 +6360,14 @@ class TerminalPromptTests(IssuerTest):
         self.assertNotIn("\x1b[1m", screen)
         self.assertNotIn("\x1b[97;40m", screen)
         self.assertIn("\u2588", screen)
+        # NO_COLOR is about colour only: the countdown still runs, uncoloured.
+        self.assertIn("\r\x1b[KWaiting for approval... ", screen)
+
+    def test_a_dumb_terminal_gets_plain_lines_instead_of_the_countdown(self):
+        code, _, screen = run_in_pty(self.args + ["--no-browser"], env={"TERM": "dumb"})
+        self.assertEqual(code, 0, screen)
+        self.assertNotIn("\x1b", screen)
+        self.assertIn("To sign in, open", screen)
 
     def test_browser_opens_only_where_a_person_can_see_it(self):
         folder = __import__("tempfile").mkdtemp()
@@ -6094,6 +6397,32 @@ class TerminalPromptTests(IssuerTest):
                 else:
                     self.assertFalse(os.path.exists(opened))
 
+    def test_copy_uses_pbcopy_in_a_local_mac_session_and_says_what_it_did(self):
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        copied = os.path.join(folder, "copied")
+        with open(os.path.join(folder, "pbcopy"), "w") as handle:
+            handle.write("#!/bin/sh\ncat > %s\n" % copied)
+        os.chmod(os.path.join(folder, "pbcopy"), 0o755)
+        device = vdl.DeviceAuthorization("d" * 43, "BCDF-GHJK", "https://id.example.com/device", None, 600.0, 5.0, 0.0)
+        cases = [({}, "darwin", True), ({"SSH_CONNECTION": "10.0.0.1 5000 10.0.0.2 22"}, "darwin", False),
+                 ({}, "linux", False)]
+        for env, platform, local in cases:
+            with self.subTest(env=env, platform=platform):
+                if os.path.exists(copied):
+                    os.unlink(copied)
+                err = TtyStream()
+                vdl._copy_presenter(dict(env, PATH=folder), platform)(device, vdl._Terminal(stream=err))
+                self.assertEqual(os.path.exists(copied), local)
+                if local:
+                    with open(copied) as handle:
+                        self.assertEqual(handle.read(), "BCDF-GHJK")
+                    self.assertEqual(err.getvalue(), "vouch_device_login: the code is on the clipboard\n")
+                else:
+                    self.assertIn("\x1b]52;c;", err.getvalue())
+                    # Whether the terminal took it nobody can tell: say what was done.
+                    self.assertIn("the code was sent to the terminal's clipboard", err.getvalue())
+
     def test_no_browser_when_stderr_is_not_a_terminal(self):
         self.assertFalse(vdl._browser_visible({"DISPLAY": ":0"}, vdl._Terminal(stream=io.StringIO()), "linux"))
         err = vdl._Terminal(stream=TtyStream())
@@ -6103,6 +6432,108 @@ class TerminalPromptTests(IssuerTest):
         self.assertTrue(vdl._browser_visible({}, err, "darwin"))
         self.assertFalse(vdl._browser_visible({"SSH_CLIENT": "x"}, err, "darwin"))
         self.assertFalse(vdl._browser_visible({"SSH_TTY": "/dev/pts/3", "DISPLAY": ":0"}, err, "linux"))
+
+
+VOUCH_URL = "https://us.vouch.sh/device?user_code=BCDF-GHJK"
+QR_CHARACTERS = set(" \u2580\u2584\u2588")
+
+
+def serve_vouch_device_answer(issuer):
+    """Vouch's own URLs and code from the device endpoint, then one pending poll and the token."""
+    issuer.overrides["/oauth/device"] = lambda h, b: (200, {
+        "device_code": "d" * 43, "user_code": "BCDF-GHJK", "verification_uri": "https://us.vouch.sh/device",
+        "verification_uri_complete": VOUCH_URL, "expires_in": 600, "interval": 1})
+    issuer.token_script = [(400, {"error": "authorization_pending"}), (200, issuer._tokens("cli", "openid email"))]
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "pseudo-terminal tests need Linux")
+class TerminalSizeTests(IssuerTest):
+    """What a person sees on a terminal of a given size (set on the pseudo-terminal with TIOCSWINSZ)."""
+
+    def setUp(self):
+        IssuerTest.setUp(self)
+        self.issuer.approve_after_polls = 2
+        self.args = ["--issuer", self.issuer.issuer, "--client-id", "cli", "--no-browser"]
+
+    def test_the_countdown_never_wraps_or_piles_up_on_a_narrow_terminal(self):
+        for columns in (30, 12, 4):
+            with self.subTest(columns=columns):
+                code, _, screen = run_in_pty(self.args, size=(24, columns))
+                self.assertEqual(code, 0, screen)
+                shown = live_lines(screen)
+                self.assertGreaterEqual(len(shown), 2, screen)
+                self.assertTrue(all(len(text) < columns for text in shown), shown)
+                if columns == 4:
+                    self.assertEqual(set(shown), {""})
+                else:
+                    self.assertIn("min", shown[0])
+                # However long the wait, the live line keeps to one row.
+                first_tick = screen.index("\r\x1b[K")
+                rows = terminal_rows(screen[:first_tick], columns)
+                self.assertEqual(len(screen_while_waiting(screen, columns)), len(rows) + (rows[-1] != ""))
+                self.assertIn(self.issuer.issuer[:columns], "".join(rows))
+
+    def test_the_countdown_follows_a_resize(self):
+        self.issuer.approve_after_polls = 3
+        code, _, screen = run_in_pty(self.args, size=(24, 80), resize=(24, 20))
+        self.assertEqual(code, 0, screen)
+        shown = [text for text in live_lines(screen) if text]
+        self.assertTrue(shown[0].startswith("Waiting for approval... "), shown)
+        self.assertTrue(shown[-1].endswith(" left") and len(shown[-1]) < 20, shown)
+        # A terminal that reflows wrapped the wider line in two: both rows are erased.
+        self.assertRegex(screen, "\r\x1b\\[1A\x1b\\[J[0-9]+ min")
+
+    def test_messages_clear_the_live_line_and_bring_it_back_after(self):
+        code, _, screen = run_in_pty(self.args + ["-v"], size=(24, 200))
+        self.assertEqual(code, 0, screen)
+        rows = screen_while_waiting(screen, 200)
+        debug = [row for row in rows if "debug:" in row]
+        self.assertTrue(any("/oauth/token" in row for row in debug), rows)
+        for row in debug:
+            self.assertTrue(row.startswith("vouch_device_login.py: debug: "), row)
+        self.assertTrue(rows[-1].startswith("Waiting for approval... "), rows)
+
+    def test_a_restart_message_starts_a_line_of_its_own(self):
+        self.issuer.approve_after_polls = None
+        self.issuer.expires_in = 2
+        err = TtyStream()
+        clock = FakeClock()
+        with clean_env(), mock.patch.object(vdl, "_monotonic", clock), mock.patch.object(vdl, "_sleep", clock.sleep), \
+                mock.patch.object(sys, "stdout", io.StringIO()), mock.patch.object(sys, "stderr", err):
+            code = vdl.main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--max-restarts", "1"])
+        self.assertEqual(code, 4, err.getvalue())
+        rows = terminal_rows(err.getvalue(), 80)
+        for message in ("the code expired; getting a new one (restart 1 of 1)", "error: the code expired"):
+            row = next(row for row in rows if message in row)
+            self.assertTrue(row.startswith("vouch_device_login: "), rows)
+
+    def test_vouchs_url_code_and_a_scannable_qr_code_fit_80x24_at_once(self):
+        serve_vouch_device_answer(self.issuer)
+        code, stdout, screen = run_in_pty(self.args + ["--qr"], size=(24, 80))
+        self.assertEqual(code, 0, screen)
+        self.assertEqual(json.loads(stdout)["access_token"], self.issuer.issued[0])
+        rows = screen_while_waiting(screen, 80)
+        self.assertLessEqual(len(rows), 23, rows)  # the 24th row holds the command that was typed
+        qr = [i for i, row in enumerate(rows) if row.strip() and set(row) <= QR_CHARACTERS]
+        self.assertEqual(qr, list(range(qr[0], qr[-1] + 1)))
+        url = next(i for i, row in enumerate(rows) if row == "To sign in, open:  https://us.vouch.sh/device")
+        code_row = next(i for i, row in enumerate(rows) if "the code:  BCDF-GHJK" in row)
+        self.assertLess(qr[-1], url)
+        self.assertLess(url, code_row)
+        self.assertTrue(rows[-1].startswith("Waiting for approval... "))
+        if zxingcpp is not None:
+            self.assertEqual(decoded_text(modules_from_text([rows[i] for i in qr])), VOUCH_URL)
+
+    def test_a_qr_code_that_cannot_be_shown_whole_is_not_drawn(self):
+        serve_vouch_device_answer(self.issuer)
+        code, _, screen = run_in_pty(self.args + ["--qr"], size=(20, 60))
+        self.assertEqual(code, 0, screen)
+        rows = screen_while_waiting(screen, 60)
+        self.assertFalse([row for row in rows if set(row) & QR_CHARACTERS - {" "}], rows)
+        self.assertEqual("".join(rows[:2]), "No QR code: with the text below it, it needs a terminal of 33x24 and "
+                                            "this one is 60x20; enlarge it, or use the link.")
+        self.assertIn("To sign in, open:  https://us.vouch.sh/device", rows)
+        self.assertLessEqual(len(rows), 19)
 
 
 class PlainPromptTests(IssuerTest):
@@ -6130,6 +6561,19 @@ class PlainPromptTests(IssuerTest):
             device = next(iter(self.issuer.devices.values()))
             self.assertEqual(decoded_text(modules_from_text(lines, unicode=False)),
                              self.issuer.issuer + "/device?user_code=" + device["user_code"])
+
+    def test_the_ascii_fallback_fits_80_columns_for_vouchs_urls(self):
+        serve_vouch_device_answer(self.issuer)
+        # The captured stderr has no encoding, so it is taken for ASCII, as under LANG=C.
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"])
+        self.assertEqual(result.code, 0, result.stderr)
+        lines = result.stderr.splitlines()
+        qr = [line for line in lines if line.startswith("####")]
+        self.assertGreater(len(qr), 20)
+        self.assertLessEqual(max(len(line) for line in lines), 80)
+        self.assertLess(lines.index(qr[-1]), lines.index("To sign in, open:  https://us.vouch.sh/device"))
+        if zxingcpp is not None:
+            self.assertEqual(decoded_text(modules_from_text(qr, unicode=False)), VOUCH_URL)
 
     def test_a_plain_line_now_and_then_while_waiting_in_a_log(self):
         self.issuer.approve_after_polls = 30
@@ -6966,7 +7410,9 @@ def run_demo():
             while not issuer.devices:
                 time.sleep(0.05)
             time.sleep(3)
-            sys.stderr.write("[demo] a person opens the link, enters the code and touches their YubiKey...\n")
+            # On a terminal the tool's countdown is on the current line: clear it, and the next update redraws it.
+            clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+            sys.stderr.write(clear + "[demo] a person opens the link, enters the code and touches their YubiKey...\n")
             issuer.approve()
 
         threading.Thread(target=person, daemon=True).start()

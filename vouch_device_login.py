@@ -180,11 +180,13 @@ def _sanitize(text, limit=_MAX_SHOWN):
 class _Terminal:
     """Writes messages for the person to stderr, honouring -q and -v."""
 
-    def __init__(self, quiet=False, verbose=False, stream=None):
+    def __init__(self, quiet=False, verbose=False, stream=None, prog=_PROG):
         self.quiet = quiet
         self.verbose = verbose
         self.stream = stream
+        self.prog = prog
         self._secrets = set()
+        self._status = None
 
     def output(self):
         """The stream messages go to: stderr unless a test or caller gave another."""
@@ -201,21 +203,44 @@ class _Terminal:
         except (OSError, ValueError):
             pass
 
+    def line(self, text):
+        """Write a whole line; a live status line up is cleared first and drawn again below it."""
+        if self._status:
+            text = self._clear_status() + text + self._status
+        self.write(text)
+
+    def status(self, text):
+        """Show text as the one live line, rewritten in place; None or "" clears it.
+
+        The caller keeps it narrower than the terminal: only the last row of a
+        wrapped line can be rewritten.
+        """
+        self.write(self._clear_status() + (text or ""))
+        self._status = text or None
+
+    def _clear_status(self):
+        up = (len(self._status) - 1) // self.size()[0] if self._status else 0
+        if up:
+            # The terminal got narrower, and one that reflows (tmux, VTE, iTerm2,
+            # Terminal.app) wrapped the line: erase from its first row down.
+            return "\r\x1b[%dA\x1b[J" % up
+        return "\r\x1b[K"
+
     # Messages are sanitised once more here: whatever a server managed to get
     # into one, it cannot reach the terminal as an escape sequence.
     def error(self, message):
         """The one line a failure prints."""
-        self.write("%s: error: %s\n" % (_PROG, _sanitize(self.mask(message), 1000)))
+        self.line("%s: error: %s\n" % (self.prog, _sanitize(self.mask(message), 1000)))
 
     def warn(self, message):
         """A warning; -q silences it."""
         if not self.quiet:
-            self.write("%s: warning: %s\n" % (_PROG, _sanitize(self.mask(message), 1000)))
+            self.line("%s: warning: %s\n" % (self.prog, _sanitize(self.mask(message), 1000)))
 
     def info(self, message):
         """Progress for the person; -q silences it."""
         if not self.quiet:
-            self.write("%s: %s\n" % (_PROG, _sanitize(self.mask(message), 1000)))
+            self.line("%s: %s\n" % (self.prog, _sanitize(self.mask(message), 1000)))
 
     def add_secret(self, value):
         """Remember a value that must never reach a log line."""
@@ -232,7 +257,7 @@ class _Terminal:
     def debug(self, message):
         """A -v log line, masked and sanitised."""
         if self.verbose:
-            self.write("%s: debug: %s\n" % (_PROG, _sanitize(self.mask(message), 2000)))
+            self.line("%s: debug: %s\n" % (self.prog, _sanitize(self.mask(message), 2000)))
 
     def isatty(self):
         """Whether messages go to a terminal (and so may use colour and cursor control)."""
@@ -241,6 +266,15 @@ class _Terminal:
             return bool(stream is not None and stream.isatty())
         except (OSError, ValueError, AttributeError):
             return False
+
+    def size(self):
+        """(columns, rows) of the terminal, read anew each time (it may be resized); rows None when unknown."""
+        try:
+            columns, rows = os.get_terminal_size(self.output().fileno())
+        except (OSError, ValueError, AttributeError):
+            columns, rows = 0, 0
+        # A pseudo-terminal nobody sized reports 0 x 0.
+        return columns or 80, rows or None
 
 
 def _masked(secret):
@@ -1229,8 +1263,9 @@ def discover(http, issuer):
         if not isinstance(reported, str):
             raise ProtocolError("discovery (%s): the document has no issuer string" % url)
         if not _same_issuer(issuer, reported):
-            raise ProtocolError("issuer mix-up: %s says its issuer is %s, not %s"
-                                % (url, _sanitize(reported), _sanitize(issuer)))
+            raise ProtocolError("issuer mix-up: the server at %s calls itself %s, not %s; if that is the "
+                                "issuer you mean, pass --issuer %s" % (_origin(url), _sanitize(reported),
+                                                                       _sanitize(issuer), _sanitize(reported)))
         for field in _ENDPOINT_FIELDS:
             if field in metadata:
                 _parse_url(metadata[field], "%s in the metadata" % field)
@@ -1368,7 +1403,8 @@ def request_device_authorization(http, endpoint, client_id, scope, extra=None, c
     response = _post_with_retries(http, endpoint, what, form)
     received_at = clock()
     if response.status != 200:
-        _raise_for_error_answer(response, what)
+        unknown = "check --client-id (or VOUCH_CLIENT_ID): the issuer does not take client id %s" % _sanitize(client_id)
+        _raise_for_error_answer(response, what, {"invalid_client": unknown, "unauthorized_client": unknown})
     return parse_device_authorization(_json_document(response, what), received_at, http.terminal)
 
 
@@ -1408,8 +1444,11 @@ def _backoff_delay(failures, rng=None):
     return step * (0.5 + 0.5 * (rng or random).random())
 
 
-def _raise_for_error_answer(response, what):
-    """Raise the right error for a non-200 answer of an OAuth endpoint."""
+def _raise_for_error_answer(response, what, advice=None):
+    """Raise the right error for a non-200 answer of an OAuth endpoint.
+
+    `advice` maps an OAuth error code to what the person can do about it.
+    """
     _check_redirect(response, what)
     if response.status >= 500 or response.status == 429:
         _raise_http_status(response, what)
@@ -1423,32 +1462,51 @@ def _raise_for_error_answer(response, what):
                             % (what, response.status, _sanitize(response.reason, 80)))
     if error[0] == "access_denied":
         raise AccessDeniedError("%s: the request was denied (%s)" % (what, _describe_oauth_error(*error)))
-    raise ProtocolError("%s: the server refused: %s" % (what, _describe_oauth_error(*error)))
+    hint = (advice or {}).get(error[0])
+    raise ProtocolError("%s: the server refused: %s%s" % (what, _describe_oauth_error(*error),
+                                                          "; " + hint if hint else ""))
 
 
 def _format_duration(seconds):
+    """A duration as people say it, in its two largest units: 45 s, 9 min 57 s, 7 h 59 min, 2 d 3 h."""
     seconds = max(0, int(seconds + 0.5))
-    if seconds >= 60:
-        return "%d min %02d s" % (seconds // 60, seconds % 60)
-    return "%d s" % seconds
+    # Rounded to the smaller unit shown: 28799 s is 8 h, not 7 h 59 min.
+    if seconds >= 3600:
+        seconds = (seconds + 30) // 60 * 60
+    if seconds >= 86400:
+        seconds = (seconds + 1800) // 3600 * 3600
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, rest = divmod(rest, 60)
+    units = [(days, "d"), (hours, "h"), (minutes, "min"), (rest, "s")]
+    first = next((i for i, (value, _unit) in enumerate(units) if value), 3)
+    parts = ["%d %s" % units[first]]
+    if first < 3 and units[first + 1][0]:
+        parts.append("%d %s" % units[first + 1])
+    return " ".join(parts)
 
 
-def show_prompt(device, terminal, presenters=(), bold=False):
+def show_prompt(device, terminal, presenters=(), bold=False, picture=None):
     """Tell the person where to go and which code to enter, on stderr.
 
-    `presenters` are callables taking (device, terminal), run after the text
-    prompt: the seam where QR codes, browsers and clipboards plug in.
+    `picture`, a callable taking (device, terminal, lines), draws the QR code
+    before the text `lines`, so that the URL and the code, written last, stay
+    in view. `presenters` are callables taking (device, terminal), run after
+    the text: the seam where browsers and clipboards plug in.
     """
     code = _sanitize(device.user_code, 64)
     lines = [
-        "",
         "To sign in, open:  %s" % _sanitize(device.verification_uri, 2048),
         "and enter the code:  %s   (%s)" % ("\x1b[1m%s\x1b[0m" % code if bold else code, _spoken(code)),
     ]
     if device.verification_uri_complete:
         lines.append("or open directly:  %s" % _sanitize(device.verification_uri_complete, 2048))
     lines.append("The code expires in %s." % _format_duration(device.expires_in))
-    lines.append("")
+    if picture is not None:
+        picture(device, terminal, lines)
+    elif not terminal.quiet:
+        # A blank line sets the prompt apart; -q adds nothing of its own.
+        lines.insert(0, "")
     terminal.write("\n".join(lines) + "\n")
     for presenter in presenters:
         presenter(device, terminal)
@@ -1957,9 +2015,14 @@ def _qr_render(matrix, unicode=True, quiet=4, invert=False):
 # Prompt extras: QR code, browser, clipboard (OSC 52), live countdown
 # ============================================================================
 
+def _live_allowed(terminal, environ):
+    """Cursor control (the live countdown) only on a terminal that is not TERM=dumb."""
+    return terminal.isatty() and environ.get("TERM") != "dumb"
+
+
 def _color_allowed(terminal, environ):
-    """Colour and cursor control only on a terminal, never under NO_COLOR."""
-    return terminal.isatty() and "NO_COLOR" not in environ and environ.get("TERM") != "dumb"
+    """Colour where cursor control is allowed, unless NO_COLOR is set (no-color.org: colour only)."""
+    return _live_allowed(terminal, environ) and "NO_COLOR" not in environ
 
 
 def _can_encode(stream, text):
@@ -1973,30 +2036,76 @@ def _can_encode(stream, text):
         return False
 
 
-def _qr_presenter(environ):
-    """Draw verification_uri_complete (else verification_uri) as a QR code."""
+# Tried in this order until one fits: the full quiet zone first, then the
+# lower error correction level (a code on a screen suffers no print damage),
+# then the 2-module quiet zone readers still accept.
+_QR_FITTINGS = (("M", 4), ("L", 4), ("M", 2), ("L", 2))
 
-    def present(device, terminal):
+
+def _qr_fitting(data, unicode, columns, rows):
+    """(matrix, quiet, None) of the first QR code of data within columns x rows (rows None: any height).
+
+    When none fits: (None, None, (width, height)) of the smallest one.
+    """
+    needs = None
+    for level, quiet in _QR_FITTINGS:
+        matrix = _qr_matrix(data, level)
+        side = len(matrix) + 2 * quiet
+        width, height = (side, (side + 1) // 2) if unicode else (2 * side, side)
+        if width <= columns and (rows is None or height <= rows):
+            return matrix, quiet, None
+        if needs is None or width * height < needs[0] * needs[1]:
+            needs = (width, height)
+    return None, None, needs
+
+
+def _rows_taken(lines, columns):
+    """How many terminal rows these lines fill once wrapped at columns."""
+    return sum(max(1, -(-len(_sanitize(line, 4096)) // columns)) for line in lines)
+
+
+def _qr_presenter(environ):
+    """Draw verification_uri_complete (else verification_uri) as a QR code sized to fit.
+
+    On a terminal the code, the text lines after it, the live line and the
+    command line that started the tool must fit the screen together; in a log
+    it must fit 80 columns. A code that does not fit is not drawn (a cut-off
+    code cannot be scanned): one line says what it needs instead.
+    """
+
+    def present(device, terminal, lines):
         url = device.verification_uri_complete or device.verification_uri
-        try:
-            matrix = _qr_matrix(url.encode("utf-8"))
-        except ValueError as exc:
-            terminal.warn("no QR code: %s" % exc)
-            return
         unicode = _can_encode(terminal.output(), "\u2580\u2584\u2588")
-        text = _qr_render(matrix, unicode=unicode)
+        columns, rows = terminal.size() if terminal.isatty() else (80, None)
+        below = _rows_taken(lines, columns) + 2
+        try:
+            matrix, quiet, needs = _qr_fitting(url.encode("utf-8"), unicode, columns,
+                                               rows and rows - below)
+        except ValueError as exc:
+            terminal.write("No QR code: %s.\n" % exc)
+            return
+        if matrix is None:
+            terminal.write("No QR code: with the text below it, it needs a terminal of %dx%d and this one is "
+                           "%dx%d; enlarge it, or use the link.\n" % (needs[0], needs[1] + below, columns, rows))
+            return
+        text = _qr_render(matrix, unicode=unicode, quiet=quiet)
         if _color_allowed(terminal, environ):
             # Light modules in bright white on black: right on dark and light themes alike.
-            width = len(matrix) + 8 if unicode else 2 * (len(matrix) + 8)
+            width = len(matrix) + 2 * quiet
+            width *= 1 if unicode else 2
             text = "".join("\x1b[97;40m%s\x1b[0m\n" % line.ljust(width) for line in text.splitlines())
-        terminal.write(text + "\n")
+        terminal.write(text)
     return present
+
+
+def _over_ssh(environ):
+    return bool(environ.get("SSH_CONNECTION") or environ.get("SSH_TTY") or environ.get("SSH_CLIENT"))
 
 
 def _browser_visible(environ, terminal, platform=None):
     """Whether a browser opened here would be seen by the person (SPEC §4)."""
     platform = platform or sys.platform
-    if environ.get("SSH_CONNECTION") or environ.get("SSH_TTY") or environ.get("SSH_CLIENT"):
+    if _over_ssh(environ):
         return False
     if not terminal.isatty():
         return False
@@ -2021,21 +2130,41 @@ def _browser_presenter(device, terminal):
     from urllib.parse import urlsplit
     parts = urlsplit(url)
     if parts.scheme != "https" and not _is_loopback_host(parts.hostname or ""):
-        terminal.debug("not opening a browser for a non-https URL")
+        terminal.info("no browser opened: the sign-in URL is not https, so check it before you open it yourself")
         return
     thread = threading.Thread(target=open_browser, name="browser")
     thread.daemon = True
     thread.start()
 
 
-def _copy_presenter(device, terminal):
-    """Put the user code on the clipboard with OSC 52, which also works over SSH."""
-    import base64
-    if not terminal.isatty():
-        return
-    payload = base64.b64encode(device.user_code.encode("utf-8")).decode("ascii")
-    terminal.write("\x1b]52;c;%s\x07" % payload)
-    terminal.info("the code is on your clipboard (if your terminal allows OSC 52)")
+def _copy_presenter(environ, platform=None):
+    """Put the user code on the clipboard: pbcopy in a local macOS session, else OSC 52 (which also crosses SSH).
+
+    Nothing can tell whether a terminal honoured OSC 52 (Terminal.app
+    ignores it), so the message says what was done, not what happened.
+    """
+    platform = platform or sys.platform
+
+    def present(device, terminal):
+        import shutil
+        pbcopy = shutil.which("pbcopy", path=environ.get("PATH")) \
+            if platform == "darwin" and not _over_ssh(environ) else None
+        if pbcopy:
+            import subprocess
+            try:
+                subprocess.run([pbcopy], input=device.user_code.encode("utf-8"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=5, check=True)
+                terminal.info("the code is on the clipboard")
+                return
+            except (OSError, subprocess.SubprocessError) as exc:
+                terminal.debug("pbcopy failed: %s" % exc)
+        if not terminal.isatty():
+            return
+        import base64
+        payload = base64.b64encode(device.user_code.encode("utf-8")).decode("ascii")
+        terminal.write("\x1b]52;c;%s\x07" % payload)
+        terminal.info("the code was sent to the terminal's clipboard (OSC 52, which some terminals ignore)")
+    return present
 
 
 def _spoken(user_code):
@@ -2069,13 +2198,15 @@ class _Countdown:
             left = end - now
             if left <= 0:
                 return
-            step = 1.0 - (self.deadline - now) % 1.0 if self.live else self.next_plain - now
+            # Live: wake when the shown figure changes (it is rounded to the second).
+            step = (self.deadline - now + 0.5) % 1.0 + 0.01 if self.live else self.next_plain - now
             _sleep(max(0.01, min(left, step)))
 
     def _show(self, now):
         left = _format_duration(self.deadline - now)
         if self.live:
-            self.terminal.write("\r\x1b[KWaiting for approval... %s left " % left)
+            # The width is read on every update, so a resize takes effect at the next one.
+            self.terminal.status(_countdown_text(left, self.terminal.size()[0]))
             self.shown = True
         elif now >= self.next_plain:
             self.terminal.info("still waiting for approval; %s left" % left)
@@ -2084,8 +2215,20 @@ class _Countdown:
     def finish(self):
         """Clear the countdown line before anything else is written."""
         if self.shown:
-            self.terminal.write("\r\x1b[K")
+            self.terminal.status(None)
             self.shown = False
+
+
+def _countdown_text(left, columns):
+    """The live line for a terminal this wide: shorter wording when narrow, nothing when absurdly narrow.
+
+    Always narrower than the terminal, so that it never wraps (only the last
+    row of a wrapped line could be rewritten, the rest would pile up).
+    """
+    for text in ("Waiting for approval... %s left" % left, "%s left" % left, left):
+        if len(text) < columns:
+            return text
+    return ""
 
 
 # ============================================================================
@@ -3601,9 +3744,18 @@ class _Cache:
                     told = True
                 _sleep(0.2)
 
-    def release(self):
-        """Let the next run in; closing the descriptor drops the flock."""
+    def release(self, remove=False):
+        """Let the next run in; closing the descriptor drops the flock.
+
+        remove=True deletes the lock file first, while it is still held: a
+        run waiting on it then signs in anew, which is all it would have done.
+        """
         if self._lock_fd is not None:
+            if remove:
+                try:
+                    os.unlink(self.lock_path)
+                except FileNotFoundError:
+                    pass
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -3669,9 +3821,10 @@ def _sign_in(config, http, terminal, metadata):
             http, metadata["device_authorization_endpoint"], config.client_id, config.scope,
             config.extra_device_parameters)
         terminal.add_secret(device.device_code)
-        color = _color_allowed(terminal, config.environ)
-        show_prompt(device, terminal, _presenters(config, terminal), bold=color)
-        countdown = _Countdown(terminal, device.received_at + device.expires_in, live=color)
+        show_prompt(device, terminal, _presenters(config, terminal), bold=_color_allowed(terminal, config.environ),
+                    picture=_qr_presenter(config.environ) if config.qr else None)
+        countdown = _Countdown(terminal, device.received_at + device.expires_in,
+                               live=_live_allowed(terminal, config.environ))
         try:
             document = poll_for_token(http, metadata["token_endpoint"], config.client_id, device,
                                       sleep=None if terminal.quiet else countdown.sleep)
@@ -3692,10 +3845,8 @@ def _sign_in(config, http, terminal, metadata):
 def _presenters(config, terminal):
     """The prompt extras this run asked for or that suit this terminal."""
     presenters = []
-    if config.qr:
-        presenters.append(_qr_presenter(config.environ))
     if config.copy:
-        presenters.append(_copy_presenter)
+        presenters.append(_copy_presenter(config.environ))
     browser = config.browser
     if browser is None:
         browser = _browser_visible(config.environ, terminal)
@@ -3792,7 +3943,7 @@ class _KeySource:
     def keys(self):
         """The JWKS, loaded or fetched on first use."""
         if self.jwks is None:
-            self.jwks = _read_jwks_file(self.config.jwks_file) if self.config.jwks_file else self._fetch()
+            self.jwks = self.config.jwks if self.config.jwks_file else self._fetch()
         return self.jwks
 
     def refetch(self):
@@ -3859,7 +4010,7 @@ def _verify_result(config, source, result):
         _verify_token(result["access_token"], source, issuer=issuer, audience=config.audience,
                       typ="at+jwt", leeway=config.leeway)
     except TokenVerificationError as exc:
-        raise TokenVerificationError("access token: %s" % exc)
+        raise TokenVerificationError("access token: %s%s" % (exc, _audience_advice(exc, config)))
     if result.get("id_token"):
         try:
             _verify_token(result["id_token"], source, issuer=issuer, audience=config.client_id,
@@ -3867,6 +4018,16 @@ def _verify_result(config, source, result):
         except TokenVerificationError as exc:
             raise TokenVerificationError("ID token: %s" % exc)
     result["verified"] = True
+
+
+def _audience_advice(exc, config):
+    """What to do when aud was the check that failed: some servers (Glewlwyd for one) put the scopes there."""
+    if not str(exc).startswith(("aud ", "token has no aud")):
+        return ""
+    if config.audience != config.client_id:
+        return " (the audience --audience asked for)"
+    return ("; the expected audience is the client id, the default: pass --audience with the one this issuer "
+            "puts in aud (some, Glewlwyd for one, put the scopes there)")
 
 
 def _check_policy(config, result):
@@ -3933,6 +4094,7 @@ def _run(config, http, terminal):
         _check_policy(config, result)
         if config.aws_role_arn:
             _add_aws_credentials(config, http, terminal, result)
+        terminal.info(_summary(result, time.time()))
         return result
     cache = _cache_for(config)
     entry = cache.load()
@@ -3956,9 +4118,6 @@ def _run(config, http, terminal):
             cache.release()
     if "cached" not in result:
         _remember_secrets(terminal, result)
-        # kubectl shows its plugin's stderr on every command: only a sign-in is news there.
-        (terminal.debug if config.output_format in ("exec-credential", "aws") else terminal.info)(
-            "using the cached token (%s left)" % _format_duration(result["expires_at"] - time.time()))
         result.update(cached=True, verified=False)
         metadata = entry.get("metadata") or {}
         wants_jwks_uri = config.verify and not (config.jwks_file or config.jwks_uri)
@@ -3975,7 +4134,27 @@ def _run(config, http, terminal):
     if config.aws_role_arn:
         # After the policy check: no token reaches STS unless the policy allows it.
         _add_aws_credentials(config, http, terminal, result, cache, entry)
+    # kubectl shows its plugin's stderr on every command: only a sign-in is news there.
+    quiet_hit = result.get("cached") and config.output_format in ("exec-credential", "aws")
+    (terminal.debug if quiet_hit else terminal.info)(_summary(result, time.time()))
     return result
+
+
+def _summary(result, now):
+    """The line that ends a sign-in: who, whether hardware-verified, and for how long."""
+    who = result.get("email") or _first_string("sub", result.get("claims"), result.get("id_token_claims"),
+                                               result.get("userinfo"))
+    parts = [_sanitize(who, 200) if who else "an unnamed user",
+             {True: "hardware-verified", False: "not hardware-verified", None: "no hardware claim"}[
+                 result.get("hardware_verified")]]
+    expires_at = result.get("expires_at")
+    if result.get("cached"):
+        if _is_number(expires_at):
+            parts.append("%s left" % _format_duration(expires_at - now))
+        return "using the cached token: " + ", ".join(parts)
+    if _is_number(expires_at):
+        parts.append("for %s" % _format_duration(expires_at - now))
+    return "signed in as " + ", ".join(parts)
 
 
 def _inspect(config, http):
@@ -3997,35 +4176,79 @@ def _inspect(config, http):
                   "leeway": config.leeway, "typ": "at+jwt" if access else NOT_AT_JWT}
         if not access:
             checks["azp"] = config.client_id
-        _verify_token(config.inspect, source, **checks)
+        try:
+            _verify_token(config.inspect, source, **checks)
+        except TokenVerificationError as exc:
+            raise TokenVerificationError("%s%s" % (exc, _audience_advice(exc, config) if access else ""))
         result["verified"] = True
     _check_policy(config, {"hardware_verified": hardware_verified, "hardware_aaguid": aaguid})
     return result
 
 
 def _logout(config, http, terminal):
-    """Revoke and delete the cached sign-in; nothing to remove is not an error."""
-    cache = _cache_for(config)
-    cache.acquire(terminal)
-    try:
-        entry = cache.load()
-        if entry is None:
-            terminal.info("no cached sign-in to remove")
-            return
-        _remember_secrets(terminal, entry["result"])
-        metadata = entry.get("metadata") or {}
-        if not metadata.get("revocation_endpoint") and not config.token_endpoint:
-            try:
-                metadata = discover(http, config.issuer)
-            except VouchError as exc:
-                terminal.warn("cannot find the revocation endpoint (%s)" % exc)
-        failures = _revoke(config, http, terminal, metadata, entry["result"])
-        cache.delete()
-    finally:
-        cache.release()
+    """Revoke and delete every cached sign-in of the issuer and client id; nothing to remove is not an error.
+
+    Whatever scope, resources or authorization details a sign-in was made
+    with, it is the same person's session with this client: all of them go.
+    """
+    caches = _cached_sign_ins(config)
+    if not caches:
+        terminal.info("no cached sign-in of client %s at %s to remove" % (config.client_id, config.issuer))
+        return
+    discovered = None
+    failures = []
+    removed = 0
+    for cache in caches:
+        cache.acquire(terminal)
+        try:
+            entry = cache.load()
+            if not _same_sign_in(entry, config):
+                continue
+            _remember_secrets(terminal, entry["result"])
+            metadata = entry.get("metadata") or {}
+            if not metadata.get("revocation_endpoint") and not config.token_endpoint:
+                if discovered is None:
+                    try:
+                        discovered = discover(http, config.issuer)
+                    except VouchError as exc:
+                        terminal.warn("cannot find the revocation endpoint (%s)" % exc)
+                        discovered = {}
+                metadata = discovered
+            failures.extend(_revoke(config, http, terminal, metadata, entry["result"]))
+            cache.delete()
+            removed += 1
+        finally:
+            cache.release(remove=True)
+    count = "the cached sign-in" if removed == 1 else "%d cached sign-ins" % removed
     if failures:
-        raise NetworkError("removed the cached tokens, but revocation failed: %s" % "; ".join(failures))
-    terminal.info("signed out: the cached tokens were revoked and removed")
+        raise NetworkError("removed %s, but revocation failed: %s" % (count, "; ".join(failures)))
+    terminal.info("signed out: %s revoked and removed" % count)
+
+
+def _cached_sign_ins(config):
+    """The cache entries of the configured issuer and client id, whatever else they were made with."""
+    directory = _cache_directory(config.environ)
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise UsageError("cannot use the cache directory %s: %s" % (directory, exc.strerror or exc))
+    caches = []
+    for name in names:
+        digest, _dot, extension = name.partition(".")
+        if extension == "json" and len(digest) == 32:
+            cache = _Cache(directory, digest=digest)
+            if _same_sign_in(cache.load(), config):
+                caches.append(cache)
+    return caches
+
+
+def _same_sign_in(entry, config):
+    result = (entry or {}).get("result") or {}
+    issuer = result.get("issuer")
+    return result.get("client_id") == config.client_id and isinstance(issuer, str) \
+        and issuer.rstrip("/") == config.issuer.rstrip("/")
 
 
 # ============================================================================
@@ -4657,22 +4880,36 @@ def _has_acl(path):
 # Command line
 # ============================================================================
 
-_EXAMPLES = """\
-examples:
-  %(prog)s --client-id CLIENT_ID
-  VOUCH_CLIENT_ID=CLIENT_ID %(prog)s --format shell
-  eval "$(python3 vouch_device_login.py --client-id CLIENT_ID --format shell)"
-  curl -fsSL https://example.com/vouch_device_login.py | python3 - --client-id CLIENT_ID
-  python3 vouch_device_login.py --install    # then run vouch-device-login: it starts faster
-  %(prog)s --issuer https://id.example.com/realms/main --client-id cli --scope openid
+_DESCRIPTION = """\
+Sign in with the OAuth 2.0 Device Authorization Grant (RFC 8628): the URL and \
+the code to enter go to stderr, the token to stdout as JSON, as shell \
+variables or bare.
 
-exit codes: 0 signed in, 1 internal error, 2 usage, 3 denied, 4 code expired,
-  5 network/TLS/HTTP failure, 6 protocol error, 7 verification failed,
-  8 policy not met, 130 interrupted
+  {command} --client-id ID
+  eval "$({command} --client-id ID --format shell)"
+  eval "$({command} --client-id ID --cache --format shell)"
 """
+_INSTALL_EXAMPLE = "  {command} --install   # installs vouch-device-login\n"
+_EPILOG = """\
+Each setting comes from its flag, then its environment variable, then the \
+default. Exit codes: 0 signed in, 1 internal error, 2 usage, 3 denied, 4 code \
+expired, 5 network/TLS/HTTP failure, 6 protocol error, 7 verification \
+failed, 8 policy not met, 130 interrupted."""
 
 
-def _argument_parser():
+def _invoked_as(argv0):
+    """(name, command): what the tool calls itself in messages, and how its help shows running it.
+
+    The installed launcher is vouch-device-login; a script is run as
+    python3 vouch_device_login.py, also when it was piped into python3 -.
+    """
+    name = os.path.basename(argv0 or "")
+    if name in ("", "-", "-c"):
+        name = "vouch_device_login.py"
+    return name, ("python3 " + name if name.endswith(".py") else name)
+
+
+def _argument_parser(prog=_PROG, command="python3 vouch_device_login.py"):
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -4682,77 +4919,83 @@ def _argument_parser():
             """One line and exit 2 instead of argparse's usage block."""
             raise UsageError("%s (see --help)" % message)
 
+    class Formatter(argparse.HelpFormatter):
+        """Wraps paragraphs to the terminal's width; indented lines (the examples) stay as they are."""
+
+        def _fill_text(self, text, width, indent):
+            import textwrap
+            return "\n".join(line if line.startswith(" ") or not line else
+                             textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                             for line in text.splitlines())
+
+    description = _DESCRIPTION.format(command=command)
+    if command.endswith(".py"):
+        description += _INSTALL_EXAMPLE.format(command=command)
     parser = Parser(
-        prog=_PROG,
-        description="Sign in with the OAuth 2.0 Device Authorization Grant (RFC 8628) and "
-                    "print the token as JSON, shell variables or the bare token. "
-                    "Prompts go to stderr; stdout carries only the result.",
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog,
+        # Short enough for 40 columns; the examples below show the flags that matter.
+        usage="%(prog)s [options]",
+        description=description,
+        epilog=_EPILOG,
+        add_help=False,
+        formatter_class=lambda prog: Formatter(prog, max_help_position=30),
     )
-    add = parser.add_argument
-    add("--issuer", metavar="URL",
-        help="the issuer URL (env VOUCH_ISSUER; default %s)" % DEFAULT_ISSUER)
-    add("--client-id", metavar="ID", help="the OAuth client id (env VOUCH_CLIENT_ID; required)")
-    add("--scope", metavar="SCOPE", help="space-separated scopes (env VOUCH_SCOPE; default %r)" % DEFAULT_SCOPE)
-    add("--device-authorization-endpoint", metavar="URL", help="skip discovery for this endpoint")
-    add("--token-endpoint", metavar="URL", help="skip discovery for this endpoint")
-    add("--timeout", metavar="SECONDS", type=float, default=DEFAULT_TIMEOUT,
-        help="time limit for each HTTP request (default %g)" % DEFAULT_TIMEOUT)
-    add("--cacert", metavar="FILE", help="trust the CA certificates in FILE (env SSL_CERT_FILE)")
-    add("--format", choices=("json", "shell", "token", "exec-credential", "aws"), default="json",
-        help="json (default): one JSON object; shell: export lines for eval; token: the bare access token; "
-             "exec-credential: a kubectl exec plugin's answer (implies --cache); "
-             "aws: credential_process JSON (needs --aws-role-arn)")
-    add("--max-restarts", metavar="N", type=int,
-        help="new codes to fetch when one expires (default 2 on a terminal, else 0)")
-    add("-q", "--quiet", action="store_true", help="only the code prompt and errors on stderr")
-    add("--qr", action="store_true", help="also draw the sign-in URL as a QR code on stderr")
+    # The groups run from what every sign-in needs to what few runs need.
+    add = parser.add_argument_group("sign-in").add_argument
+    add("--client-id", metavar="ID", help="OAuth client id (env VOUCH_CLIENT_ID; required)")
+    add("--issuer", metavar="URL", help="env VOUCH_ISSUER; default %s" % DEFAULT_ISSUER)
+    add("--scope", metavar="SCOPE", help="env VOUCH_SCOPE; default %r" % DEFAULT_SCOPE)
+    add("--qr", action="store_true", help="also draw the sign-in URL as a QR code")
+    add("--copy", action="store_true", help="put the code on the clipboard")
     add("--browser", dest="browser", action="store_const", const=True, default=None,
-        help="open the sign-in URL in a browser (default: only where one can be seen)")
-    add("--no-browser", dest="browser", action="store_const", const=False, help="never open a browser")
-    add("--copy", action="store_true", help="put the code on the clipboard (OSC 52) when stderr is a terminal")
-    add("-v", "--verbose", action="store_true", help="log each request and response (secrets masked)")
-    add("--version", action="version", version="%s %s" % (_PROG, __version__))
-    add("--install", metavar="PREFIX", nargs="?", const=DEFAULT_INSTALL_PREFIX,
-        help="install the faster-starting command PREFIX/bin/%s (PREFIX defaults to %s), then exit"
-             % (_LAUNCHER_NAME, DEFAULT_INSTALL_PREFIX))
-    group = parser.add_argument_group("verification")
-    add = group.add_argument
-    add("--verify", action="store_true",
-        help="verify token signatures and claims against the issuer's JWKS (exit 7 when they fail)")
-    add("--jwks-uri", metavar="URL", help="with --verify: fetch the JWKS here instead of from discovery")
-    add("--jwks", metavar="FILE", help="with --verify: use the JWK Set in FILE (offline)")
-    add("--audience", metavar="AUD", help="with --verify: required access-token audience (default: the client id)")
-    add("--leeway", metavar="SECONDS", type=int, default=60,
-        help="with --verify: allowed clock skew for exp/nbf/iat (default 60)")
-    add("--inspect", metavar="TOKEN",
-        help="print the header and claims of TOKEN (or @FILE) as JSON without signing in; add --verify to check it")
-    group = parser.add_argument_group("sessions and policy")
-    add = group.add_argument
-    add("--cache", action="store_true",
-        help="reuse a cached token while it has more than --min-ttl seconds left (env VOUCH_CACHE=1)")
+        help="open the sign-in URL in a browser")
+    add("--no-browser", dest="browser", action="store_const", const=False, help="never (default: only where one is seen)")
+    add("--max-restarts", metavar="N", type=int,
+        help="new codes if one expires (terminal: 2, else 0)")
+    add("-q", "--quiet", action="store_true", help="only the prompt and errors on stderr")
+    add("-v", "--verbose", action="store_true", help="log requests and responses, secrets masked")
+    add = parser.add_argument_group("output").add_argument
+    add("--format", metavar="FORMAT", choices=("json", "shell", "token", "exec-credential", "aws"),
+        default="json", help="json (default), shell (export lines), token, "
+        "exec-credential (kubectl; implies --cache) or aws (credential_process)")
+    add = parser.add_argument_group("AWS credentials (STS AssumeRoleWithWebIdentity)").add_argument
+    add("--aws-role-arn", metavar="ARN", help="for this IAM role (env VOUCH_AWS_ROLE_ARN)")
+    add("--aws-region", metavar="REGION", help="regional STS (env AWS_REGION; default global)")
+    add("--aws-sts-endpoint", metavar="URL", help="STS URL (env AWS_ENDPOINT_URL_STS)")
+    add("--aws-session-name", metavar="NAME", help="role session name (default: email or sub)")
+    add("--aws-duration", metavar="SECONDS", type=int,
+        help="credential lifetime, 900-43200 (default %d)" % DEFAULT_AWS_DURATION)
+    add = parser.add_argument_group("sessions").add_argument
+    add("--cache", action="store_true", help="reuse a fresh cached token (env VOUCH_CACHE=1)")
     add("--min-ttl", metavar="SECONDS", type=int, default=DEFAULT_MIN_TTL,
-        help="with --cache: shortest lifetime left that a cached token may have (default %d)" % DEFAULT_MIN_TTL)
-    add("--logout", action="store_true", help="revoke and delete the cached tokens, then exit")
-    add("--userinfo", action="store_true", help="fetch the userinfo endpoint into the output")
+        help="least lifetime left to reuse one (default %d)" % DEFAULT_MIN_TTL)
+    add("--logout", action="store_true", help="revoke and remove cached sign-ins, then exit")
+    add = parser.add_argument_group("verification and policy").add_argument
+    add("--verify", action="store_true", help="check token signatures and claims (else exit 7)")
+    add("--jwks-uri", metavar="URL", help="with --verify: this JWKS URL, not discovery")
+    add("--jwks", metavar="FILE", help="with --verify: the JWK Set in FILE (offline)")
+    add("--audience", metavar="AUD", help="with --verify: audience (default: client id)")
+    add("--leeway", metavar="SECONDS", type=int, default=60,
+        help="with --verify: clock skew allowed (default 60)")
     add("--require-hardware", action="store_true", help="exit 8 unless hardware_verified is true")
     add("--require-aaguid", metavar="UUID", action="append", default=[],
-        help="exit 8 unless hardware_aaguid is this UUID (repeatable)")
-    add("--authorization-details", metavar="JSON",
-        help="RFC 9396 authorization details, a JSON array of objects, or @FILE")
+        help="exit 8 unless hardware_aaguid is one of these")
+    add("--userinfo", action="store_true", help="add the userinfo endpoint's answer")
+    add("--inspect", metavar="TOKEN", help="show TOKEN's claims (or @FILE's), no sign-in")
+    add = parser.add_argument_group("requests").add_argument
+    add("--authorization-details", metavar="JSON", help="RFC 9396 details: a JSON array, or @FILE")
     add("--resource", metavar="URI", action="append", default=[],
         help="RFC 8707 resource indicator (repeatable)")
-    group = parser.add_argument_group("AWS credentials (STS AssumeRoleWithWebIdentity)")
-    add = group.add_argument
-    add("--aws-role-arn", metavar="ARN",
-        help="exchange the sign-in for AWS credentials of this IAM role (env VOUCH_AWS_ROLE_ARN)")
-    add("--aws-region", metavar="REGION",
-        help="use the regional STS endpoint (env AWS_REGION, AWS_DEFAULT_REGION; default: the global one)")
-    add("--aws-sts-endpoint", metavar="URL", help="the STS endpoint (env AWS_ENDPOINT_URL_STS)")
-    add("--aws-session-name", metavar="NAME", help="the role session name (default: the email or subject)")
-    add("--aws-duration", metavar="SECONDS", type=int,
-        help="lifetime of the AWS credentials, 900 to 43200 (default %d)" % DEFAULT_AWS_DURATION)
+    add("--device-authorization-endpoint", metavar="URL", help="use this URL instead of discovery")
+    add("--token-endpoint", metavar="URL", help="use this URL instead of discovery")
+    add("--timeout", metavar="SECONDS", type=float, default=DEFAULT_TIMEOUT,
+        help="limit for each HTTP request (default %g)" % DEFAULT_TIMEOUT)
+    add("--cacert", metavar="FILE", help="trust these CA certificates (env SSL_CERT_FILE)")
+    add = parser.add_argument_group("this command").add_argument
+    add("--install", metavar="PREFIX", nargs="?", const=DEFAULT_INSTALL_PREFIX,
+        help="install %s (PREFIX: %s)" % (_LAUNCHER_NAME, DEFAULT_INSTALL_PREFIX))
+    add("--version", action="version", version="%s %s" % (prog, __version__), help="print the version and exit")
+    add("-h", "--help", action="help", help="show this help and exit")
     return parser
 
 
@@ -4782,19 +5025,18 @@ def _config_from_args(args, environ, terminal):
     for what, url in (("--issuer", issuer), ("--device-authorization-endpoint", args.device_authorization_endpoint),
                       ("--token-endpoint", args.token_endpoint)):
         if url is not None:
-            try:
-                _parse_url(url, what)
-            except ProtocolError as exc:
-                raise UsageError(str(exc))
+            _check_url_argument(url, what)
     if not 0 < args.timeout <= 3600:
-        raise UsageError("--timeout must be between 0 and 3600 seconds")
+        raise UsageError("--timeout must be more than 0 and at most 3600 seconds")
     max_restarts = args.max_restarts
     if max_restarts is None:
         max_restarts = 2 if terminal.isatty() else 0
     if not 0 <= max_restarts <= 100:
         raise UsageError("--max-restarts must be between 0 and 100")
-    if args.cacert and not os.path.isfile(args.cacert):
-        raise UsageError("--cacert %s: no such file" % args.cacert)
+    # Every local file is read now: a mistake in one must not cost a sign-in the person already approved.
+    if args.cacert:
+        _check_cacert(args.cacert)
+    jwks = _read_jwks_file(args.jwks) if args.jwks else None
     if args.min_ttl < 0:
         raise UsageError("--min-ttl must not be negative")
     details = _authorization_details(args.authorization_details)
@@ -4819,6 +5061,7 @@ def _config_from_args(args, environ, terminal):
         verify=args.verify,
         jwks_uri=args.jwks_uri,
         jwks_file=args.jwks,
+        jwks=jwks,
         audience=audience,
         leeway=args.leeway,
         inspect=inspect,
@@ -4844,6 +5087,19 @@ def _config_from_args(args, environ, terminal):
 
 
 MAX_AUTHORIZATION_DETAILS = 8 * 1024
+
+
+def _check_cacert(path):
+    """--cacert must name a readable file of PEM CA certificates."""
+    import ssl
+    if not os.path.isfile(path):
+        raise UsageError("--cacert %s: no such file" % path)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        raise UsageError("--cacert %s: no PEM certificates in it" % path)
+    except OSError as exc:
+        raise UsageError("--cacert %s: %s" % (path, exc.strerror or exc))
 
 
 def _inspect_argument(value):
@@ -4890,6 +5146,24 @@ def _authorization_details(value):
     return json.dumps(details, separators=(",", ":"))
 
 
+def _check_url_argument(url, what):
+    """A URL flag: like an endpoint URL, and a bare host name gets the URL it probably meant."""
+    from urllib.parse import urlsplit
+    if "://" not in url and url.strip() and all("\x21" <= ch <= "\x7e" for ch in url):
+        try:
+            host = urlsplit("//" + url).hostname
+        except ValueError:
+            host = None
+        if host:
+            # Loopback is where plain http is allowed, and where local test issuers listen.
+            scheme = "http" if _is_loopback_host(host) else "https"
+            raise UsageError("%s %s is not a URL; did you mean %s://%s?" % (what, url, scheme, url))
+    try:
+        _parse_url(url, what)
+    except ProtocolError as exc:
+        raise UsageError(str(exc))
+
+
 def _check_resource(resource):
     """RFC 8707 §2: an absolute URI without a fragment."""
     from urllib.parse import urlsplit
@@ -4915,22 +5189,24 @@ def main(argv=None):
     Prints the result on stdout only when everything succeeded; every
     message for the person goes to stderr.
     """
+    prog, command = _PROG, "python3 vouch_device_login.py"
     if argv is None:
         argv = sys.argv[1:]
+        prog, command = _invoked_as(sys.argv[0] if sys.argv else "")
     argv = list(argv)
-    terminal = _Terminal(verbose="-v" in argv or "--verbose" in argv)
+    terminal = _Terminal(verbose="-v" in argv or "--verbose" in argv, prog=prog)
     http = None
     try:
         if "--version" in argv[: argv.index("--") if "--" in argv else len(argv)]:
             # Answered before argparse is imported: shell profiles call this often.
-            _write_stdout("%s %s\n" % (_PROG, __version__))
+            _write_stdout("%s %s\n" % (prog, __version__))
             return 0
         cached = _cached_credential(argv, os.environ)
         if cached is not None:
             _write_stdout(cached)
             return 0
-        args = _argument_parser().parse_args(argv)
-        terminal = _Terminal(quiet=args.quiet, verbose=args.verbose)
+        args = _argument_parser(prog, command).parse_args(argv)
+        terminal = _Terminal(quiet=args.quiet, verbose=args.verbose, prog=prog)
         if args.install is not None:
             if args.inspect is not None or args.logout:
                 raise UsageError("--install is done on its own; drop --inspect and --logout")
@@ -4950,7 +5226,7 @@ def main(argv=None):
         terminal.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        terminal.write("\n%s: interrupted\n" % _PROG)
+        terminal.write("\n%s: interrupted\n" % terminal.prog)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
         if terminal.verbose:
