@@ -1200,7 +1200,8 @@ class SignInTests(IssuerTest):
             '  eval "$(python3 vouch_device_login.py --client-id ID --format shell)"',
             '  eval "$(python3 vouch_device_login.py --client-id ID --cache --format shell)"'])
         self.assertEqual([line for line in lines if line.endswith(":") and not line.startswith(" ")],
-                         ["sign-in:", "output:", "sessions:", "verification and policy:", "requests:", "this command:"])
+                         ["sign-in:", "output:", "AWS credentials:", "sessions:", "verification and policy:",
+                          "requests:", "this command:"])
         self.assertLess(result.stdout.index("--client-id ID  "), result.stdout.index("--timeout SECONDS"))
 
     def test_the_tool_names_itself_as_it_was_run(self):
@@ -1694,12 +1695,13 @@ class CacheTests(CacheFixture):
         self.issuer.approve_after_polls = 0
         other = run_main(["--issuer", self.issuer.issuer, "--client-id", "other", "--cache"], env=self.env)
         self.assertEqual(other.code, 0, other.stderr)
-        self.assertEqual(len(self.cache_files()), 8)
+        # Each sign-in: its entry, its lock and the answers a cached kubectl run reads.
+        self.assertEqual(len(self.cache_files()), 12)
         kept = []
         for name in self.cache_files():
             with open(os.path.join(self.directory, name)) as handle:
-                if '"client_id": "other"' in handle.read():
-                    kept = [name, name.replace(".json", ".lock")]
+                if name.endswith(".json") and '"client_id": "other"' in handle.read():
+                    kept = [name.replace(".json", extension) for extension in (".answers", ".json", ".lock")]
         result = self.sign_in("--logout", env=self.env)
         self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
         self.assertIn("signed out: 3 cached sign-ins revoked and removed", result.stderr)

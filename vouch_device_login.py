@@ -4958,7 +4958,7 @@ def _argument_parser(prog=_PROG, command="python3 vouch_device_login.py"):
     add("--format", metavar="FORMAT", choices=("json", "shell", "token", "exec-credential", "aws"),
         default="json", help="json (default), shell (export lines), token, "
         "exec-credential (kubectl; implies --cache) or aws (credential_process)")
-    add = parser.add_argument_group("AWS credentials (STS AssumeRoleWithWebIdentity)").add_argument
+    add = parser.add_argument_group("AWS credentials").add_argument
     add("--aws-role-arn", metavar="ARN", help="for this IAM role (env VOUCH_AWS_ROLE_ARN)")
     add("--aws-region", metavar="REGION", help="regional STS (env AWS_REGION; default global)")
     add("--aws-sts-endpoint", metavar="URL", help="STS URL (env AWS_ENDPOINT_URL_STS)")
