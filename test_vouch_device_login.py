@@ -4743,6 +4743,158 @@ class CryptographyCrossCheckTest(unittest.TestCase):
         public.verify(b64u(sig), signing_input.encode())
 
 
+# --- signing (DPoP proofs): RFC 8032 §7.1, RFC 6979 A.2.5, RFC 8037 A.3, cryptography ---
+
+# RFC 6979 A.2.5: the P-256 key and (hash, message, k, r, s)
+RFC6979_P256_X = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
+RFC6979_P256_U = (0x60FED4BA255A9D31C961EB74C6356D68C049B8923B61FA6CE669622E60F29FB6,
+                  0x7903FE1008B8BC99A41AE9E95628BC64F2F1B20C2D7E9F5177A3C294D4462299)
+RFC6979_P256_VECTORS = (
+    ("sha256", b"sample", "A6E3C57DD01ABE90086538398355DD4C3B17AA873382B0F24D6129493D8AAD60",
+     "EFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716",
+     "F7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8"),
+    ("sha256", b"test", "D16B6AE827F17175E040871A1C7EC3500192C4C92677336EC2537ACAEE0008E0",
+     "F1ABB023518351CD71D881567B1EA663ED3EFCF6C5132B354F28D3B0B7D38367",
+     "019F4113742A2B14BD25926B49C649155F267E60D3814B4C0CC84250E46F0083"),
+    # a shorter and a longer hash than the 256-bit order: bits2int pads and truncates
+    ("sha1", b"sample", "882905F1227FD620FBF2ABF21244F0BA83D0DC3A9103DBBEE43A1FB858109DB4",
+     "61340C88C3AAEBEB4F6D667F672CA9759A6CCAA9FA8811313039EE4A35471D32",
+     "6D7F147DAC089441BB2E2FE8F7A3FA264B9C475098FDCF6E00D7C996E1B8B7EB"),
+    ("sha512", b"test", "6915D11632ACA3C40D5D51C08DAF9C555933819548784480E93499000D9F0B7F",
+     "461D93F31B6540894788FD206C07CFA0CC35F46FA3C91816FFF1040AD1581A04",
+     "39AF9F15DE0DB8D97E72719C74820D304CE5226E32DEDAE67519E840D1194E55"),
+)
+# RFC 8037 A.3: the thumbprint of the A.1 key
+RFC8037_THUMBPRINT = "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+# Random keys and messages per algorithm per run (EC_TEST_EXHAUSTIVE=1: ten times as many);
+# the seed is in every failure message, DPOP_TEST_SEED replays it.
+SIGNING_ROUNDS = 10000 if EXHAUSTIVE else 1000
+
+
+def signing_rng():
+    seed = int(os.environ.get("DPOP_TEST_SEED") or random.randrange(1 << 32))
+    return random.Random(seed), "DPOP_TEST_SEED=%d" % seed
+
+
+def reference_thumbprint(public):
+    """RFC 7638 §3 spelled out: required members only, sorted, no white space, SHA-256."""
+    required = ("crv", "kty", "x", "y") if public["kty"] == "EC" else ("crv", "kty", "x")
+    canonical = json.dumps({name: public[name] for name in required}, sort_keys=True, separators=(",", ":"))
+    return b64url(hashlib.sha256(canonical.encode()).digest())
+
+
+class SigningVectorsTest(unittest.TestCase):
+    def test_ed25519_rfc8032_section_7_1_signing(self):
+        for name, secret, pk, message, sig in RFC8032_VECTORS:
+            with self.subTest(name=name):
+                secret, pk = bytes.fromhex(secret), bytes.fromhex(pk)
+                self.assertEqual(vdl._ed25519_public(secret), pk)
+                self.assertEqual(vdl._ed25519_sign(secret, pk, bytes.fromhex(message)).hex(), sig)
+
+    def test_ed25519_rfc8037_jws_and_thumbprint(self):
+        signing_input, sig = RFC8037_JWS.rsplit(".", 1)
+        self.assertEqual(vdl._ed25519_sign(b64u(RFC8037_D), b64u(RFC8037_X), signing_input.encode()), b64u(sig))
+        key = {"kty": "OKP", "crv": "Ed25519", "x": RFC8037_X, "d": RFC8037_D}
+        self.assertEqual(vdl._DPoP(key).thumbprint(), RFC8037_THUMBPRINT)
+
+    def test_ecdsa_rfc6979_a_2_5(self):
+        self.assertEqual(vdl._ec_mul_base("P-256", RFC6979_P256_X), RFC6979_P256_U)
+        for hash_name, message, k, r, s in RFC6979_P256_VECTORS:
+            with self.subTest(hash=hash_name, message=message):
+                digest = hashlib.new(hash_name, message).digest()
+                nonce = next(vdl._rfc6979_nonces("P-256", RFC6979_P256_X, digest, hash_name))
+                self.assertEqual(nonce, int(k, 16))
+                signature = vdl._ecdsa_sign("P-256", RFC6979_P256_X, digest, hash_name)
+                self.assertEqual(signature.hex().upper(), r + s)
+
+    def test_comb_matches_the_reference_double_and_add(self):
+        g = w_gen("P-256")
+        n = vdl._NIST_CURVES["P-256"][2]
+        for k in (1, 2, 3, n - 1, n - 2, 1 << 255, (1 << 37) - 1, 1 << 222, n >> 1) + tuple(
+                random.randrange(1, n) for _ in range(10)):
+            with self.subTest(k=k):
+                self.assertEqual(vdl._ec_mul_base("P-256", k), w_mul("P-256", k, g))
+        for k in (1, 2, vdl._ED_L - 1, (1 << 255) - 1, 1 << 254) + tuple(
+                random.randrange(1, 1 << 255) for _ in range(10)):
+            with self.subTest(ed_k=k):
+                self.assertEqual(vdl._ed_mul_base(k), e_encode(e_mul(k, E_B)))
+
+    def test_a_signature_verifies_with_our_verifier_and_a_tampered_one_does_not(self):
+        for alg in vdl.DPOP_ALGORITHMS:
+            with self.subTest(alg=alg):
+                dpop = vdl._DPoP(vdl._dpop_generate(alg))
+                proof = dpop.proof("GET", "https://api.example/x")
+                header, payload = vdl.verify_jws(proof, dpop.public, [alg])
+                self.assertEqual(header["jwk"], dpop.public)
+                self.assertEqual(json.loads(payload.decode())["htu"], "https://api.example/x")
+                self.assertNotIn("d", header["jwk"])
+                signing_input, signature = proof.rsplit(".", 1)
+                tampered = signing_input[:-2] + ("A" if signing_input[-2] != "A" else "B") + signing_input[-1]
+                with self.assertRaises(vdl.TokenVerificationError):
+                    vdl.verify_jws(tampered + "." + signature, dpop.public, [alg])
+
+
+@unittest.skipUnless(HAVE_CRYPTOGRAPHY, "cryptography is not installed")
+class SigningCrossCheckTest(unittest.TestCase):
+    """Our keys, public keys, signatures and thumbprints against cryptography's."""
+
+    def test_ed25519_keys_and_signatures_equal_cryptographys(self):
+        rng, seed = signing_rng()
+        for i in range(SIGNING_ROUNDS):
+            secret = bytes(rng.getrandbits(8) for _ in range(32))
+            message = bytes(rng.getrandbits(8) for _ in range(rng.randrange(300)))
+            reference = ed25519.Ed25519PrivateKey.from_private_bytes(secret)
+            public = reference.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            self.assertEqual(vdl._ed25519_public(secret), public, seed)
+            signature = vdl._ed25519_sign(secret, public, message)
+            self.assertEqual(signature, reference.sign(message), seed)
+            if i % 25 == 0:
+                self.assertTrue(vdl._ed25519_verify(public, message, signature), seed)
+
+    def test_es256_signatures_verify_with_cryptography(self):
+        from cryptography.exceptions import UnsupportedAlgorithm
+        rng, seed = signing_rng()
+        n = vdl._NIST_CURVES["P-256"][2]
+        for i in range(SIGNING_ROUNDS):
+            d = rng.randrange(1, n)
+            message = bytes(rng.getrandbits(8) for _ in range(rng.randrange(300)))
+            reference = cec.derive_private_key(d, cec.SECP256R1())
+            numbers = reference.public_key().public_numbers()
+            self.assertEqual(vdl._ec_mul_base("P-256", d), (numbers.x, numbers.y), seed)
+            signature = vdl._ecdsa_sign("P-256", d, hashlib.sha256(message).digest(), "sha256")
+            r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            reference.public_key().verify(utils.encode_dss_signature(r, s), message, cec.ECDSA(hashes.SHA256()))
+            # RFC 6979 is deterministic: OpenSSL 3.2 and later make the very same signature
+            try:
+                expected = reference.sign(message, cec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+            except (TypeError, UnsupportedAlgorithm):
+                expected = None
+            if expected is not None:
+                self.assertEqual(utils.decode_dss_signature(expected), (r, s), seed)
+            if i % 25 == 0:
+                x, y = numbers.x.to_bytes(32, "big"), numbers.y.to_bytes(32, "big")
+                self.assertTrue(vdl._ecdsa_verify("P-256", x, y, hashlib.sha256(message).digest(), signature), seed)
+
+    def test_generated_keys_and_thumbprints(self):
+        for i in range(SIGNING_ROUNDS // 5):
+            for alg in vdl.DPOP_ALGORITHMS:
+                key = vdl._dpop_generate(alg)
+                self.assertIsNone(vdl._dpop_key_problem(key))
+                dpop = vdl._DPoP(key)
+                if alg == "EdDSA":
+                    private = ed25519.Ed25519PrivateKey.from_private_bytes(b64u(key["d"]))
+                    raw = private.public_key().public_bytes(serialization.Encoding.Raw,
+                                                            serialization.PublicFormat.Raw)
+                    self.assertEqual(b64u(key["x"]), raw)
+                else:
+                    private = cec.derive_private_key(int.from_bytes(b64u(key["d"]), "big"), cec.SECP256R1())
+                    numbers = private.public_key().public_numbers()
+                    self.assertEqual((b64u(key["x"]), b64u(key["y"])),
+                                     (numbers.x.to_bytes(32, "big"), numbers.y.to_bytes(32, "big")))
+                self.assertEqual(dpop.thumbprint(), reference_thumbprint(key))
+                self.assertEqual(sorted(dpop.public), sorted(k for k in key if k != "d"))
+
+
 
 # ============================================================================
 # QR code: structure, capacity, masks, rendering, segno and zxing-cpp
