@@ -349,13 +349,15 @@ class LocalIssuer:
     Knobs: interval, expires_in, discovery ("both", "oidc", "oauth"), path
     (an issuer with a path), rate_limit (burst 8, then one request per 2 s),
     enforce_interval (slow_down for polls less than interval whole seconds
-    apart), approve_after_polls / deny, hardware claims of the user, and
-    overrides: path -> callable(handler, body) answering instead.
+    apart), approve_after_polls / deny, hardware claims of the user, dpop
+    (DPoP as Vouch does it, see _check_dpop), and overrides: path ->
+    callable(handler, body) answering instead.
     """
 
     def __init__(self, interval=1, expires_in=600, discovery="both", path="", rate_limit=True,
                  enforce_interval=True, approve_after_polls=None, user=None, clients=("cli",),
-                 refresh_tokens=False, access_alg="ES256", id_tokens=False, tls=None, burst=8):
+                 refresh_tokens=False, access_alg="ES256", id_tokens=False, tls=None, burst=8,
+                 dpop=False):
         self.interval = interval
         self.expires_in = expires_in
         self.discovery = discovery
@@ -383,6 +385,19 @@ class LocalIssuer:
         self.rate_limited = 0
         self.burst = burst
         self.lock = threading.Lock()
+        self.dpop = dpop
+        self.dpop_algs = ["ES256", "PS256", "EdDSA"]
+        # the server nonce, replaced after every dpop_nonce_uses accepted proofs
+        self.dpop_nonce = b64url(secrets.token_bytes(16))
+        self.dpop_nonce_uses = 4
+        self._dpop_nonce_used = 0
+        self.dpop_jtis = set()
+        # accepted proofs' claims, and how each refused one was answered
+        self.dpop_proofs = []
+        self.dpop_refusals = []
+        # misbehaviour: "bearer" (ignore DPoP) or "other-key" (bind to a key not the proof's)
+        self.dpop_misbehave = None
+        self.bound = {}
         self.tls_context = None
         self.tls_handshakes = 0
         if tls is not None:
@@ -438,7 +453,7 @@ class LocalIssuer:
         return {"keys": [k.jwk() for k in self.keys]}
 
     def metadata(self):
-        return {
+        document = {
             "issuer": self.issuer,
             "authorization_endpoint": self.issuer + "/oauth/authorize",
             "device_authorization_endpoint": self.issuer + "/oauth/device",
@@ -449,6 +464,9 @@ class LocalIssuer:
             "scopes_supported": ["openid", "email"],
             "grant_types_supported": [vdl.DEVICE_CODE_GRANT],
         }
+        if self.dpop and self.dpop_algs is not None:
+            document["dpop_signing_alg_values_supported"] = self.dpop_algs
+        return document
 
     def access_token(self, client_id, scope, **extra):
         now = int(time.time())
@@ -545,9 +563,69 @@ class LocalIssuer:
             "verification_uri_complete": self.issuer + "/device?user_code=" + user_code,
             "expires_in": self.expires_in, "interval": self.interval})
 
+    def _check_dpop(self, handler, method, local, access_token=None):
+        """Vouch's proof check (RFC 9449 §4.3, §7.1): (jkt, None), or (None, (error, description)).
+
+        The nonce is checked last, so a proof refused for it burns no jti and counts as no poll.
+        """
+        proofs = handler.headers.get_all("DPoP") or []
+        if len(proofs) != 1:
+            return None, ("invalid_dpop_proof", "exactly one DPoP header is required")
+        try:
+            header, claims = vdl.decode_jwt(proofs[0])
+        except vdl.TokenVerificationError as exc:
+            return None, ("invalid_dpop_proof", "malformed proof: %s" % exc)
+        jwk, alg = header.get("jwk"), header.get("alg")
+        if header.get("typ") != "dpop+jwt" or alg not in (self.dpop_algs or ("ES256", "EdDSA")):
+            return None, ("invalid_dpop_proof", "typ must be dpop+jwt and alg one of %s" % self.dpop_algs)
+        if not isinstance(jwk, dict) or any(name in jwk for name in ("d", "p", "q", "dp", "dq", "qi", "k")):
+            return None, ("invalid_dpop_proof", "jwk must be a public key")
+        signing_input, _, signature = proofs[0].rpartition(".")
+        try:
+            valid = vdl.verify_signature(alg, jwk, signing_input.encode(), b64u(signature))
+        except vdl.TokenVerificationError:
+            valid = False
+        if not valid:
+            return None, ("invalid_dpop_proof", "bad signature")
+        iat, jti = claims.get("iat"), claims.get("jti")
+        if claims.get("htm") != method or claims.get("htu") != self.issuer + local:
+            return None, ("invalid_dpop_proof", "htm or htu does not match the request")
+        if not isinstance(iat, int) or isinstance(iat, bool) or abs(iat - time.time()) > 60:
+            return None, ("invalid_dpop_proof", "iat is missing or more than 60 s off")
+        if not isinstance(jti, str) or len(jti) < 16:
+            return None, ("invalid_dpop_proof", "jti must carry at least 96 random bits")
+        if access_token is not None and claims.get("ath") != b64url(hashlib.sha256(access_token.encode()).digest()):
+            return None, ("invalid_dpop_proof", "ath does not match the access token")
+        with self.lock:
+            if jti in self.dpop_jtis:
+                return None, ("invalid_dpop_proof", "jti replayed")
+            if claims.get("nonce") != self.dpop_nonce:
+                return None, ("use_dpop_nonce", "a fresh server nonce is required")
+            self.dpop_jtis.add(jti)
+            self.dpop_proofs.append(claims)
+            self._dpop_nonce_used += 1
+            if self._dpop_nonce_used >= self.dpop_nonce_uses:
+                self.dpop_nonce = b64url(secrets.token_bytes(16))
+                self._dpop_nonce_used = 0
+        return reference_thumbprint(jwk), None
+
+    def _refuse_dpop(self, handler, refusal, status):
+        error, description = refusal
+        with self.lock:
+            self.dpop_refusals.append((status, error))
+            headers = {"DPoP-Nonce": self.dpop_nonce} if error == "use_dpop_nonce" else {}
+        if status == 401:
+            headers["WWW-Authenticate"] = 'DPoP error="%s", algs="ES256 EdDSA"' % error
+        handler.send(status, {"error": error, "error_description": description}, headers)
+
     def _token(self, handler, form):
+        jkt = None
+        if self.dpop and handler.headers.get("DPoP") is not None:
+            jkt, refusal = self._check_dpop(handler, "POST", "/oauth/token")
+            if refusal:
+                return self._refuse_dpop(handler, refusal, 400)
         if form.get("grant_type") == "refresh_token" and self.refresh_tokens:
-            return self._refresh(handler, form)
+            return self._refresh(handler, form, jkt)
         if form.get("grant_type") != vdl.DEVICE_CODE_GRANT:
             return handler.send(400, {"error": "unsupported_grant_type"})
         if form.get("client_id") not in self.clients:
@@ -568,6 +646,7 @@ class LocalIssuer:
             else:
                 device["last_poll"] = now
                 device["polls"] += 1
+                device["jkt"] = jkt
                 if self.approve_after_polls is not None and device["polls"] > self.approve_after_polls \
                         and device["status"] == "pending":
                     device["status"] = "approved"
@@ -580,27 +659,38 @@ class LocalIssuer:
         if device["status"] != "approved":
             return 400, {"error": "authorization_pending", "error_description": "waiting for the user"}
         device["status"] = "used"
-        return 200, self._tokens(device["client_id"], device["scope"])
+        return 200, self._tokens(device["client_id"], device["scope"], device.get("jkt"))
 
-    def _tokens(self, client_id, scope):
-        token = self.access_token(client_id, scope)
+    def _tokens(self, client_id, scope, jkt=None):
+        binds = jkt is not None and self.dpop_misbehave != "bearer"
+        extra = {}
+        if binds:
+            extra["cnf"] = {"jkt": jkt if self.dpop_misbehave != "other-key" else b64url(hashlib.sha256(b"k").digest())}
+        token = self.access_token(client_id, scope, **extra)
         self.issued.append(token)
-        answer = {"access_token": token, "token_type": "Bearer", "expires_in": 28800, "email": self.user["email"]}
+        answer = {"access_token": token, "token_type": "DPoP" if binds else "Bearer", "expires_in": 28800,
+                  "email": self.user["email"]}
+        if binds:
+            self.bound[token] = jkt
         if self.id_tokens:
             answer["id_token"] = self.id_token(client_id)
         if self.refresh_tokens:
             answer["refresh_token"] = "rt-" + secrets.token_hex(16)
             self.refresh_issued.append(answer["refresh_token"])
+            if binds:
+                self.bound[answer["refresh_token"]] = jkt
         return answer
 
-    def _refresh(self, handler, form):
+    def _refresh(self, handler, form, jkt=None):
         with self.lock:
-            known = form.get("refresh_token") in self.refresh_issued and form.get("client_id") in self.clients
+            # RFC 9449 §5: a bound refresh token goes only with a proof of its key
+            known = form.get("refresh_token") in self.refresh_issued and form.get("client_id") in self.clients \
+                and self.bound.get(form["refresh_token"]) == jkt
             if known:
                 self.refresh_issued.remove(form["refresh_token"])
         if not known:
             return handler.send(400, {"error": "invalid_grant", "error_description": "unknown refresh token"})
-        handler.send(200, self._tokens(form["client_id"], "openid email"))
+        handler.send(200, self._tokens(form["client_id"], "openid email", jkt))
 
     def _revoke(self, handler, form):
         with self.lock:
@@ -609,7 +699,17 @@ class LocalIssuer:
 
     def _userinfo(self, handler):
         auth = handler.headers.get("Authorization", "")
-        if not auth.startswith("Bearer ") or auth[7:] not in self.issued:
+        scheme, _, token = auth.partition(" ")
+        jkt = self.bound.get(token)
+        if jkt is not None:
+            # a bound token only as DPoP, with a proof of its key and ath (RFC 9449 §7.1)
+            if scheme != "DPoP":
+                return self._refuse_dpop(handler, ("invalid_token", "a DPoP-bound token needs the DPoP scheme"), 401)
+            proof_jkt, refusal = self._check_dpop(handler, "GET", "/oauth/userinfo", token)
+            if refusal or proof_jkt != jkt:
+                return self._refuse_dpop(handler, refusal or ("invalid_token", "the proof's key is not the token's"),
+                                         401)
+        elif scheme != "Bearer" or token not in self.issued:
             return handler.send(401, {"error": "invalid_token"}, {"WWW-Authenticate": "Bearer"})
         info = {k: v for k, v in self.user.items()}
         info["email_verified"] = True
@@ -637,6 +737,7 @@ class FakeClock:
 
 _ENV_KEYS = ("VOUCH_ISSUER", "VOUCH_CLIENT_ID", "VOUCH_SCOPE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
              "http_proxy", "NO_PROXY", "no_proxy", "SSL_CERT_FILE", "VOUCH_CACHE", "NO_COLOR")
+_ENV_KEYS += ("VOUCH_DPOP", "VOUCH_DPOP_KEY", "VOUCH_ACCESS_TOKEN")
 
 
 class Result:
@@ -1072,7 +1173,7 @@ class SignInTests(IssuerTest):
         self.assertEqual([line.split("=")[0] for line in lines], [
             "export VOUCH_ACCESS_TOKEN", "export VOUCH_TOKEN_TYPE", "export VOUCH_EXPIRES_AT",
             "export VOUCH_HARDWARE_VERIFIED", "export VOUCH_HARDWARE_AAGUID", "export VOUCH_EMAIL",
-            "export VOUCH_SUBJECT"])
+            "export VOUCH_SUBJECT", "export VOUCH_DPOP_KEY", "export VOUCH_DPOP_JKT"])
         self.assertIn("export VOUCH_HARDWARE_VERIFIED='true'", lines)
         self.assertIn("export VOUCH_HARDWARE_AAGUID=''", lines)
         self.assertIn("export VOUCH_SUBJECT='user-1234'", lines)
@@ -5826,6 +5927,357 @@ class PlainPromptTests(IssuerTest):
         self.assertIn("min", waiting[0])
         self.assertNotIn("\r", result.stderr)
         self.assertNotIn("still waiting", self.sign_in("-q").stderr)
+
+
+# ============================================================================
+# DPoP (RFC 9449): bound tokens against the local issuer, the proof helper
+# ============================================================================
+
+class RecordingRealClock:
+    """The real monotonic clock and sleep, for tests whose server judges real time."""
+
+    def __init__(self):
+        self.sleeps = []
+
+    def __call__(self):
+        return time.monotonic()
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        time.sleep(max(0.0, seconds))
+
+
+def proof_parts(proof):
+    """(header, claims) of a DPoP proof, decoded with nothing but json and base64."""
+    header, claims, _ = proof.split(".")
+    return json.loads(b64u(header)), json.loads(b64u(claims))
+
+
+def token_requests(issuer):
+    return [r for r in issuer.requests if r["path"].endswith("/oauth/token")]
+
+
+class DPoPSignInTests(IssuerTest):
+    issuer_options = {"dpop": True, "enforce_interval": False, "rate_limit": False}
+
+    def test_a_bound_token_after_the_nonce_dance(self):
+        result = self.sign_in("--dpop")
+        self.assertEqual(result.code, 0, result.stderr)
+        out = result.json()
+        self.assertEqual(out["token_type"], "DPoP")
+        self.assertEqual(sorted(out["dpop"]), ["alg", "jkt", "key"])
+        # EdDSA comes first of ours in Vouch's ["ES256", "PS256", "EdDSA"]
+        self.assertEqual(out["dpop"]["alg"], "EdDSA")
+        self.assertEqual(out["dpop"]["key"]["kty"], "OKP")
+        self.assertEqual(out["dpop"]["jkt"], reference_thumbprint(out["dpop"]["key"]))
+        self.assertEqual(out["claims"]["cnf"], {"jkt": out["dpop"]["jkt"]})
+        self.assertEqual(self.issuer.dpop_refusals, [(400, "use_dpop_nonce")])
+        first, second = [proof_parts(r["headers"]["DPoP"]) for r in token_requests(self.issuer)]
+        self.assertNotIn("nonce", first[1])
+        self.assertEqual(second[1]["nonce"], self.issuer.dpop_proofs[0]["nonce"])
+        header, claims = second
+        self.assertEqual(header["typ"], "dpop+jwt")
+        self.assertEqual(header["jwk"], {k: v for k, v in out["dpop"]["key"].items() if k != "d"})
+        self.assertEqual((claims["htm"], claims["htu"]), ("POST", self.issuer.issuer + "/oauth/token"))
+        self.assertGreaterEqual(len(b64u(claims["jti"])), 12)
+        self.assertNotEqual(first[1]["jti"], claims["jti"])
+        self.assertNotIn("ath", claims)
+
+    def test_the_variable_asks_for_dpop_too(self):
+        result = self.sign_in(env={"VOUCH_DPOP": "1"})
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(result.json()["token_type"], "DPoP")
+
+    def test_the_algorithm_follows_the_flag_then_the_metadata(self):
+        for algs, flag, wanted in ((["ES256", "PS256", "EdDSA"], "ES256", "ES256"), (["ES256"], None, "ES256"),
+                                   (None, None, "ES256"), (None, "EdDSA", "EdDSA"), (["EdDSA"], None, "EdDSA")):
+            with self.subTest(algs=algs, flag=flag):
+                self.issuer.dpop_algs = algs
+                result = self.sign_in("--dpop", *(["--dpop-alg", flag] if flag else []))
+                self.assertEqual(result.code, 0, result.stderr)
+                out = result.json()
+                self.assertEqual(out["dpop"]["alg"], wanted)
+                self.assertEqual(out["dpop"]["key"]["kty"], "EC" if wanted == "ES256" else "OKP")
+                self.assertEqual(out["claims"]["cnf"]["jkt"], reference_thumbprint(out["dpop"]["key"]))
+
+    def test_an_issuer_without_our_algorithms_exits_6_before_the_device_request(self):
+        for algs, extra, fragment in ((["PS256", "RS256"], [], "PS256, RS256"),
+                                      (["ES256"], ["--dpop-alg", "EdDSA"], "only with ES256"),
+                                      ([], [], "nothing"), ("ES256", [], "not a list")):
+            with self.subTest(algs=algs, extra=extra):
+                self.issuer.requests.clear()
+                self.issuer.dpop_algs = algs
+                self.assertFailed(self.sign_in("--dpop", *extra), 6, fragment)
+                self.assertFalse([r for r in self.issuer.requests if r["path"] == "/oauth/device"])
+
+    def test_a_bearer_answer_is_never_accepted(self):
+        self.issuer.dpop_misbehave = "bearer"
+        self.assertFailed(self.sign_in("--dpop"), 6, "the issuer ignored DPoP: token_type is Bearer")
+
+    def test_a_token_bound_to_another_key_exits_6_or_7_with_verify(self):
+        self.issuer.dpop_misbehave = "other-key"
+        self.assertFailed(self.sign_in("--dpop"), 6, "bound to another key")
+        self.assertFailed(self.sign_in("--dpop", "--verify"), 7, "bound to another key")
+
+    def test_every_poll_carries_a_proof_and_a_nonce_retry_is_not_a_poll(self):
+        # a new nonce after every accepted proof: every poll dances
+        self.issuer.dpop_nonce_uses = 1
+        self.issuer.approve_after_polls = 3
+        clock = FakeClock()
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--dpop", "-q"], clock=clock)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(self.issuer.dpop_refusals, [(400, "use_dpop_nonce")] * 4)
+        self.assertEqual(len(token_requests(self.issuer)), 8)
+        # four polls one interval apart: the retries added no wait and moved no poll
+        self.assertEqual(clock.sleeps, [1.0] * 4)
+        self.assertEqual(len({c["jti"] for c in self.issuer.dpop_proofs}), 4)
+
+    def test_a_second_use_dpop_nonce_for_one_request_is_an_error(self):
+        def always(handler, body):
+            handler.send(400, {"error": "use_dpop_nonce"}, {"DPoP-Nonce": b64url(secrets.token_bytes(8))})
+        self.issuer.overrides["/oauth/token"] = always
+        self.assertFailed(self.sign_in("--dpop"), 6, "use_dpop_nonce")
+        self.assertEqual(len(token_requests(self.issuer)), 2)
+
+    def test_a_malformed_nonce_header_is_a_protocol_error(self):
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (400, {"error": "use_dpop_nonce"},
+                                                              {"DPoP-Nonce": 'a"b'})
+        self.assertFailed(self.sign_in("--dpop"), 6, "DPoP-Nonce header is not a valid nonce")
+
+    def test_userinfo_with_a_proof_carrying_ath_and_its_own_nonce_dance(self):
+        self.issuer.dpop_nonce_uses = 1
+        result = self.sign_in("--dpop", "--userinfo")
+        self.assertEqual(result.code, 0, result.stderr)
+        out = result.json()
+        self.assertEqual(out["userinfo"]["sub"], "user-1234")
+        self.assertEqual(self.issuer.dpop_refusals, [(400, "use_dpop_nonce"), (401, "use_dpop_nonce")])
+        request = [r for r in self.issuer.requests if r["path"] == "/oauth/userinfo"][-1]
+        self.assertEqual(request["headers"]["Authorization"], "DPoP " + out["access_token"])
+        claims = proof_parts(request["headers"]["DPoP"])[1]
+        self.assertEqual(claims["ath"], b64url(hashlib.sha256(out["access_token"].encode()).digest()))
+        self.assertEqual((claims["htm"], claims["htu"]), ("GET", self.issuer.issuer + "/oauth/userinfo"))
+
+    def test_format_token_without_the_cache_exits_2_before_any_request(self):
+        for argv, env in ((["--dpop", "--format", "token"], {}), (["--format", "token"], {"VOUCH_DPOP": "1"}),
+                          (["--dpop-alg", "ES256", "--format", "token"], {})):
+            with self.subTest(argv=argv, env=env):
+                self.assertFailed(self.sign_in(*argv, env=env), 2, "--format token with --dpop needs --cache")
+        self.assertEqual(self.issuer.requests, [])
+
+    def test_the_private_key_never_reaches_a_log(self):
+        result = self.sign_in("--dpop", "-v", "--userinfo")
+        self.assertEqual(result.code, 0, result.stderr)
+        key = result.json()["dpop"]["key"]
+        self.assertIn("DPoP: a new EdDSA key", result.stderr)
+        self.assertNotIn(key["d"], result.stderr)
+        for name in ("key", "key + token"):
+            with self.subTest(name=name):
+                broken = dict(key, d=key["d"][:-2])
+                env = {"VOUCH_DPOP_KEY": json.dumps(broken)}
+                if name == "key + token":
+                    env["VOUCH_ACCESS_TOKEN"] = result.json()["access_token"]
+                line = self.assertFailed(run_main(["--dpop-proof", "GET", "https://api.example/"], env=env), 2)
+                self.assertNotIn(broken["d"], line)
+                self.assertNotIn(key["x"], line)
+
+    def test_shell_output_the_proof_helper_and_curl_reach_userinfo(self):
+        result = self.sign_in("--dpop", "--format", "shell")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIn("export VOUCH_TOKEN_TYPE='DPoP'", result.stdout)
+        userinfo = self.issuer.issuer + "/oauth/userinfo"
+        # the README's recipe, with the nonce the issuer asks for on the first try
+        script = ('eval "$1"; printf "%s\\n" "$VOUCH_DPOP_JKT"; '
+                  '"$2" "$3" --dpop-proof GET "$4"; "$2" "$3" --dpop-proof GET "$4" --dpop-nonce "$5"')
+        proc = subprocess.run(["sh", "-c", script, "sh", result.stdout, sys.executable, SCRIPT, userinfo,
+                               self.issuer.dpop_nonce], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=60, check=False, env=_child_env())
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        jkt, stale, fresh = proc.stdout.decode().splitlines()
+        token = self.issuer.issued[-1]
+        self.assertEqual(jkt, self.issuer.bound[token])
+        for proof, status in ((stale, 401), (fresh, 200)):
+            with self.subTest(status=status):
+                answer = http_get(userinfo, {"Authorization": "DPoP " + token, "DPoP": proof})
+                self.assertEqual(answer.status, status, answer.body)
+        self.assertEqual(self.issuer.dpop_refusals[-1], (401, "use_dpop_nonce"))
+        # a bound token as Bearer, and a replayed proof, are refused
+        self.assertEqual(http_get(userinfo, {"Authorization": "Bearer " + token}).status, 401)
+        self.assertEqual(http_get(userinfo, {"Authorization": "DPoP " + token, "DPoP": fresh}).status, 401)
+        self.assertEqual(self.issuer.dpop_refusals[-1], (401, "invalid_dpop_proof"))
+
+
+def http_get(url, headers):
+    import http.client
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("GET", parts.path, headers=headers)
+        response = conn.getresponse()
+        response.body = response.read()
+        return response
+    finally:
+        conn.close()
+
+
+class DPoPRealTimeTests(IssuerTest):
+    issuer_options = {"dpop": True, "interval": 1, "enforce_interval": True}
+
+    def test_nonce_retries_cause_no_slow_down(self):
+        # The issuer answers slow_down to polls less than a whole interval apart in real time;
+        # every poll here is preceded by a use_dpop_nonce answer and its immediate retry.
+        self.issuer.dpop_nonce_uses = 1
+        self.issuer.approve_after_polls = 2
+        clock = RecordingRealClock()
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--dpop", "-q", "-v"], clock=clock)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertNotIn("slow_down", result.stderr)
+        self.assertEqual(self.issuer.dpop_refusals, [(400, "use_dpop_nonce")] * 3)
+        self.assertEqual(next(iter(self.issuer.devices.values()))["polls"], 3)
+
+
+class DPoPCacheTests(CacheFixture):
+    issuer_options = {"rate_limit": False, "dpop": True, "enforce_interval": False, "refresh_tokens": True}
+
+    def cached(self, *extra, **kwargs):
+        env = dict(self.env, **kwargs.pop("env", {}))
+        return self.sign_in("--cache", *extra, env=env, **kwargs)
+
+    def test_the_cache_keeps_the_key_and_a_refresh_uses_it(self):
+        first = self.cached("--dpop")
+        self.assertEqual(first.code, 0, first.stderr)
+        key = first.json()["dpop"]["key"]
+        again = self.cached("--dpop", "--userinfo")
+        self.assertEqual(again.code, 0, again.stderr)
+        self.assertTrue(again.json()["cached"])
+        self.assertEqual(again.json()["dpop"]["key"], key)
+        self.assertEqual(again.json()["userinfo"]["sub"], "user-1234")
+        # a token with less than --min-ttl left is refreshed, with a proof of the same key
+        refreshed = self.cached("--dpop", "--min-ttl", "999999")
+        self.assertEqual(refreshed.code, 0, refreshed.stderr)
+        out = refreshed.json()
+        self.assertFalse(out["cached"])
+        self.assertEqual(out["dpop"]["key"], key)
+        self.assertEqual(out["claims"]["cnf"]["jkt"], reference_thumbprint(key))
+        refresh = [r for r in token_requests(self.issuer) if b"refresh_token" in r["body"]][-1]
+        self.assertEqual(proof_parts(refresh["headers"]["DPoP"])[0]["jwk"]["x"], key["x"])
+        self.assertEqual(len([d for d in self.issuer.devices]), 1)
+
+    def test_format_token_with_the_cache_then_the_proof_helper_reads_the_cache(self):
+        result = self.cached("--dpop", "--format", "token")
+        self.assertEqual(result.code, 0, result.stderr)
+        token = result.stdout.strip()
+        helper = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--dpop-proof", "GET",
+                           "https://api.example/v1/x?y=1#z", "--dpop-nonce", "n-1"], env=self.env)
+        self.assertEqual(helper.code, 0, helper.stderr)
+        header, claims = proof_parts(helper.stdout.strip())
+        path = next(os.path.join(self.directory, name) for name in os.listdir(self.directory)
+                    if name.endswith(".json"))
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        with open(path) as handle:
+            entry = json.load(handle)
+        self.assertEqual(header["jwk"]["x"], entry["result"]["dpop"]["key"]["x"])
+        self.assertEqual(claims["ath"], b64url(hashlib.sha256(token.encode()).digest()))
+        self.assertEqual((claims["htu"], claims["nonce"]), ("https://api.example/v1/x", "n-1"))
+
+    def test_bearer_and_dpop_entries_do_not_stand_in_for_each_other(self):
+        self.assertEqual(self.cached().code, 0)
+        dpop = self.cached("--dpop")
+        self.assertFalse(dpop.json()["cached"])
+        self.assertEqual(dpop.json()["token_type"], "DPoP")
+        bearer = self.cached()
+        self.assertFalse(bearer.json()["cached"])
+        self.assertNotIn("dpop", bearer.json())
+        self.assertEqual(len(self.issuer.devices), 3)
+        self.assertEqual(self.cached("--dpop", "--dpop-alg", "EdDSA").json()["cached"], False)
+        self.assertEqual(self.cached("--dpop").json()["cached"], True)
+        self.assertEqual(self.cached("--dpop", "--dpop-alg", "ES256").json()["cached"], False)
+
+
+class DPoPProofHelperTests(unittest.TestCase):
+    URL = "https://api.example/v1/items?page=2#top"
+
+    def setUp(self):
+        self.key = vdl._dpop_generate("ES256")
+        self.token = "eyJhbGciOiJFUzI1NiJ9.e30.c2ln"
+        self.env = {"VOUCH_DPOP_KEY": json.dumps(self.key, separators=(",", ":")), "VOUCH_ACCESS_TOKEN": self.token}
+
+    def test_one_proof_line_for_the_request(self):
+        result = run_main(["--dpop-proof", "POST", self.URL], env=self.env)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(result.stderr, "")
+        proof = result.stdout
+        self.assertTrue(proof.endswith("\n") and proof.count("\n") == 1)
+        header, claims = proof_parts(proof.strip())
+        self.assertEqual(header, {"typ": "dpop+jwt", "alg": "ES256",
+                                  "jwk": {k: v for k, v in self.key.items() if k != "d"}})
+        self.assertEqual(sorted(claims), ["ath", "htm", "htu", "iat", "jti"])
+        self.assertEqual((claims["htm"], claims["htu"]), ("POST", "https://api.example/v1/items"))
+        self.assertEqual(claims["ath"], b64url(hashlib.sha256(self.token.encode()).digest()))
+        self.assertLessEqual(abs(claims["iat"] - time.time()), 5)
+        vdl.verify_jws(proof.strip(), header["jwk"], ["ES256"])
+        nonce = run_main(["--dpop-proof", "GET", self.URL, "--dpop-nonce", "abc-123"], env=self.env)
+        self.assertEqual(proof_parts(nonce.stdout.strip())[1]["nonce"], "abc-123")
+        # the same through argparse, with other flags around it
+        argparsed = run_main(["--dpop-nonce", "abc-123", "-q", "--dpop-proof", "GET", self.URL], env=self.env)
+        self.assertEqual(argparsed.code, 0, argparsed.stderr)
+        self.assertEqual(proof_parts(argparsed.stdout.strip())[1]["nonce"], "abc-123")
+
+    @unittest.skipUnless(HAVE_CRYPTO, "cryptography is not installed")
+    def test_pyjwt_accepts_the_proofs(self):
+        try:
+            import jwt
+        except ImportError:
+            self.skipTest("PyJWT is not installed")
+        for alg in vdl.DPOP_ALGORITHMS:
+            with self.subTest(alg=alg):
+                key = vdl._dpop_generate(alg)
+                env = dict(self.env, VOUCH_DPOP_KEY=json.dumps(key))
+                proof = run_main(["--dpop-proof", "GET", self.URL], env=env).stdout.strip()
+                public = jwt.PyJWK(proof_parts(proof)[0]["jwk"], algorithm=alg).key
+                payload = jwt.PyJWS().decode(proof, public, algorithms=[alg])
+                self.assertEqual(json.loads(payload)["htm"], "GET")
+
+    def test_bad_input_is_exit_2_with_one_line(self):
+        cases = (
+            ([], {}, "no DPoP key"),
+            (["--client-id", "cli"], {"XDG_CACHE_HOME": "/nonexistent/vdl"}, "no DPoP key"),
+            ([], {"VOUCH_DPOP_KEY": self.env["VOUCH_DPOP_KEY"]}, "VOUCH_ACCESS_TOKEN is not"),
+            ([], dict(self.env, VOUCH_DPOP_KEY='{"kty": "EC"}'), "not an Ed25519"),
+            ([], dict(self.env, VOUCH_DPOP_KEY="not json"), "not a JSON object"),
+            ([], dict(self.env, VOUCH_DPOP_KEY='{"kty": ["EC"]}'), "not a JSON object of strings"),
+        )
+        for extra, env, fragment in cases:
+            with self.subTest(env=env):
+                result = run_main(extra + ["--dpop-proof", "GET", self.URL], env=env)
+                self.assertEqual((result.code, result.stdout), (2, ""), result.stderr)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn(fragment, result.stderr)
+        for method, url in (("GET", "/relative"), ("GET", "ftp://host/x"), ("GET", "https://"),
+                            ("GET", "https://host/a b"), ("G T", self.URL), ("", self.URL), ("GET", "http:/x")):
+            with self.subTest(method=method, url=url):
+                result = run_main(["--dpop-proof", method, url], env=self.env)
+                self.assertEqual((result.code, result.stdout), (2, ""), result.stderr)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        for nonce in ('a"b', "", "x" * 2000):
+            result = run_main(["--dpop-proof", "GET", self.URL, "--dpop-nonce", nonce], env=self.env)
+            self.assertEqual((result.code, result.stdout), (2, ""), result.stderr)
+        result = run_main(["--dpop-nonce", "n", "--client-id", "cli"], env=self.env)
+        self.assertEqual(result.code, 2)
+        self.assertIn("--dpop-nonce goes with --dpop-proof", result.stderr)
+
+    def test_the_proof_helper_imports_neither_argparse_nor_json_nor_urllib(self):
+        code = ("import sys, vouch_device_login as v; code = v.main(sys.argv[1:]); "
+                "sys.stderr.write(repr(sorted(m for m in ('argparse', 'json', 'urllib.parse', 're') "
+                "if m in sys.modules))); sys.exit(code)")
+        for alg in vdl.DPOP_ALGORITHMS:
+            with self.subTest(alg=alg):
+                env = dict(_child_env(), VOUCH_DPOP_KEY=json.dumps(vdl._dpop_generate(alg), separators=(",", ":")),
+                           VOUCH_ACCESS_TOKEN=self.token)
+                proc = subprocess.run([sys.executable, "-E", "-c", code, "--dpop-proof", "GET", self.URL],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=HERE,
+                                      timeout=60, check=False)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+                self.assertEqual(proc.stderr.decode(), "[]")
 
 
 # ============================================================================

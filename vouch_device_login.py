@@ -258,18 +258,19 @@ _B64URL_ALPHABET = frozenset(
 
 def _b64url_decode(text):
     """Strict base64url: alphabet only, no padding, canonical trailing bits."""
-    import base64
+    # binascii, not base64: base64 imports re, which costs --dpop-proof more than its signature
+    import binascii
     if not isinstance(text, str) or len(text) % 4 == 1 or not _B64URL_ALPHABET.issuperset(text):
         raise ValueError("not base64url")
-    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    raw = binascii.a2b_base64(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4))
     if _b64url_encode(raw) != text:
         raise ValueError("non-canonical base64url")
     return raw
 
 
 def _b64url_encode(raw):
-    import base64
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    import binascii
+    return binascii.b2a_base64(raw, newline=False).rstrip(b"=").decode("ascii").replace("+", "-").replace("/", "_")
 
 
 def _reject_constant(name):
@@ -1143,7 +1144,7 @@ def show_prompt(device, terminal, presenters=(), bold=False):
         presenter(device, terminal)
 
 
-def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=None, rng=None):
+def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=None, rng=None, dpop=None):
     """Poll the token endpoint until the person approves (RFC 8628 §3.4-3.5).
 
     Returns the token response as a dict. The first poll waits `interval`;
@@ -1151,7 +1152,10 @@ def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=No
     adds 5 s for every later poll; 429 honours Retry-After; 5xx answers,
     timeouts and connection errors back off exponentially while the code is
     alive. Raises _DeviceCodeExpired when the code dies (expired_token or
-    the deadline), AccessDeniedError, ProtocolError or NetworkError.
+    the deadline), AccessDeniedError, ProtocolError or NetworkError. With
+    `dpop` (a _DPoP) every poll carries a proof; a use_dpop_nonce answer is
+    retried at once inside the same poll, so it neither counts as one nor
+    moves the next.
     """
     import time
     clock = clock or _monotonic
@@ -1176,7 +1180,10 @@ def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=No
         if wait > 0:
             sleep(wait)
         try:
-            response = http.post(token_endpoint, what, form)
+            if dpop is None:
+                response = http.post(token_endpoint, what, form)
+            else:
+                response = dpop.request(http, "POST", token_endpoint, what, form)
         except NetworkError as exc:
             failures += 1
             last_failure = exc
@@ -3439,6 +3446,8 @@ _SHELL_VARIABLES = (
     ("VOUCH_HARDWARE_AAGUID", "hardware_aaguid"),
     ("VOUCH_EMAIL", "email"),
     ("VOUCH_SUBJECT", "sub"),
+    ("VOUCH_DPOP_KEY", "dpop_key"),
+    ("VOUCH_DPOP_JKT", "dpop_jkt"),
 )
 
 
@@ -3450,6 +3459,10 @@ def _shell_quote(value):
 def _shell_value(result, key):
     if key == "sub":
         value = _first_string("sub", result.get("claims"), result.get("id_token_claims"))
+    elif key.startswith("dpop_"):
+        import json
+        dpop = result.get("dpop") or {}
+        value = json.dumps(dpop["key"], separators=(",", ":")) if key == "dpop_key" and dpop else dpop.get("jkt")
     else:
         value = result.get(key)
     if value is None:
@@ -3697,9 +3710,16 @@ class _Cache:
             self._lock_fd = None
 
 
-def _reusable(entry, min_ttl, now):
-    """The cached result when its token has more than min_ttl seconds left."""
+def _reusable(entry, min_ttl, now, dpop=False, dpop_alg=None):
+    """The cached result when its token has more than min_ttl seconds left.
+
+    A DPoP sign-in and a bearer one do not stand in for each other, nor keys of
+    another algorithm than an explicit --dpop-alg.
+    """
     if entry is None:
+        return None
+    cached = _cached_dpop(entry["result"])
+    if (cached is not None) != dpop or (cached is not None and dpop_alg not in (None, cached.alg)):
         return None
     expires_at = entry["result"].get("expires_at")
     if _is_number(expires_at) and expires_at - now > min_ttl:
@@ -3730,7 +3750,7 @@ def _resolve_endpoints(config, http):
     return metadata
 
 
-def _sign_in(config, http, terminal, metadata):
+def _sign_in(config, http, terminal, metadata, dpop=None):
     """Run the device flow, restarting with a new code when one expires."""
     restarts = 0
     while True:
@@ -3743,7 +3763,7 @@ def _sign_in(config, http, terminal, metadata):
         countdown = _Countdown(terminal, device.received_at + device.expires_in, live=color)
         try:
             document = poll_for_token(http, metadata["token_endpoint"], config.client_id, device,
-                                      sleep=None if terminal.quiet else countdown.sleep)
+                                      sleep=None if terminal.quiet else countdown.sleep, dpop=dpop)
         except _DeviceCodeExpired:
             if restarts >= config.max_restarts:
                 raise ExpiredError("the code expired before the sign-in was approved%s"
@@ -3776,13 +3796,21 @@ def _presenters(config, terminal):
 def _remember_secrets(terminal, document):
     for name in ("access_token", "refresh_token", "id_token"):
         terminal.add_secret(document.get(name))
+    if isinstance(document.get("dpop"), dict) and isinstance(document["dpop"].get("key"), dict):
+        terminal.add_secret(document["dpop"]["key"].get("d"))
 
 
-def _refresh(config, http, terminal, metadata, refresh_token):
-    """Trade a refresh token for new tokens (RFC 6749 §6); None when refused."""
+def _refresh(config, http, terminal, metadata, refresh_token, dpop=None):
+    """Trade a refresh token for new tokens (RFC 6749 §6), with the DPoP key of the sign-in if any.
+
+    None when refused.
+    """
     form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token), ("client_id", config.client_id)]
     try:
-        response = http.post(metadata["token_endpoint"], "token refresh", form)
+        if dpop is None:
+            response = http.post(metadata["token_endpoint"], "token refresh", form)
+        else:
+            response = dpop.request(http, "POST", metadata["token_endpoint"], "token refresh", form)
     except NetworkError as exc:
         terminal.warn("could not refresh the cached token (%s); signing in again" % exc)
         return None
@@ -3797,13 +3825,17 @@ def _refresh(config, http, terminal, metadata, refresh_token):
     return document
 
 
-def fetch_userinfo(http, endpoint, access_token, subject=None):
+def fetch_userinfo(http, endpoint, access_token, subject=None, dpop=None):
     """GET the UserInfo endpoint (OpenID Connect Core §5.3) with the access token.
 
     The answer must be a JSON object whose `sub`, when the token has one,
     is the token's subject (§5.3.2): anything else could be another user's.
+    With `dpop` the token goes as `DPoP` with a proof (RFC 9449 §7).
     """
-    response = http.get(endpoint, "userinfo", headers={"Authorization": "Bearer " + access_token})
+    if dpop is None:
+        response = http.get(endpoint, "userinfo", headers={"Authorization": "Bearer " + access_token})
+    else:
+        response = dpop.request(http, "GET", endpoint, "userinfo", access_token=access_token)
     if response.status != 200:
         _raise_for_error_answer(response, "userinfo")
     info = _json_document(response, "userinfo")
@@ -3956,26 +3988,36 @@ def _fresh_result(config, http, terminal, entry):
     if entry is not None:
         _remember_secrets(terminal, entry["result"])
     refresh_token = (entry or {}).get("result", {}).get("refresh_token")
-    if isinstance(refresh_token, str):
-        document = _refresh(config, http, terminal, metadata, refresh_token)
+    # a DPoP-bound refresh token works only with its key, a bearer one only without
+    dpop = _cached_dpop(entry["result"]) if entry is not None else None
+    if isinstance(refresh_token, str) and (dpop is not None) == config.dpop:
+        document = _refresh(config, http, terminal, metadata, refresh_token, dpop)
     if document is None:
-        document = _sign_in(config, http, terminal, metadata)
+        dpop = None
+        if config.dpop:
+            dpop = _DPoP(_dpop_generate(_dpop_algorithm(config.dpop_alg, metadata)))
+            terminal.add_secret(dpop.key["d"])
+            terminal.debug("DPoP: a new %s key, thumbprint %s" % (dpop.alg, dpop.thumbprint()))
+        document = _sign_in(config, http, terminal, metadata, dpop)
     result = token_result(metadata["issuer"], config.client_id, document, terminal,
                           requested_scope=config.scope or None, now=time.time())
+    if dpop is not None:
+        _check_dpop_binding(dpop, result, config.verify)
     if config.userinfo:
-        _add_userinfo(config, http, terminal, metadata, result)
+        _add_userinfo(config, http, terminal, metadata, result, dpop)
     source = _KeySource(config, http, metadata)
     if config.verify:
         _verify_result(config, source, result)
     return result, metadata, source
 
 
-def _add_userinfo(config, http, terminal, metadata, result):
+def _add_userinfo(config, http, terminal, metadata, result, dpop=None):
     endpoint = metadata.get("userinfo_endpoint")
     if not endpoint:
         raise ProtocolError("--userinfo: the issuer metadata names no userinfo_endpoint")
     subject = _first_string("sub", result.get("claims"), result.get("id_token_claims"))
-    result["userinfo"] = fetch_userinfo(http, endpoint, result["access_token"], subject)
+    result["userinfo"] = fetch_userinfo(http, endpoint, result["access_token"], subject,
+                                        dpop or _cached_dpop(result))
     _fill_hardware_claims(result, terminal)
 
 
@@ -4003,12 +4045,12 @@ def _run(config, http, terminal):
         return result
     cache = _cache_for(config)
     entry = cache.load()
-    result = _reusable(entry, config.min_ttl, time.time())
+    result = _reusable(entry, config.min_ttl, time.time(), config.dpop, config.dpop_alg)
     if result is None:
         cache.acquire(terminal)
         try:
             entry = cache.load()
-            result = _reusable(entry, config.min_ttl, time.time())
+            result = _reusable(entry, config.min_ttl, time.time(), config.dpop, config.dpop_alg)
             if result is None:
                 result, metadata, source = _fresh_result(config, http, terminal, entry)
                 stored = {"result": result, "metadata": _metadata_subset(metadata)}
@@ -4343,6 +4385,16 @@ def _argument_parser():
         help="RFC 9396 authorization details, a JSON array of objects, or @FILE")
     add("--resource", metavar="URI", action="append", default=[],
         help="RFC 8707 resource indicator (repeatable)")
+    group = parser.add_argument_group("DPoP (RFC 9449): a token bound to a key that never leaves this host")
+    add = group.add_argument
+    add("--dpop", action="store_true",
+        help="ask for a DPoP-bound token, with a new key for this sign-in (env VOUCH_DPOP=1)")
+    add("--dpop-alg", choices=DPOP_ALGORITHMS,
+        help="with --dpop: the key's algorithm (default: EdDSA if the issuer lists it, else ES256)")
+    add("--dpop-proof", nargs=2, metavar=("METHOD", "URL"),
+        help="print a DPoP proof for one request with the token and key of VOUCH_ACCESS_TOKEN and "
+             "VOUCH_DPOP_KEY, else of the cached sign-in; no network")
+    add("--dpop-nonce", metavar="NONCE", help="with --dpop-proof: the nonce the server asked for (DPoP-Nonce)")
     return parser
 
 
@@ -4387,6 +4439,11 @@ def _config_from_args(args, environ, terminal):
         raise UsageError("--cacert %s: no such file" % args.cacert)
     if args.min_ttl < 0:
         raise UsageError("--min-ttl must not be negative")
+    dpop = bool(args.dpop or args.dpop_alg) or environ.get("VOUCH_DPOP", "").lower() in ("1", "true", "yes", "on")
+    cache = args.cache or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on")
+    if dpop and args.format == "token" and not cache and args.dpop_proof is None:
+        raise UsageError("--format token with --dpop needs --cache: the token is useless without its key, "
+                         "which only the cache, json and shell outputs keep")
     details = _authorization_details(args.authorization_details)
     for resource in args.resource:
         _check_resource(resource)
@@ -4415,7 +4472,7 @@ def _config_from_args(args, environ, terminal):
         copy=args.copy,
         browser=args.browser,
         environ=environ,
-        cache=args.cache or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on"),
+        cache=cache,
         min_ttl=args.min_ttl,
         logout=args.logout,
         userinfo=args.userinfo,
@@ -4423,6 +4480,8 @@ def _config_from_args(args, environ, terminal):
         require_aaguid=[_aaguid_argument(a) for a in args.require_aaguid],
         authorization_details=details,
         resources=list(args.resource),
+        dpop=dpop,
+        dpop_alg=args.dpop_alg,
     )
 
 
@@ -4508,8 +4567,22 @@ def main(argv=None):
             # Answered before argparse is imported: shell profiles call this often.
             _write_stdout("%s %s\n" % (_PROG, __version__))
             return 0
+        quick = _quick_proof_arguments(argv)
+        if quick is not None and os.environ.get("VOUCH_DPOP_KEY"):
+            # Also answered before argparse: scripts run it once per request.
+            _write_stdout(_dpop_proof_text(*quick, environ=os.environ) + "\n")
+            return 0
         args = _argument_parser().parse_args(argv)
         terminal = _Terminal(quiet=args.quiet, verbose=args.verbose)
+        if args.dpop_proof is not None:
+            # the cache entry to read is that of the configuration; without a client id there is none
+            config = None if os.environ.get("VOUCH_DPOP_KEY") or not (args.client_id or os.environ.get(
+                "VOUCH_CLIENT_ID")) else _config_from_args(args, os.environ, terminal)
+            _write_stdout(_dpop_proof_text(*args.dpop_proof, nonce=args.dpop_nonce, environ=os.environ,
+                                           config=config) + "\n")
+            return 0
+        if args.dpop_nonce is not None:
+            raise UsageError("--dpop-nonce goes with --dpop-proof")
         if args.install is not None:
             if args.inspect is not None or args.logout:
                 raise UsageError("--install is done on its own; drop --inspect and --logout")
