@@ -4390,7 +4390,7 @@ def _argument_parser():
     add("--dpop", action="store_true",
         help="ask for a DPoP-bound token, with a new key for this sign-in (env VOUCH_DPOP=1)")
     add("--dpop-alg", choices=DPOP_ALGORITHMS,
-        help="with --dpop: the key's algorithm (default: EdDSA if the issuer lists it, else ES256)")
+        help="the DPoP key's algorithm, implies --dpop (default: EdDSA if the issuer lists it, else ES256)")
     add("--dpop-proof", nargs=2, metavar=("METHOD", "URL"),
         help="print a DPoP proof for one request with the token and key of VOUCH_ACCESS_TOKEN and "
              "VOUCH_DPOP_KEY, else of the cached sign-in; no network")
