@@ -6014,6 +6014,22 @@ class DPoPSignInTests(IssuerTest):
         self.issuer.dpop_misbehave = "bearer"
         self.assertFailed(self.sign_in("--dpop"), 6, "the issuer ignored DPoP: token_type is Bearer")
 
+    def test_token_type_is_case_insensitive_and_cnf_must_name_our_key(self):
+        def answer(cnf, token_type="dpop"):
+            def respond(handler, body):
+                claims = {} if cnf is None else {"cnf": cnf}
+                token = self.issuer.access_token("cli", "openid email", **claims)
+                handler.send(200, {"access_token": token, "token_type": token_type, "expires_in": 60})
+            return respond
+        self.issuer.overrides["/oauth/token"] = answer(None)
+        self.assertEqual(self.sign_in("--dpop").code, 0)
+        self.issuer.overrides["/oauth/token"] = answer({"x5t#S256": "abc"}, "DPOP")
+        self.assertEqual(self.sign_in("--dpop").code, 0)
+        for cnf in ("jkt", {"jkt": 7}, {"jkt": "AAAA"}, ["x"]):
+            with self.subTest(cnf=cnf):
+                self.issuer.overrides["/oauth/token"] = answer(cnf)
+                self.assertFailed(self.sign_in("--dpop"), 6, "bound to another key")
+
     def test_a_token_bound_to_another_key_exits_6_or_7_with_verify(self):
         self.issuer.dpop_misbehave = "other-key"
         self.assertFailed(self.sign_in("--dpop"), 6, "bound to another key")

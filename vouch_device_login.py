@@ -3168,6 +3168,8 @@ class _DPoP:
         import hashlib
         import time
         htu = _dpop_htu(url)
+        if htu is None:
+            raise ProtocolError("%s is not an absolute http(s) URL; no DPoP proof can name it" % _sanitize(url))
         claims = {"jti": _b64url_encode(os.urandom(16)), "htm": method, "htu": htu, "iat": int(time.time())}
         nonce = nonce or self.nonces.get(_dpop_server(htu))
         if nonce:
@@ -3213,7 +3215,7 @@ class _DPoP:
 
 def _dpop_server(url):
     # nonces are per server: scheme and authority
-    return "/".join(url.split("/", 3)[:3]).lower()
+    return "/".join((_dpop_htu(url) or url).split("/", 3)[:3]).lower()
 
 
 def _asks_for_nonce(response):
@@ -3263,7 +3265,8 @@ def _check_dpop_binding(dpop, result, verify):
 
 def _cached_dpop(result):
     """The _DPoP of a cached result, or None when it has no usable key."""
-    key = (result.get("dpop") or {}).get("key") if isinstance(result.get("dpop"), dict) else None
+    dpop = result.get("dpop")
+    key = dpop.get("key") if isinstance(dpop, dict) else None
     return None if _dpop_key_problem(key) else _DPoP(key)
 
 
