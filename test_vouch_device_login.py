@@ -6073,6 +6073,44 @@ class DPoPSignInTests(IssuerTest):
         self.assertEqual(claims["ath"], b64url(hashlib.sha256(out["access_token"].encode()).digest()))
         self.assertEqual((claims["htm"], claims["htu"]), ("GET", self.issuer.issuer + "/oauth/userinfo"))
 
+    def test_the_issuer_refuses_every_bad_proof_at_userinfo(self):
+        result = self.sign_in("--dpop", "--dpop-alg", "EdDSA")
+        self.assertEqual(result.code, 0, result.stderr)
+        key, token = result.json()["dpop"]["key"], result.json()["access_token"]
+        url = self.issuer.issuer + "/oauth/userinfo"
+
+        def claims(**changes):
+            good = {"jti": b64url(secrets.token_bytes(16)), "htm": "GET", "htu": url, "iat": int(time.time()),
+                    "nonce": self.issuer.dpop_nonce, "ath": b64url(hashlib.sha256(token.encode()).digest())}
+            good.update(changes)
+            return {k: v for k, v in good.items() if v is not None}
+
+        public = {k: key[k] for k in ("crv", "kty", "x")}
+        replayed = craft_proof(key, **claims())
+        cases = {
+            "replayed jti": replayed, "short jti": craft_proof(key, **claims(jti="abc")),
+            "iat 2 min old": craft_proof(key, **claims(iat=int(time.time()) - 120)),
+            "iat in the future": craft_proof(key, **claims(iat=int(time.time()) + 120)),
+            "htm": craft_proof(key, **claims(htm="POST")), "htu": craft_proof(key, **claims(htu=url + "x")),
+            "no ath": craft_proof(key, **claims(ath=None)), "wrong ath": craft_proof(key, **claims(ath="AAAA")),
+            "typ": craft_proof(key, {"typ": "JWT", "alg": "EdDSA", "jwk": public}, **claims()),
+            "private jwk": craft_proof(key, {"typ": "dpop+jwt", "alg": "EdDSA", "jwk": key}, **claims()),
+            "signature": replayed[:-10] + ("A" if replayed[-10] != "A" else "B") + replayed[-9:],
+        }
+        self.assertEqual(http_get(url, {"Authorization": "DPoP " + token, "DPoP": replayed}).status, 200)
+        for name, proof in cases.items():
+            with self.subTest(name):
+                answer = http_get(url, {"Authorization": "DPoP " + token, "DPoP": proof})
+                self.assertEqual(answer.status, 401, answer.body)
+                self.assertEqual(self.issuer.dpop_refusals[-1], (401, "invalid_dpop_proof"))
+        stale = craft_proof(key, **claims(nonce="stale"))
+        answer = http_get(url, {"Authorization": "DPoP " + token, "DPoP": stale})
+        self.assertEqual((answer.status, answer.getheader("DPoP-Nonce")), (401, self.issuer.dpop_nonce))
+        self.assertIn('error="use_dpop_nonce"', answer.getheader("WWW-Authenticate"))
+        other = vdl._dpop_generate("EdDSA")
+        answer = http_get(url, {"Authorization": "DPoP " + token, "DPoP": craft_proof(other, **claims())})
+        self.assertEqual((answer.status, self.issuer.dpop_refusals[-1]), (401, (401, "invalid_token")))
+
     def test_format_token_without_the_cache_exits_2_before_any_request(self):
         for argv, env in ((["--dpop", "--format", "token"], {}), (["--format", "token"], {"VOUCH_DPOP": "1"}),
                           (["--dpop-alg", "ES256", "--format", "token"], {})):
@@ -6120,6 +6158,13 @@ class DPoPSignInTests(IssuerTest):
         self.assertEqual(http_get(userinfo, {"Authorization": "Bearer " + token}).status, 401)
         self.assertEqual(http_get(userinfo, {"Authorization": "DPoP " + token, "DPoP": fresh}).status, 401)
         self.assertEqual(self.issuer.dpop_refusals[-1], (401, "invalid_dpop_proof"))
+
+
+def craft_proof(key, header=None, **claims):
+    """A DPoP proof with exactly these claims (header defaults from the key), signed with the Ed25519 key."""
+    header = header or {"typ": "dpop+jwt", "alg": "EdDSA", "jwk": {k: key[k] for k in ("crv", "kty", "x")}}
+    signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
+    return signing_input + "." + b64url(vdl._ed25519_sign(b64u(key["d"]), b64u(key["x"]), signing_input.encode()))
 
 
 def http_get(url, headers):
