@@ -6994,8 +6994,8 @@ def _sign_in_once(prefix, cacert, rss_file):
         marks = {}
         build_tokens = issuer._tokens
 
-        def tokens(client_id, scope):
-            answer = build_tokens(client_id, scope)
+        def tokens(*args):
+            answer = build_tokens(*args)
             marks["token"] = time.monotonic()
             return answer
 
