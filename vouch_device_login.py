@@ -2600,14 +2600,19 @@ def _ec_odd_multiples(x, y, w, p):
     return table
 
 
+def _ec_base_table(crv):
+    # wNAF table of the base point, built on first use of the curve
+    if crv not in _BASE_TABLES:
+        p, _, _, gx, gy, _ = _NIST_CURVES[crv]
+        _BASE_TABLES[crv] = _ec_odd_multiples(gx, gy, _EC_G_WINDOW, p)
+    return _BASE_TABLES[crv]
+
+
 def _ec_mul_add(crv, u1, u2, qx, qy):
     # u1*G + u2*Q by interleaved (Straus) wNAF; returns Jacobian (X, Y, Z), Z = 0 at infinity
-    p, _, _, gx, gy, _ = _NIST_CURVES[crv]
-    g_table = _BASE_TABLES.get(crv)
-    if g_table is None:
-        g_table = _BASE_TABLES[crv] = _ec_odd_multiples(gx, gy, _EC_G_WINDOW, p)
+    p = _NIST_CURVES[crv][0]
     q_table = _ec_odd_multiples(qx, qy, _EC_Q_WINDOW, p)
-    schedule = _straus_schedule(u1, g_table, _EC_G_WINDOW, u2, q_table, _EC_Q_WINDOW)
+    schedule = _straus_schedule(u1, _ec_base_table(crv), _EC_G_WINDOW, u2, q_table, _EC_Q_WINDOW)
     X, Y, Z = 1, 1, 0
     # _jac_double and _jac_add_affine inlined: this loop is nearly all of the verify time
     for points in schedule:
@@ -2850,14 +2855,28 @@ def _ed25519_verify(public_key, message, signature):
 # the time a signature takes leaks something about the nonce and the key.  The
 # key is made for one sign-in and lives as long as its token (README, "DPoP").
 #
-# Both signers multiply the base point with a Lim-Lee comb of 7 teeth: a table
-# of the 127 sums of 2^(37 i) G, built once per process for about the price of
-# two wNAF multiplications, after which k*G costs 37 doublings and at most 37
-# additions (a third of the wNAF work, which is what python-ecdsa's signing
-# with its precomputed tables is measured against in `make bench`).  ECDSA nonces are RFC 6979's (deterministic, HMAC-SHA-256),
-# so no signature depends on the quality of a random k.
+# Both signers multiply the base point with a Lim-Lee comb of 8 teeth: a table
+# of the 255 sums of 2^(32 i) G, after which k*G costs 32 doublings and at most
+# 32 additions, an eighth of the doublings of wNAF (python-ecdsa signs on
+# precomputed tables too, and `make bench` holds us to its speed).  The table
+# costs about three wNAF multiplications, so the first multiplication of a
+# process goes by wNAF on the verifier's small base table, and the comb's table
+# is built at the second: --dpop-proof signs once, a sign-in once per poll.
+# ECDSA nonces are RFC 6979's (deterministic, HMAC-SHA-256), so no signature
+# depends on the quality of a random k.
 
-_COMB_TEETH = 7
+_COMB_TEETH = 8
+# the curves that have done their first base multiplication in this process
+_BASE_MULTIPLIED = set()
+
+
+def _base_schedule(name, k, comb_table, wnaf_table, window):
+    # The points to add after each doubling for k times the base point (see above)
+    if name not in _BASE_MULTIPLIED:
+        _BASE_MULTIPLIED.add(name)
+        return _straus_schedule(k, wnaf_table(), window, 0, None, 0)
+    spacing, table = comb_table()
+    return [(table[index],) if index else () for index in _comb_columns(k, spacing)]
 
 
 def _comb_columns(k, spacing):
@@ -2893,7 +2912,7 @@ def _ec_comb_table(crv):
             for _ in range(spacing):
                 X, Y, Z = _jac_double(X, Y, Z, p)
             teeth.append((X, Y, Z))
-        # every sum is m*G with 0 < m < 2^(7*37-36) < n: never infinity, never P == -Q
+        # every sum is m*G with 0 < m < 2^(8*32-31) < n: never infinity, never P == -Q
         sums = [(1, 1, 0)]
         for x, y in _jac_affine_all(teeth, p):
             sums += [_jac_add_affine(X, Y, Z, x, y, p) for X, Y, Z in sums]
@@ -2904,18 +2923,17 @@ def _ec_comb_table(crv):
 def _ec_mul_base(crv, k):
     # k*G for 0 < k < n, affine (x, y)
     p = _NIST_CURVES[crv][0]
-    spacing, table = _ec_comb_table(crv)
     X, Y, Z = 1, 1, 0
-    for index in _comb_columns(k, spacing):
+    for points in _base_schedule(crv, k, lambda: _ec_comb_table(crv), lambda: _ec_base_table(crv), _EC_G_WINDOW):
         X, Y, Z = _jac_double(X, Y, Z, p)
-        if index:
-            X, Y, Z = _jac_add_affine(X, Y, Z, table[index][0], table[index][1], p)
+        for x, y in points:
+            X, Y, Z = _jac_add_affine(X, Y, Z, x, y, p)
     return _jac_affine_all([(X, Y, Z)], p)[0]
 
 
 def _rfc6979_nonces(crv, d, digest, hash_name):
     # RFC 6979 §3.2: the candidates k for key d and message hash h1 = digest, in order
-    import hmac
+    import hashlib
     n = _NIST_CURVES[crv][2]
     qlen = n.bit_length()
     rlen = (qlen + 7) // 8
@@ -2926,8 +2944,15 @@ def _rfc6979_nonces(crv, d, digest, hash_name):
         excess = 8 * len(octets) - qlen
         return value >> excess if excess > 0 else value
 
+    block = hashlib.new(hash_name).block_size
+    ipad = int.from_bytes(b"\x36" * block, "big")
+    opad = int.from_bytes(b"\x5c" * block, "big")
+
     def mac(key, data):
-        return hmac.new(key, data, hash_name).digest()
+        # RFC 2104 HMAC (importing hmac costs --dpop-proof more than this); keys here are one hash long
+        key = int.from_bytes(key.ljust(block, b"\0"), "big")
+        inner = hashlib.new(hash_name, (key ^ ipad).to_bytes(block, "big") + data).digest()
+        return hashlib.new(hash_name, (key ^ opad).to_bytes(block, "big") + inner).digest()
 
     seed = d.to_bytes(rlen, "big") + (bits2int(digest) % n).to_bytes(rlen, "big")
     # steps b-g
@@ -2990,10 +3015,9 @@ def _ed_comb_table():
 def _ed_mul_base(k):
     # [k]B encoded (RFC 8032 §5.1.2)
     p = _ED_P
-    spacing, table = _ed_comb_table()
     X, Y, Z = 0, 1, 1
-    # _ed_double and _ed_add inlined as in _ed25519_verify; the table's z2 is 2
-    for index in _comb_columns(k, spacing):
+    # _ed_double and _ed_add inlined as in _ed25519_verify; both tables' z2 is 2
+    for points in _base_schedule("Ed25519", k, _ed_comb_table, _ed_base_table, _ED_B_WINDOW):
         A = X * X % p
         B = Y * Y % p
         C = 2 * Z * Z % p
@@ -3004,8 +3028,7 @@ def _ed_mul_base(k):
         X = E * F % p
         Y = G * H % p
         Z = F * G % p
-        if index:
-            yp, ym, t2d, _ = table[index]
+        for yp, ym, t2d, _ in points:
             A = (Y - X) * ym % p
             B = (Y + X) * yp % p
             C = E * H % p * t2d % p
