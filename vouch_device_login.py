@@ -292,18 +292,19 @@ _B64URL_ALPHABET = frozenset(
 
 def _b64url_decode(text):
     """Strict base64url: alphabet only, no padding, canonical trailing bits."""
-    import base64
+    # binascii, not base64: base64 imports re, which costs --dpop-proof more than its signature
+    import binascii
     if not isinstance(text, str) or len(text) % 4 == 1 or not _B64URL_ALPHABET.issuperset(text):
         raise ValueError("not base64url")
-    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    raw = binascii.a2b_base64(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4))
     if _b64url_encode(raw) != text:
         raise ValueError("non-canonical base64url")
     return raw
 
 
 def _b64url_encode(raw):
-    import base64
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    import binascii
+    return binascii.b2a_base64(raw, newline=False).rstrip(b"=").decode("ascii").replace("+", "-").replace("/", "_")
 
 
 def _reject_constant(name):
@@ -1512,7 +1513,7 @@ def show_prompt(device, terminal, presenters=(), bold=False, picture=None):
         presenter(device, terminal)
 
 
-def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=None, rng=None):
+def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=None, rng=None, dpop=None):
     """Poll the token endpoint until the person approves (RFC 8628 §3.4-3.5).
 
     Returns the token response as a dict. The first poll waits `interval`;
@@ -1520,7 +1521,10 @@ def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=No
     adds 5 s for every later poll; 429 honours Retry-After; 5xx answers,
     timeouts and connection errors back off exponentially while the code is
     alive. Raises _DeviceCodeExpired when the code dies (expired_token or
-    the deadline), AccessDeniedError, ProtocolError or NetworkError.
+    the deadline), AccessDeniedError, ProtocolError or NetworkError. With
+    `dpop` (a _DPoP) every poll carries a proof; a use_dpop_nonce answer is
+    retried at once inside the same poll, so it neither counts as one nor
+    moves the next.
     """
     import time
     clock = clock or _monotonic
@@ -1550,7 +1554,10 @@ def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=No
             next_poll = deadline
             continue
         try:
-            response = http.post(token_endpoint, what, form)
+            if dpop is None:
+                response = http.post(token_endpoint, what, form)
+            else:
+                response = dpop.request(http, "POST", token_endpoint, what, form)
         except NetworkError as exc:
             failures += 1
             last_failure = exc
@@ -2787,12 +2794,14 @@ def verify_jwt(token, jwks, *, issuer=None, audience=None, algorithms=None, typ=
 
 
 # ============================================================================
-# Elliptic curves: ECDSA P-256/384/521 (SEC 1) and Ed25519 (RFC 8032) verify
+# Elliptic curves: ECDSA P-256/384/521 (SEC 1) and Ed25519 (RFC 8032) verify;
+# ES256 and Ed25519 sign
 # ============================================================================
 #
 #
-# Verification only, over public data, so nothing here tries to be
-# constant-time.  Both entry points return False for any malformed or
+# Verification works on public data, so nothing here tries to be
+# constant-time (signing, at the end of this section, says what that means
+# for it).  Both verify entry points return False for any malformed or
 # invalid input and never raise.
 #
 # ECDSA (JWS ES256/ES384/ES512, RFC 7518 §3.4; math SEC 1 v2 §4.1.4):
@@ -3050,14 +3059,19 @@ def _ec_odd_multiples(x, y, w, p):
     return table
 
 
+def _ec_base_table(crv):
+    # wNAF table of the base point, built on first use of the curve
+    if crv not in _BASE_TABLES:
+        p, _, _, gx, gy, _ = _NIST_CURVES[crv]
+        _BASE_TABLES[crv] = _ec_odd_multiples(gx, gy, _EC_G_WINDOW, p)
+    return _BASE_TABLES[crv]
+
+
 def _ec_mul_add(crv, u1, u2, qx, qy):
     # u1*G + u2*Q by interleaved (Straus) wNAF; returns Jacobian (X, Y, Z), Z = 0 at infinity
-    p, _, _, gx, gy, _ = _NIST_CURVES[crv]
-    g_table = _BASE_TABLES.get(crv)
-    if g_table is None:
-        g_table = _BASE_TABLES[crv] = _ec_odd_multiples(gx, gy, _EC_G_WINDOW, p)
+    p = _NIST_CURVES[crv][0]
     q_table = _ec_odd_multiples(qx, qy, _EC_Q_WINDOW, p)
-    schedule = _straus_schedule(u1, g_table, _EC_G_WINDOW, u2, q_table, _EC_Q_WINDOW)
+    schedule = _straus_schedule(u1, _ec_base_table(crv), _EC_G_WINDOW, u2, q_table, _EC_Q_WINDOW)
     X, Y, Z = 1, 1, 0
     # _jac_double and _jac_add_affine inlined: this loop is nearly all of the verify time
     for points in schedule:
@@ -3295,6 +3309,488 @@ def _ed25519_verify(public_key, message, signature):
     return (y | (x & 1) << 255).to_bytes(32, "little") == r_bytes
 
 
+# Signing (the DPoP proofs of RFC 9449) reuses the formulas above.  Unlike
+# verification it handles a secret, and Python integers are not constant-time:
+# the time a signature takes leaks something about the nonce and the key.  The
+# key is made for one sign-in and lives as long as its token (README, "DPoP").
+#
+# Both signers multiply the base point with a Lim-Lee comb of 8 teeth: a table
+# of the 255 sums of 2^(32 i) G, after which k*G costs 32 doublings and at most
+# 32 additions, an eighth of the doublings of wNAF (python-ecdsa signs on
+# precomputed tables too, and `make bench` holds us to its speed).  The table
+# costs about three wNAF multiplications, so the first multiplication of a
+# process goes by wNAF on the verifier's small base table, and the comb's table
+# is built at the second: --dpop-proof signs once, a sign-in once per poll.
+# ECDSA nonces are RFC 6979's (deterministic, HMAC-SHA-256), so no signature
+# depends on the quality of a random k.
+
+_COMB_TEETH = 8
+# the curves that have done their first base multiplication in this process
+_BASE_MULTIPLIED = set()
+
+
+def _base_schedule(name, k, comb_table, wnaf_table, window):
+    # The points to add after each doubling for k times the base point (see above)
+    if name not in _BASE_MULTIPLIED:
+        _BASE_MULTIPLIED.add(name)
+        return _straus_schedule(k, wnaf_table(), window, 0, None, 0)
+    spacing, table = comb_table()
+    return [(table[index],) if index else () for index in _comb_columns(k, spacing)]
+
+
+def _comb_columns(k, spacing):
+    # Column j holds bit j + i*spacing of k in bit i, most significant column first
+    teeth = [k >> (i * spacing) for i in range(_COMB_TEETH - 1, -1, -1)]
+    columns = []
+    for j in range(spacing - 1, -1, -1):
+        index = 0
+        for tooth in teeth:
+            index = index << 1 | (tooth >> j) & 1
+        columns.append(index)
+    return columns
+
+
+def _jac_affine_all(points, p):
+    # Jacobian points (none at infinity) to affine with a single inversion
+    out = []
+    for (X, Y, _), zi in zip(points, _batch_inv([Z for _, _, Z in points], p)):
+        zi2 = zi * zi % p
+        out.append((X * zi2 % p, Y * zi2 * zi % p))
+    return out
+
+
+def _ec_comb_table(crv):
+    # (spacing, T) with T[c] = sum of 2^(i*spacing) G over the bits i set in c, affine
+    key = crv + " comb"
+    if key not in _BASE_TABLES:
+        p, _, n, gx, gy, _ = _NIST_CURVES[crv]
+        spacing = -(-n.bit_length() // _COMB_TEETH)
+        teeth = [(gx, gy, 1)]
+        for _ in range(_COMB_TEETH - 1):
+            X, Y, Z = teeth[-1]
+            for _ in range(spacing):
+                X, Y, Z = _jac_double(X, Y, Z, p)
+            teeth.append((X, Y, Z))
+        # every sum is m*G with 0 < m < 2^(8*32-31) < n: never infinity, never P == -Q
+        sums = [(1, 1, 0)]
+        for x, y in _jac_affine_all(teeth, p):
+            sums += [_jac_add_affine(X, Y, Z, x, y, p) for X, Y, Z in sums]
+        _BASE_TABLES[key] = spacing, [None] + _jac_affine_all(sums[1:], p)
+    return _BASE_TABLES[key]
+
+
+def _ec_mul_base(crv, k):
+    # k*G for 0 < k < n, affine (x, y)
+    p = _NIST_CURVES[crv][0]
+    X, Y, Z = 1, 1, 0
+    for points in _base_schedule(crv, k, lambda: _ec_comb_table(crv), lambda: _ec_base_table(crv), _EC_G_WINDOW):
+        X, Y, Z = _jac_double(X, Y, Z, p)
+        for x, y in points:
+            X, Y, Z = _jac_add_affine(X, Y, Z, x, y, p)
+    return _jac_affine_all([(X, Y, Z)], p)[0]
+
+
+def _rfc6979_nonces(crv, d, digest, hash_name):
+    # RFC 6979 §3.2: the candidates k for key d and message hash h1 = digest, in order
+    import hashlib
+    n = _NIST_CURVES[crv][2]
+    qlen = n.bit_length()
+    rlen = (qlen + 7) // 8
+
+    def bits2int(octets):
+        # §2.3.2
+        value = int.from_bytes(octets, "big")
+        excess = 8 * len(octets) - qlen
+        return value >> excess if excess > 0 else value
+
+    block = hashlib.new(hash_name).block_size
+    ipad = int.from_bytes(b"\x36" * block, "big")
+    opad = int.from_bytes(b"\x5c" * block, "big")
+
+    def mac(key, data):
+        # RFC 2104 HMAC (importing hmac costs --dpop-proof more than this); keys here are one hash long
+        key = int.from_bytes(key.ljust(block, b"\0"), "big")
+        inner = hashlib.new(hash_name, (key ^ ipad).to_bytes(block, "big") + data).digest()
+        return hashlib.new(hash_name, (key ^ opad).to_bytes(block, "big") + inner).digest()
+
+    seed = d.to_bytes(rlen, "big") + (bits2int(digest) % n).to_bytes(rlen, "big")
+    # steps b-g
+    V = b"\x01" * len(digest)
+    K = mac(b"\x00" * len(digest), V + b"\x00" + seed)
+    V = mac(K, V)
+    K = mac(K, V + b"\x01" + seed)
+    V = mac(K, V)
+    while True:
+        # step h
+        T = b""
+        while len(T) < rlen:
+            V = mac(K, V)
+            T += V
+        k = bits2int(T)
+        if 0 < k < n:
+            yield k
+        K = mac(K, V + b"\x00")
+        V = mac(K, V)
+
+
+def _ecdsa_sign(crv, d, digest, hash_name):
+    """ECDSA signature (SEC 1 §4.1.3) as JWS wants it: raw r || s, RFC 6979 nonce."""
+    _, _, n, _, _, size = _NIST_CURVES[crv]
+    e = int.from_bytes(digest, "big")
+    excess = 8 * len(digest) - n.bit_length()
+    if excess > 0:
+        e >>= excess
+    for k in _rfc6979_nonces(crv, d, digest, hash_name):
+        # SEC 1 §4.1.3 steps 1-6
+        r = _ec_mul_base(crv, k)[0] % n
+        s = _inv(k, n) * (e + r * d) % n
+        if r and s:
+            return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+def _ed_comb_table():
+    # (spacing, T) as for _ec_comb_table, T[c] cached for _ed_add with Z = 1
+    if "Ed25519 comb" not in _BASE_TABLES:
+        p = _ED_P
+        spacing = -(-255 // _COMB_TEETH)
+        teeth = [(_ED_BX, _ED_BY, 1, _ED_BX * _ED_BY % p)]
+        for _ in range(_COMB_TEETH - 1):
+            X, Y, Z, _ = teeth[-1]
+            for _ in range(spacing):
+                X, Y, Z, T = _ed_double(X, Y, Z, p)
+            teeth.append((X, Y, Z, T))
+        sums = [(0, 1, 1, 0)]
+        for tooth in teeth:
+            cached = _ed_cached(*tooth, p=p)
+            sums += [_ed_add(*point, *cached, p=p) for point in sums]
+        table = [None]
+        for point, zi in zip(sums[1:], _batch_inv([Z for _, _, Z, _ in sums[1:]], p)):
+            yp, ym, t2d, _ = _ed_cached(*point, p=p)
+            table.append((yp * zi % p, ym * zi % p, t2d * zi % p, 2))
+        _BASE_TABLES["Ed25519 comb"] = spacing, table
+    return _BASE_TABLES["Ed25519 comb"]
+
+
+def _ed_mul_base(k):
+    # [k]B encoded (RFC 8032 §5.1.2)
+    p = _ED_P
+    X, Y, Z = 0, 1, 1
+    # _ed_double and _ed_add inlined as in _ed25519_verify; both tables' z2 is 2
+    for points in _base_schedule("Ed25519", k, _ed_comb_table, _ed_base_table, _ED_B_WINDOW):
+        A = X * X % p
+        B = Y * Y % p
+        C = 2 * Z * Z % p
+        H = A + B
+        E = H - (X + Y) * (X + Y) % p
+        G = A - B
+        F = C + G
+        X = E * F % p
+        Y = G * H % p
+        Z = F * G % p
+        for yp, ym, t2d, _ in points:
+            A = (Y - X) * ym % p
+            B = (Y + X) * yp % p
+            C = E * H % p * t2d % p
+            D = 2 * Z
+            E = B - A
+            F = D - C
+            G = D + C
+            H = B + A
+            X = E * F % p
+            Y = G * H % p
+            Z = F * G % p
+    zi = _inv(Z, p)
+    x = X * zi % p
+    return (Y * zi % p | (x & 1) << 255).to_bytes(32, "little")
+
+
+def _ed_expand(seed):
+    # RFC 8032 §5.1.5 steps 1-2: the secret scalar s and the prefix
+    import hashlib
+    h = hashlib.sha512(seed).digest()
+    s = int.from_bytes(h[:32], "little") & ((1 << 254) - 8) | (1 << 254)
+    return s, h[32:]
+
+
+def _ed25519_public(seed):
+    """The public key of a 32-byte Ed25519 private key (RFC 8032 §5.1.5)."""
+    return _ed_mul_base(_ed_expand(seed)[0])
+
+
+def _ed25519_sign(seed, public_key, message):
+    """Ed25519 signature (RFC 8032 §5.1.6) by the private key seed, whose public key is given."""
+    import hashlib
+    s, prefix = _ed_expand(seed)
+    # steps 2-3
+    r = int.from_bytes(hashlib.sha512(prefix + message).digest(), "little") % _ED_L
+    R = _ed_mul_base(r)
+    # steps 4-5
+    k = int.from_bytes(hashlib.sha512(R + public_key + message).digest(), "little") % _ED_L
+    return R + ((r + k * s) % _ED_L).to_bytes(32, "little")
+
+
+# ============================================================================
+# DPoP (RFC 9449): a key per sign-in, proofs, server nonces, the binding check
+# ============================================================================
+#
+# --dpop binds the token to a key pair made for this sign-in, so a token that
+# leaks is useless without the private key. --dpop-proof signs one proof for a
+# script's request; it runs before argparse and imports neither json nor
+# urllib (their imports cost more than the signature), hence the small JSON
+# writer and reader below.
+
+# The algorithms this tool signs with, in the order it prefers them.
+DPOP_ALGORITHMS = ("EdDSA", "ES256")
+_MAX_NONCE = 1024
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def _json_compact(value):
+    # json.dumps(value, separators=(",", ":")) for objects of strings and integers
+    if isinstance(value, dict):
+        return "{%s}" % ",".join("%s:%s" % (_json_compact(k), _json_compact(v)) for k, v in value.items())
+    if isinstance(value, int):
+        return str(value)
+    return '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _flat_json_object(text):
+    # {"name": "value", ...}: the string-valued JWKs this tool prints; None for anything else
+    text = text.strip()
+    if text[:1] != "{" or text[-1:] != "}":
+        return None
+    members = {}
+    for item in text[1:-1].split(","):
+        name, colon, value = (part.strip() for part in item.partition(":"))
+        quoted = (name, value)
+        if not colon or any(len(q) < 2 or q[0] != '"' or q[-1] != '"' or '"' in q[1:-1] or "\\" in q
+                            for q in quoted) or name[1:-1] in members:
+            return None
+        members[name[1:-1]] = value[1:-1]
+    return members
+
+
+def _dpop_htu(url):
+    """RFC 9449 §4.2 htu: the URL without query and fragment; None unless absolute http(s)."""
+    if not isinstance(url, str) or not url or not all("\x21" <= ch <= "\x7e" for ch in url):
+        return None
+    htu = url.split("#", 1)[0].split("?", 1)[0]
+    scheme, separator, rest = htu.partition("://")
+    authority = rest.split("/", 1)[0]
+    if scheme.lower() not in ("http", "https") or not separator or not authority.strip(":") or "@" in authority:
+        return None
+    return htu
+
+
+def _is_nonce(value):
+    # RFC 9449 §8.1: nonce = 1*NQCHAR
+    return isinstance(value, str) and 0 < len(value) <= _MAX_NONCE and \
+        all("\x21" <= ch <= "\x7e" and ch not in '"\\' for ch in value)
+
+
+def _dpop_generate(alg):
+    """A fresh private JWK for alg (EdDSA or ES256), from os.urandom."""
+    if alg == "EdDSA":
+        seed = os.urandom(32)
+        return {"kty": "OKP", "crv": "Ed25519", "x": _b64url_encode(_ed25519_public(seed)),
+                "d": _b64url_encode(seed)}
+    n = _NIST_CURVES["P-256"][2]
+    d = 0
+    while not 0 < d < n:
+        d = int.from_bytes(os.urandom(32), "big")
+    x, y = _ec_mul_base("P-256", d)
+    return {"kty": "EC", "crv": "P-256", "x": _b64url_encode(x.to_bytes(32, "big")),
+            "y": _b64url_encode(y.to_bytes(32, "big")), "d": _b64url_encode(d.to_bytes(32, "big"))}
+
+
+def _dpop_key_problem(key):
+    """Why key is not a private JWK this tool can sign with, or None; never quotes the key."""
+    if not isinstance(key, dict):
+        return "not a JSON object"
+    shape = {("OKP", "Ed25519"): ("x", "d"), ("EC", "P-256"): ("x", "y", "d")}.get((key.get("kty"), key.get("crv")))
+    if shape is None:
+        return "not an Ed25519 (OKP) or P-256 (EC) key"
+    values = {}
+    for name in shape:
+        try:
+            values[name] = _b64url_decode(key.get(name))
+        except ValueError:
+            values[name] = b""
+        if len(values[name]) != 32:
+            return "member %s is not 32 octets of base64url" % name
+    if key["kty"] == "EC":
+        p, b, n = _NIST_CURVES["P-256"][:3]
+        x, y, d = (int.from_bytes(values[name], "big") for name in shape)
+        if not 0 < d < n or x >= p or y >= p or (y * y - x * x * x + 3 * x - b) % p:
+            return "not a valid P-256 key"
+    return None
+
+
+class _DPoP:
+    """The key of one DPoP sign-in and the nonces servers gave for it (RFC 9449 §4, §8)."""
+
+    def __init__(self, key):
+        self.key = key
+        self.alg = "EdDSA" if key["kty"] == "OKP" else "ES256"
+        # RFC 7638 §3.2 (RFC 8037 §2 for OKP): the required members, sorted, are the thumbprint's input
+        self.public = {name: key[name] for name in ("crv", "kty", "x", "y") if name in key}
+        self.nonces = {}
+
+    def thumbprint(self):
+        """The RFC 7638 SHA-256 thumbprint of the public key (the token's cnf.jkt)."""
+        import hashlib
+        return _b64url_encode(hashlib.sha256(_json_compact(self.public).encode("ascii")).digest())
+
+    def output(self):
+        """What the result carries: {"alg", "jkt", "key"} with the private JWK."""
+        return {"alg": self.alg, "jkt": self.thumbprint(), "key": self.key}
+
+    def proof(self, method, url, access_token=None, nonce=None):
+        """A DPoP proof JWT for one request (RFC 9449 §4.2); ath when a token goes with it."""
+        import hashlib
+        import time
+        htu = _dpop_htu(url)
+        if htu is None:
+            raise ProtocolError("%s is not an absolute http(s) URL; no DPoP proof can name it" % _sanitize(url))
+        claims = {"jti": _b64url_encode(os.urandom(16)), "htm": method, "htu": htu, "iat": int(time.time())}
+        nonce = nonce or self.nonces.get(_dpop_server(htu))
+        if nonce:
+            claims["nonce"] = nonce
+        if access_token is not None:
+            claims["ath"] = _b64url_encode(hashlib.sha256(access_token.encode("ascii")).digest())
+        header = {"typ": "dpop+jwt", "alg": self.alg, "jwk": self.public}
+        signing_input = (_b64url_encode(_json_compact(header).encode("ascii")) + "."
+                         + _b64url_encode(_json_compact(claims).encode("ascii")))
+        message = signing_input.encode("ascii")
+        if self.alg == "EdDSA":
+            signature = _ed25519_sign(_b64url_decode(self.key["d"]), _b64url_decode(self.key["x"]), message)
+        else:
+            signature = _ecdsa_sign("P-256", int.from_bytes(_b64url_decode(self.key["d"]), "big"),
+                                    hashlib.sha256(message).digest(), "sha256")
+        return signing_input + "." + _b64url_encode(signature)
+
+    def request(self, http, method, url, what, form=None, access_token=None):
+        """Send a request with a proof; when the server asks for a fresh nonce, once more with it."""
+        headers = {}
+        if access_token is not None:
+            headers["Authorization"] = "DPoP " + access_token
+        for attempt in (1, 2):
+            headers["DPoP"] = self.proof(method, url, access_token)
+            response = http.request(method, url, what, form=form, headers=headers)
+            fresh = self._take_nonce(url, response, what)
+            if attempt == 2 or not fresh or not _asks_for_nonce(response):
+                return response
+            http.terminal.debug("%s: the server asked for a DPoP nonce; sending the proof again with it" % what)
+
+    def _take_nonce(self, url, response, what):
+        # RFC 9449 §8.2: a DPoP-Nonce header replaces the nonce for that server
+        nonce = response.header("dpop-nonce")
+        if nonce is None:
+            return False
+        if not _is_nonce(nonce):
+            raise ProtocolError("%s: the DPoP-Nonce header is not a valid nonce: %s" % (what, _sanitize(nonce, 80)))
+        server = _dpop_server(url)
+        fresh = self.nonces.get(server) != nonce
+        self.nonces[server] = nonce
+        return fresh
+
+
+def _dpop_server(url):
+    # nonces are per server: scheme and authority
+    return "/".join((_dpop_htu(url) or url).split("/", 3)[:3]).lower()
+
+
+def _asks_for_nonce(response):
+    """A use_dpop_nonce answer: 400 from an authorization server (§8), 401 from a resource (§9)."""
+    if response.status == 401:
+        return 'error="use_dpop_nonce"' in (response.header("www-authenticate") or "")
+    if response.status != 400:
+        return False
+    try:
+        document = _loads_json(response.body)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and document.get("error") == "use_dpop_nonce"
+
+
+def _dpop_algorithm(requested, metadata):
+    """--dpop-alg, else the first of DPOP_ALGORITHMS the issuer lists, else ES256 (RFC 9449 §5.1)."""
+    listed = metadata.get("dpop_signing_alg_values_supported")
+    if listed is None:
+        return requested or "ES256"
+    if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
+        raise ProtocolError("the issuer metadata's dpop_signing_alg_values_supported is not a list of strings")
+    shown = _sanitize(", ".join(listed), 200) or "nothing"
+    usable = [alg for alg in DPOP_ALGORITHMS if alg in listed and requested in (None, alg)]
+    if not usable:
+        if requested:
+            raise ProtocolError("--dpop-alg %s: the issuer signs DPoP proofs only with %s" % (requested, shown))
+        raise ProtocolError("the issuer accepts DPoP proofs signed with %s; this tool signs with %s only"
+                            % (shown, " or ".join(DPOP_ALGORITHMS)))
+    return usable[0]
+
+
+def _check_dpop_binding(dpop, result, verify):
+    """The answer must be a DPoP token, bound (cnf.jkt) to our key when it says so (RFC 9449 §5, §6.1)."""
+    if result["token_type"].lower() != "dpop":
+        raise ProtocolError("the issuer ignored DPoP: token_type is %s, not DPoP" % _sanitize(result["token_type"], 64))
+    claims = result.get("claims") or {}
+    if "cnf" in claims:
+        cnf = claims["cnf"]
+        jkt = cnf.get("jkt") if isinstance(cnf, dict) else cnf
+        if (jkt is not None or not isinstance(cnf, dict)) and jkt != dpop.thumbprint():
+            error = TokenVerificationError if verify else ProtocolError
+            raise error("the access token is bound to another key: its cnf.jkt is %s, this sign-in's key is %s"
+                        % (_sanitize(_json_text(jkt), 80), dpop.thumbprint()))
+    result["dpop"] = dpop.output()
+
+
+def _cached_dpop(result):
+    """The _DPoP of a cached result, or None when it has no usable key."""
+    dpop = result.get("dpop")
+    key = dpop.get("key") if isinstance(dpop, dict) else None
+    return None if _dpop_key_problem(key) else _DPoP(key)
+
+
+def _dpop_proof_text(method, url, nonce, environ, config=None):
+    """--dpop-proof METHOD URL: a proof for that request, with the key and token of the
+    environment (VOUCH_DPOP_KEY, VOUCH_ACCESS_TOKEN), else of the cached sign-in."""
+    # RFC 9110 §5.6.2 token
+    if not method or not all(ch in _TCHAR for ch in method):
+        raise UsageError("--dpop-proof: %s is not an HTTP method" % _sanitize(method, 40))
+    if _dpop_htu(url) is None:
+        raise UsageError("--dpop-proof: %s is not an absolute http(s) URL" % _sanitize(url, 200))
+    if nonce is not None and not _is_nonce(nonce):
+        raise UsageError("--dpop-nonce: not a DPoP nonce (1 to %d printable ASCII characters, no quotes or"
+                         " backslashes)" % _MAX_NONCE)
+    text = environ.get("VOUCH_DPOP_KEY")
+    if text:
+        key = _flat_json_object(text)
+        problem = _dpop_key_problem(key) if key is not None else "not a JSON object of strings"
+        if problem:
+            raise UsageError("VOUCH_DPOP_KEY is not a DPoP key of this tool: %s" % problem)
+        token = environ.get("VOUCH_ACCESS_TOKEN")
+        if not token:
+            raise UsageError("VOUCH_DPOP_KEY is set but VOUCH_ACCESS_TOKEN is not; eval the whole --format shell output")
+    else:
+        entry = _cache_for(config).load() if config is not None else None
+        dpop = _cached_dpop(entry["result"]) if entry else None
+        if dpop is None:
+            raise UsageError("--dpop-proof: no DPoP key; set VOUCH_DPOP_KEY and VOUCH_ACCESS_TOKEN (eval the"
+                             " --dpop --format shell output) or sign in with --dpop --cache")
+        key, token = dpop.key, entry["result"].get("access_token")
+    if not isinstance(token, str) or not all("\x21" <= ch <= "\x7e" for ch in token):
+        raise UsageError("--dpop-proof: the access token is not printable ASCII")
+    return _DPoP(key).proof(method, url, token, nonce)
+
+
+def _quick_proof_arguments(argv):
+    """(METHOD, URL, NONCE) when argv is only --dpop-proof METHOD URL [--dpop-nonce NONCE], else None."""
+    if len(argv) in (3, 5) and argv[0] == "--dpop-proof" and (len(argv) == 3 or argv[3] == "--dpop-nonce"):
+        return argv[1], argv[2], argv[4] if len(argv) == 5 else None
+    return None
+
+
 # ============================================================================
 # Tokens: check the token response and gather what the output reports
 # ============================================================================
@@ -3435,6 +3931,8 @@ _SHELL_VARIABLES = (
     ("VOUCH_HARDWARE_AAGUID", "hardware_aaguid"),
     ("VOUCH_EMAIL", "email"),
     ("VOUCH_SUBJECT", "sub"),
+    ("VOUCH_DPOP_KEY", "dpop_key"),
+    ("VOUCH_DPOP_JKT", "dpop_jkt"),
 )
 
 
@@ -3457,6 +3955,10 @@ def _shell_value(result, key):
         value = _first_string("sub", result.get("claims"), result.get("id_token_claims"))
     elif key in _AWS_PROCESS_FIELDS:
         value = result["aws"][key]
+    elif key.startswith("dpop_"):
+        import json
+        dpop = result.get("dpop") or {}
+        value = json.dumps(dpop["key"], separators=(",", ":")) if key == "dpop_key" and dpop else dpop.get("jkt")
     else:
         value = result.get(key)
     if value is None:
@@ -3760,9 +4262,16 @@ class _Cache:
             self._lock_fd = None
 
 
-def _reusable(entry, min_ttl, now):
-    """The cached result when its token has more than min_ttl seconds left."""
+def _reusable(entry, min_ttl, now, dpop=False, dpop_alg=None):
+    """The cached result when its token has more than min_ttl seconds left.
+
+    A DPoP sign-in and a bearer one do not stand in for each other, nor keys of
+    another algorithm than an explicit --dpop-alg.
+    """
     if entry is None:
+        return None
+    cached = _cached_dpop(entry["result"])
+    if (cached is not None) != dpop or (cached is not None and dpop_alg not in (None, cached.alg)):
         return None
     expires_at = entry["result"].get("expires_at")
     if _is_number(expires_at) and expires_at - now > min_ttl:
@@ -3779,7 +4288,7 @@ def _reusable_for(config, entry, now):
     """
     if config.aws_role_arn and _cached_aws(config, entry, now) is not None:
         return entry["result"]
-    result = _reusable(entry, config.min_ttl, now)
+    result = _reusable(entry, config.min_ttl, now, config.dpop, config.dpop_alg)
     if result is not None and (config.aws_role_arn or config.output_format == "exec-credential"):
         expires_at = _handed_token(result)[1]
         if expires_at is not None and expires_at - now <= config.min_ttl:
@@ -3810,7 +4319,7 @@ def _resolve_endpoints(config, http):
     return metadata
 
 
-def _sign_in(config, http, terminal, metadata):
+def _sign_in(config, http, terminal, metadata, dpop=None):
     """Run the device flow, restarting with a new code when one expires."""
     if config.interactive is False:
         raise UsageError("a sign-in is needed, but kubectl runs this without a terminal (KUBERNETES_EXEC_INFO "
@@ -3827,7 +4336,7 @@ def _sign_in(config, http, terminal, metadata):
                                live=_live_allowed(terminal, config.environ))
         try:
             document = poll_for_token(http, metadata["token_endpoint"], config.client_id, device,
-                                      sleep=None if terminal.quiet else countdown.sleep)
+                                      sleep=None if terminal.quiet else countdown.sleep, dpop=dpop)
         except _DeviceCodeExpired:
             if restarts >= config.max_restarts:
                 raise ExpiredError("the code expired before the sign-in was approved%s"
@@ -3858,13 +4367,21 @@ def _presenters(config, terminal):
 def _remember_secrets(terminal, document):
     for name in ("access_token", "refresh_token", "id_token"):
         terminal.add_secret(document.get(name))
+    if isinstance(document.get("dpop"), dict) and isinstance(document["dpop"].get("key"), dict):
+        terminal.add_secret(document["dpop"]["key"].get("d"))
 
 
-def _refresh(config, http, terminal, metadata, refresh_token):
-    """Trade a refresh token for new tokens (RFC 6749 §6); None when refused."""
+def _refresh(config, http, terminal, metadata, refresh_token, dpop=None):
+    """Trade a refresh token for new tokens (RFC 6749 §6), with the DPoP key of the sign-in if any.
+
+    None when refused.
+    """
     form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token), ("client_id", config.client_id)]
     try:
-        response = http.post(metadata["token_endpoint"], "token refresh", form)
+        if dpop is None:
+            response = http.post(metadata["token_endpoint"], "token refresh", form)
+        else:
+            response = dpop.request(http, "POST", metadata["token_endpoint"], "token refresh", form)
     except NetworkError as exc:
         terminal.warn("could not refresh the cached token (%s); signing in again" % exc)
         return None
@@ -3879,13 +4396,17 @@ def _refresh(config, http, terminal, metadata, refresh_token):
     return document
 
 
-def fetch_userinfo(http, endpoint, access_token, subject=None):
+def fetch_userinfo(http, endpoint, access_token, subject=None, dpop=None):
     """GET the UserInfo endpoint (OpenID Connect Core §5.3) with the access token.
 
     The answer must be a JSON object whose `sub`, when the token has one,
     is the token's subject (§5.3.2): anything else could be another user's.
+    With `dpop` the token goes as `DPoP` with a proof (RFC 9449 §7).
     """
-    response = http.get(endpoint, "userinfo", headers={"Authorization": "Bearer " + access_token})
+    if dpop is None:
+        response = http.get(endpoint, "userinfo", headers={"Authorization": "Bearer " + access_token})
+    else:
+        response = dpop.request(http, "GET", endpoint, "userinfo", access_token=access_token)
     if response.status != 200:
         _raise_for_error_answer(response, "userinfo")
     info = _json_document(response, "userinfo")
@@ -4048,26 +4569,36 @@ def _fresh_result(config, http, terminal, entry):
     if entry is not None:
         _remember_secrets(terminal, entry["result"])
     refresh_token = (entry or {}).get("result", {}).get("refresh_token")
-    if isinstance(refresh_token, str):
-        document = _refresh(config, http, terminal, metadata, refresh_token)
+    # a DPoP-bound refresh token works only with its key, a bearer one only without
+    dpop = _cached_dpop(entry["result"]) if entry is not None else None
+    if isinstance(refresh_token, str) and (dpop is not None) == config.dpop:
+        document = _refresh(config, http, terminal, metadata, refresh_token, dpop)
     if document is None:
-        document = _sign_in(config, http, terminal, metadata)
+        dpop = None
+        if config.dpop:
+            dpop = _DPoP(_dpop_generate(_dpop_algorithm(config.dpop_alg, metadata)))
+            terminal.add_secret(dpop.key["d"])
+            terminal.debug("DPoP: a new %s key, thumbprint %s" % (dpop.alg, dpop.thumbprint()))
+        document = _sign_in(config, http, terminal, metadata, dpop)
     result = token_result(metadata["issuer"], config.client_id, document, terminal,
                           requested_scope=config.scope or None, now=time.time())
+    if dpop is not None:
+        _check_dpop_binding(dpop, result, config.verify)
     if config.userinfo:
-        _add_userinfo(config, http, terminal, metadata, result)
+        _add_userinfo(config, http, terminal, metadata, result, dpop)
     source = _KeySource(config, http, metadata)
     if config.verify:
         _verify_result(config, source, result)
     return result, metadata, source
 
 
-def _add_userinfo(config, http, terminal, metadata, result):
+def _add_userinfo(config, http, terminal, metadata, result, dpop=None):
     endpoint = metadata.get("userinfo_endpoint")
     if not endpoint:
         raise ProtocolError("--userinfo: the issuer metadata names no userinfo_endpoint")
     subject = _first_string("sub", result.get("claims"), result.get("id_token_claims"))
-    result["userinfo"] = fetch_userinfo(http, endpoint, result["access_token"], subject)
+    result["userinfo"] = fetch_userinfo(http, endpoint, result["access_token"], subject,
+                                        dpop or _cached_dpop(result))
     _fill_hardware_claims(result, terminal)
 
 
@@ -4618,6 +5149,9 @@ def _fast_answers(entry):
     alone (re, enum) costs such a run more than everything else it does.
     """
     result = entry["result"]
+    if result.get("dpop"):
+        # A DPoP-bound token is useless without proofs, which kubectl and the AWS SDKs never send.
+        return ""
     facts = "%s\t%s" % (_json_text(result.get("hardware_verified")), result.get("hardware_aaguid") or "-")
     lines = []
     token_expiry, expires_at = _handed_token(result)[1], result.get("expires_at")
@@ -4664,6 +5198,8 @@ def _cached_credential(argv, environ):
             flags.add(name)
     output_format = values.get("--format")
     client_id = values.get("--client-id") or environ.get("VOUCH_CLIENT_ID")
+    if environ.get("VOUCH_DPOP", "").lower() in ("1", "true", "yes", "on"):
+        return None
     cache = output_format == "exec-credential" or "--cache" in flags \
         or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on")
     role_arn = _role_arn(values.get("--aws-role-arn"), output_format, environ)
@@ -4991,6 +5527,12 @@ def _argument_parser(prog=_PROG, command="python3 vouch_device_login.py"):
     add("--timeout", metavar="SECONDS", type=float, default=DEFAULT_TIMEOUT,
         help="limit for each HTTP request (default %g)" % DEFAULT_TIMEOUT)
     add("--cacert", metavar="FILE", help="trust these CA certificates (env SSL_CERT_FILE)")
+    add = parser.add_argument_group("DPoP").add_argument
+    add("--dpop", action="store_true", help="a token bound to a new key (env VOUCH_DPOP=1)")
+    add("--dpop-alg", choices=DPOP_ALGORITHMS, help="its algorithm; implies --dpop")
+    add("--dpop-proof", nargs=2, metavar=("METHOD", "URL"),
+        help="print a proof for one request, no network")
+    add("--dpop-nonce", metavar="NONCE", help="with --dpop-proof: the server's nonce")
     add = parser.add_argument_group("this command").add_argument
     add("--install", metavar="PREFIX", nargs="?", const=DEFAULT_INSTALL_PREFIX,
         help="install %s (PREFIX: %s)" % (_LAUNCHER_NAME, DEFAULT_INSTALL_PREFIX))
@@ -5039,6 +5581,13 @@ def _config_from_args(args, environ, terminal):
     jwks = _read_jwks_file(args.jwks) if args.jwks else None
     if args.min_ttl < 0:
         raise UsageError("--min-ttl must not be negative")
+    dpop = bool(args.dpop or args.dpop_alg) or environ.get("VOUCH_DPOP", "").lower() in ("1", "true", "yes", "on")
+    # kubectl runs its exec plugin before every command: only a cache makes that bearable.
+    cache = args.cache or args.format == "exec-credential" \
+        or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on")
+    if dpop and args.format == "token" and not cache and args.dpop_proof is None:
+        raise UsageError("--format token with --dpop needs --cache: the token is useless without its key, "
+                         "which only the cache, json and shell outputs keep")
     details = _authorization_details(args.authorization_details)
     aws = _aws_settings(args, environ)
     exec_api_version, interactive = _exec_info(environ) if args.format == "exec-credential" else (None, None)
@@ -5070,9 +5619,7 @@ def _config_from_args(args, environ, terminal):
         copy=args.copy,
         browser=args.browser,
         environ=environ,
-        # kubectl runs its exec plugin before every command: only a cache makes that bearable.
-        cache=args.cache or args.format == "exec-credential"
-        or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on"),
+        cache=cache,
         min_ttl=args.min_ttl,
         logout=args.logout,
         userinfo=args.userinfo,
@@ -5082,6 +5629,8 @@ def _config_from_args(args, environ, terminal):
         resources=list(args.resource),
         exec_api_version=exec_api_version,
         interactive=interactive,
+        dpop=dpop,
+        dpop_alg=args.dpop_alg,
         **aws
     )
 
@@ -5201,12 +5750,26 @@ def main(argv=None):
             # Answered before argparse is imported: shell profiles call this often.
             _write_stdout("%s %s\n" % (prog, __version__))
             return 0
+        quick = _quick_proof_arguments(argv)
+        if quick is not None and os.environ.get("VOUCH_DPOP_KEY"):
+            # Also answered before argparse: scripts run it once per request.
+            _write_stdout(_dpop_proof_text(*quick, environ=os.environ) + "\n")
+            return 0
         cached = _cached_credential(argv, os.environ)
         if cached is not None:
             _write_stdout(cached)
             return 0
         args = _argument_parser(prog, command).parse_args(argv)
         terminal = _Terminal(quiet=args.quiet, verbose=args.verbose, prog=prog)
+        if args.dpop_proof is not None:
+            # the cache entry to read is that of the configuration; without a client id there is none
+            config = None if os.environ.get("VOUCH_DPOP_KEY") or not (args.client_id or os.environ.get(
+                "VOUCH_CLIENT_ID")) else _config_from_args(args, os.environ, terminal)
+            _write_stdout(_dpop_proof_text(*args.dpop_proof, nonce=args.dpop_nonce, environ=os.environ,
+                                           config=config) + "\n")
+            return 0
+        if args.dpop_nonce is not None:
+            raise UsageError("--dpop-nonce goes with --dpop-proof")
         if args.install is not None:
             if args.inspect is not None or args.logout:
                 raise UsageError("--install is done on its own; drop --inspect and --logout")
