@@ -819,653 +819,21 @@ class IssuerTest(unittest.TestCase):
         return errors[0]
 
 
-# ============================================================================
-# Building blocks
-# ============================================================================
+class CacheFixture(IssuerTest):
+    """A private XDG_CACHE_HOME per test."""
 
-class IssuerSignerTests(unittest.TestCase):
-    def test_fast_base_multiplication_matches_double_and_add(self):
-        for k in (1, 2, 3, 255, 2 ** 255 + 7, P256_N - 1, secrets.randbelow(P256_N)):
-            self.assertEqual(_ec_mul_base(k), _ec_mul(k, P256_G), k)
-        self.assertIsNone(_ec_mul_base(P256_N))
-
-
-class StrictDecodingTests(unittest.TestCase):
-    def test_base64url_accepts_canonical_unpadded_text(self):
-        self.assertEqual(vdl._b64url_decode("aGk"), b"hi")
-        self.assertEqual(vdl._b64url_decode(""), b"")
-        self.assertEqual(vdl._b64url_decode("-_8"), b"\xfb\xff")
-
-    def test_base64url_rejects_padding_other_alphabets_and_loose_bits(self):
-        for text in ("aGk=", "+/8", "a Gk", "aGl", "QR", "Q", "aGk\n", "é"):
-            with self.subTest(text=text), self.assertRaises(ValueError):
-                vdl._b64url_decode(text)
-
-    def test_json_rejects_duplicates_constants_bad_utf8_and_deep_nesting(self):
-        self.assertEqual(vdl._loads_json(b'{"a": [1, 2.5, "x"]}'), {"a": [1, 2.5, "x"]})
-        for data in (b'{"a": 1, "a": 2}', b'{"a": NaN}', b'[Infinity]', b'[-Infinity]', b'\xff{}',
-                     b"[" * 100000 + b"]" * 100000, b"{", b""):
-            with self.subTest(data=data[:20]), self.assertRaises(ValueError):
-                vdl._loads_json(data)
-
-
-class TerminalSafetyTests(unittest.TestCase):
-    def test_escape_sequences_controls_and_bidi_overrides_never_survive(self):
-        hostile = ("A\x1b[2J\x1b[31mB\x1b]8;;https://evil/\x07link\x1b]8;;\x07"
-                   "\x1b]52;c;ZXZpbA==\x07C\rD\x9b1mE\u202eF\u2066G\x00H\x7fI\x1bPq#\x1b\\J")
-        clean = vdl._sanitize(hostile)
-        for bad in ("\x1b", "\r", "\x9b", "\u202e", "\u2066", "\x00", "\x7f", "]52", "]8"):
-            self.assertNotIn(bad, clean)
-        for kept in "ABCDEFGHIJ":
-            self.assertIn(kept, clean)
-        self.assertIn("link", clean)
-
-    def test_every_c0_c1_and_bidirectional_control_is_removed(self):
-        controls = [chr(c) for c in list(range(0x20)) + list(range(0x7f, 0xa0))]
-        controls += [chr(c) for c in list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a))]
-        for ch in controls:
-            with self.subTest(ch="U+%04X" % ord(ch)):
-                self.assertNotIn(ch, vdl._sanitize("a" + ch + "b"))
-        for sequence in ("\x1b]8;;https://evil.example/\x07", "\x1b]52;c;ZXZpbA==\x1b\\", "\x9d0;title\x9c",
-                         "\x1b[38;5;196m", "\x9b2J", "\x1bPq#0;2;0;0;0\x1b\\"):
-            with self.subTest(sequence=sequence):
-                self.assertEqual(vdl._sanitize("a" + sequence + "b"), "ab")
-
-    def test_long_strings_are_capped(self):
-        self.assertEqual(len(vdl._sanitize("x" * 10000)), vdl._MAX_SHOWN)
-        self.assertTrue(vdl._sanitize("x" * 10000).endswith("..."))
-
-
-class UrlPolicyTests(unittest.TestCase):
-    def test_loopback_hosts(self):
-        for host in ("127.0.0.1", "127.9.8.7", "::1", "localhost", "LOCALHOST"):
-            self.assertTrue(vdl._is_loopback_host(host), host)
-        for host in ("128.0.0.1", "10.0.0.1", "example.com", "127.0.0.1.nip.io", "::2", "0.0.0.0", "127.1"):
-            self.assertFalse(vdl._is_loopback_host(host), host)
-
-    def test_plain_http_only_on_loopback_and_no_credentials(self):
-        self.assertEqual(vdl._parse_url("https://id.example.com/a?b=1", "x"),
-                         ("https", "id.example.com", 443, "/a?b=1"))
-        self.assertEqual(vdl._parse_url("http://127.0.0.1:8080", "x"), ("http", "127.0.0.1", 8080, "/"))
-        for url in ("http://id.example.com/", "ftp://x/", "https://user:pw@x/", "https:///path", "x",
-                    "https://x:99999/", "https://x/a b", None):
-            with self.subTest(url=url), self.assertRaises(vdl.ProtocolError):
-                vdl._parse_url(url, "x")
-
-    def test_proxy_selection_follows_no_proxy(self):
-        env = {"HTTPS_PROXY": "http://user:p%40ss@proxy.corp:3128", "NO_PROXY": "internal.corp, .lan,other:8443"}
-        host, port, headers = vdl._proxy_for("https", "us.vouch.sh", 443, env)
-        self.assertEqual((host, port), ("proxy.corp", 3128))
-        self.assertEqual(base64.b64decode(headers["Proxy-Authorization"].split()[1]), b"user:p@ss")
-        self.assertIsNone(vdl._proxy_for("https", "a.internal.corp", 443, env))
-        self.assertIsNone(vdl._proxy_for("https", "box.lan", 443, env))
-        self.assertIsNone(vdl._proxy_for("https", "other", 8443, env))
-        self.assertIsNotNone(vdl._proxy_for("https", "other", 443, env))
-        self.assertIsNone(vdl._proxy_for("https", "127.0.0.1", 443, env))
-        self.assertIsNone(vdl._proxy_for("https", "x.com", 443, {"https_proxy": "proxy:1", "no_proxy": "*"}))
-        self.assertEqual(vdl._proxy_for("https", "x.com", 443, {"https_proxy": "proxy:1"})[:2], ("proxy", 1))
-        with self.assertRaises(vdl.UsageError):
-            vdl._proxy_for("https", "x.com", 443, {"HTTPS_PROXY": "socks5://proxy:1080"})
-
-    def test_retry_after_seconds_dates_and_garbage(self):
-        now = 1700000000
-        self.assertEqual(vdl._retry_after("7", now), 7)
-        self.assertEqual(vdl._retry_after("Tue, 14 Nov 2023 22:13:40 GMT", now), 20)
-        self.assertEqual(vdl._retry_after("Tue, 14 Nov 2023 22:13:00 GMT", now), 0)
-        for garbage in (None, "", "soon", "-5", "1e3", "99999999999999", "\x1b[2J"):
-            self.assertIsNone(vdl._retry_after(garbage, now), garbage)
-
-    def test_discovery_locations_and_issuer_equality(self):
-        self.assertEqual(vdl._discovery_urls("https://id.example.com/tenant/"), [
-            "https://id.example.com/tenant/.well-known/openid-configuration",
-            "https://id.example.com/.well-known/oauth-authorization-server/tenant"])
-        self.assertTrue(vdl._same_issuer("https://us.vouch.sh/", "https://us.vouch.sh"))
-        self.assertTrue(vdl._same_issuer("https://us.vouch.sh", "https://us.vouch.sh/"))
-        for other in ("https://us.vouch.sh//", "https://US.vouch.sh", "https://us.vouch.sh/x", "http://us.vouch.sh"):
-            self.assertFalse(vdl._same_issuer("https://us.vouch.sh", other), other)
-
-
-class DeviceAuthorizationParsingTests(unittest.TestCase):
-    def parse(self, **fields):
-        document = {"device_code": "d" * 43, "user_code": "BCDF-GHJK",
-                    "verification_uri": "https://us.vouch.sh/device"}
-        document.update(fields)
-        for key in [k for k, v in document.items() if v is DROP]:
-            del document[key]
-        err = io.StringIO()
-        device = vdl.parse_device_authorization(document, 50.0, vdl._Terminal(stream=err))
-        return device, err.getvalue()
-
-    def test_defaults_when_optional_fields_are_missing(self):
-        device, _ = self.parse()
-        self.assertEqual((device.interval, device.expires_in), (5, 600))
-        self.assertIsNone(device.verification_uri_complete)
-
-    def test_interval_is_raised_to_one_second_and_capped(self):
-        for given, expected in ((0, 1), (0.2, 1), (-7, 1), (1, 1), (2.5, 2.5), (1e9, 60), ("7", 7)):
-            with self.subTest(given=given):
-                self.assertEqual(self.parse(interval=given)[0].interval, expected)
-        self.assertIn("longer than 60", self.parse(interval=1e9)[1])
-
-    def test_expires_in_bounds(self):
-        self.assertEqual(self.parse(expires_in=10 ** 9)[0].expires_in, 1800)
-        for bad in (0, -1, "abc", True, [5]):
-            with self.subTest(bad=bad), self.assertRaises(vdl.ProtocolError):
-                self.parse(expires_in=bad)
-
-    def test_wrong_types_and_missing_fields_are_protocol_errors(self):
-        for fields in ({"interval": "soon"}, {"interval": True}, {"interval": {}}, {"device_code": DROP},
-                       {"device_code": 5}, {"user_code": ""}, {"user_code": "AB\x1b[2JCD"},
-                       {"verification_uri": DROP}, {"verification_uri": "javascript:alert(1)"},
-                       {"verification_uri": "https://x/\u202edevice"}, {"user_code": "x" * 100}):
-            with self.subTest(fields=fields), self.assertRaises(vdl.ProtocolError):
-                self.parse(**fields)
-
-    def test_google_verification_url_alias_and_bad_complete_uri(self):
-        device, _ = self.parse(verification_uri=DROP, verification_url="https://www.google.com/device")
-        self.assertEqual(device.verification_uri, "https://www.google.com/device")
-        device, warnings = self.parse(verification_uri_complete="data:text/html,hi")
-        self.assertIsNone(device.verification_uri_complete)
-        self.assertIn("ignoring verification_uri_complete", warnings)
-        _, warnings = self.parse(verification_uri="http://phish.example/device")
-        self.assertIn("not https", warnings)
-
-
-DROP = object()
-
-
-# ============================================================================
-# The poller, branch by branch, with a fake clock against the local issuer
-# ============================================================================
-
-def oauth_error(code, description=None, status=400):
-    body = {"error": code}
-    if description:
-        body["error_description"] = description
-    return status, body
-
-
-PENDING = oauth_error("authorization_pending")
-SLOW_DOWN = oauth_error("slow_down")
-
-
-class PollerTests(IssuerTest):
     issuer_options = {"rate_limit": False}
 
-    def poll(self, script, interval=5, expires_in=600):
-        """Poll against a scripted token endpoint; returns (outcome, clock, polls)."""
-        self.issuer.token_script = list(script)
-        clock = FakeClock()
-        device = vdl.DeviceAuthorization("dc-" + "x" * 40, "BCDF-GHJK", self.issuer.issuer + "/device", None,
-                                         float(expires_in), float(interval), clock())
-        http = vdl._HttpClient(timeout=5)
-        self.addCleanup(http.close)
-        try:
-            outcome = vdl.poll_for_token(http, self.issuer.issuer + "/oauth/token", "cli", device,
-                                         clock=clock, sleep=clock.sleep, rng=random.Random(7))
-        except (vdl.VouchError, vdl._DeviceCodeExpired) as exc:
-            outcome = exc
-        polls = [r for r in self.issuer.requests if r["path"].endswith("/oauth/token")]
-        return outcome, clock, polls
-
-    def test_first_poll_waits_one_interval_and_pending_keeps_going(self):
-        outcome, clock, polls = self.poll([PENDING, PENDING, (200, {"access_token": "t", "token_type": "Bearer"})])
-        self.assertEqual(outcome["access_token"], "t")
-        self.assertEqual(clock.sleeps, [5, 5, 5])
-        self.assertEqual(len(polls), 3)
-        for poll in polls:
-            form = dict(parse_qsl(poll["body"].decode()))
-            self.assertEqual(form, {"grant_type": vdl.DEVICE_CODE_GRANT, "device_code": "dc-" + "x" * 40,
-                                    "client_id": "cli"})
-
-    def test_slow_down_adds_five_seconds_to_every_later_poll(self):
-        _outcome, clock, _ = self.poll([SLOW_DOWN, PENDING, SLOW_DOWN, PENDING, (200, {"access_token": "t",
-                                                                                    "token_type": "Bearer"})])
-        self.assertEqual(clock.sleeps, [5, 10, 10, 15, 15])
-
-    def test_429_honours_retry_after_seconds_and_dates(self):
-        date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-        script = [(429, b"busy", {"Retry-After": "12"}, "text/plain"),
-                  (429, b"busy", {"Retry-After": date}, "text/plain"),
-                  (429, b"busy", {"Retry-After": "garbage"}, "text/plain"),
-                  (429, b"busy", {"Retry-After": "1"}, "text/plain"),
-                  (200, {"access_token": "t", "token_type": "Bearer"})]
-        outcome, clock, _ = self.poll(script)
-        self.assertEqual(outcome["access_token"], "t")
-        self.assertEqual(clock.sleeps[:2], [5, 12])
-        self.assertTrue(28 <= clock.sleeps[2] <= 31, clock.sleeps)
-        self.assertEqual(clock.sleeps[3:], [5, 5])
-
-    def test_429_without_retry_after_backs_off_exponentially(self):
-        script = [(429, b"busy", {}, "text/plain")] * 4 + [(200, {"access_token": "t", "token_type": "Bearer"})]
-        outcome, clock, polls = self.poll(script, interval=1)
-        self.assertEqual(outcome["access_token"], "t")
-        self.assertEqual((len(polls), len(clock.sleeps)), (5, 5))
-        for failures, delay in enumerate(clock.sleeps[1:5], start=1):
-            self.assertTrue(2 ** failures / 2 <= delay <= 2 ** failures, clock.sleeps)
-
-    def test_no_poll_starts_after_the_deadline_whatever_the_endpoint_does(self):
-        def reset(handler, body):
-            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-            handler.connection.close()
-            handler.close_connection = True
-
-        def trickle(handler, body):
-            start_body(handler, 1000)
-            for _ in range(40):
-                handler.wfile.write(b" ")
-                handler.wfile.flush()
-                time.sleep(0.05)
-            handler.close_connection = True
-
-        behaviours = {
-            "5xx forever": lambda handler, body: (503, b"down", {}, "text/plain"),
-            "resets forever": reset,
-            "trickles forever": trickle,
-            "429 with a huge Retry-After": lambda handler, body: (429, b"busy", {"Retry-After": "99999999"},
-                                                                 "text/plain"),
-            "pending, with sleeps that overrun": lambda handler, body: PENDING,
-        }
-        for name, answer in behaviours.items():
-            with self.subTest(name):
-                clock = FakeClock()
-                if name.endswith("overrun"):
-                    clock.sleep = lambda seconds, clock=clock: FakeClock.sleep(clock, seconds + 7)
-                polled_at = []
-
-                def record(handler, body, answer=answer, clock=clock, polled_at=polled_at):
-                    polled_at.append(clock.now)
-                    return answer(handler, body)
-
-                self.issuer.overrides["/oauth/token"] = record
-                device = vdl.DeviceAuthorization("dc-" + "x" * 40, "BCDF-GHJK", self.issuer.issuer + "/device",
-                                                 None, 30.0, 5.0, clock())
-                http = vdl._HttpClient(timeout=0.5)
-                self.addCleanup(http.close)
-                with self.assertRaises((vdl._DeviceCodeExpired, vdl.NetworkError)):
-                    vdl.poll_for_token(http, self.issuer.issuer + "/oauth/token", "cli", device,
-                                       clock=clock, sleep=clock.sleep, rng=random.Random(7))
-                deadline = device.received_at + device.expires_in
-                self.assertTrue(polled_at, name)
-                self.assertLess(max(polled_at), deadline, polled_at)
-                if not name.endswith("overrun"):
-                    self.assertLessEqual(clock.now, deadline)
-
-    def test_retry_after_is_capped_by_the_time_left(self):
-        outcome, clock, polls = self.poll([(429, b"busy", {"Retry-After": "100000"}, "text/plain")],
-                                          expires_in=60)
-        self.assertIsInstance(outcome, vdl._DeviceCodeExpired)
-        self.assertEqual(len(polls), 1)
-        self.assertEqual(sum(clock.sleeps), 60)
-
-    def test_server_errors_back_off_exponentially_and_keep_the_code(self):
-        script = [(500, b"oops", {}, "text/plain"), (502, b"", {}, "text/plain"), (503, b"", {}, "text/plain"),
-                  (504, b"", {}, "text/plain"), PENDING, (200, {"access_token": "t", "token_type": "Bearer"})]
-        outcome, clock, polls = self.poll(script, interval=1)
-        self.assertEqual(outcome["access_token"], "t")
-        self.assertEqual(clock.sleeps[0], 1)
-        backoffs = clock.sleeps[1:5]
-        for failures, delay in enumerate(backoffs, start=1):
-            self.assertTrue(2 ** failures / 2 <= delay <= 2 ** failures, backoffs)
-        self.assertEqual(clock.sleeps[5], 1)
-        self.assertEqual(len({p["body"] for p in polls}), 1)
-
-    def test_connection_failures_back_off_like_server_errors(self):
-        calls = []
-
-        def reset(handler, body):
-            calls.append(1)
-            if len(calls) <= 2:
-                handler.close_connection = True
-                handler.connection.shutdown(socket.SHUT_RDWR)
-                return None
-            return 200, {"access_token": "t", "token_type": "Bearer"}
-
-        self.issuer.overrides["/oauth/token"] = reset
-        outcome, clock, _ = self.poll([], interval=1)
-        self.assertEqual(outcome["access_token"], "t")
-        self.assertEqual(len(clock.sleeps), 3)
-        self.assertTrue(1 <= clock.sleeps[1] <= 2 and 2 <= clock.sleeps[2] <= 4, clock.sleeps)
-
-    def test_errors_until_the_deadline_report_the_network_failure(self):
-        outcome, _, _ = self.poll([(503, b"", {}, "text/plain")] * 50, interval=5, expires_in=120)
-        self.assertIsInstance(outcome, vdl.NetworkError)
-        self.assertIn("503", str(outcome))
-
-    def test_expired_token_and_the_deadline_end_the_code(self):
-        outcome, _, polls = self.poll([PENDING, oauth_error("expired_token")])
-        self.assertIsInstance(outcome, vdl._DeviceCodeExpired)
-        self.assertEqual(len(polls), 2)
-        outcome, clock, polls = self.poll([PENDING] * 20, interval=5, expires_in=12)
-        self.assertIsInstance(outcome, vdl._DeviceCodeExpired)
-        self.assertEqual(sum(clock.sleeps), 12)
-        self.assertEqual(len(polls), 2 + 2)  # this run's two, after the previous run's two
-
-    def test_denied_and_refused_answers(self):
-        outcome, _, _ = self.poll([oauth_error("access_denied", "user said no")])
-        self.assertIsInstance(outcome, vdl.AccessDeniedError)
-        for script, fragment in (([oauth_error("invalid_grant", "used code")], "invalid_grant: used code"),
-                                 ([oauth_error("invalid_client", "who?", 401)], "invalid_client: who?"),
-                                 ([oauth_error("unauthorized_client", status=401)], "unauthorized_client"),
-                                 ([oauth_error("made_up_error", "\x1b[31mred")], "made_up_error: red"),
-                                 ([(400, b"<html>", {}, "text/html")], "not valid JSON"),
-                                 ([(400, {"message": "no"})], "without an OAuth error"),
-                                 ([(302, b"", {"Location": "https://evil.example/steal"}, "text/plain")],
-                                  "redirect to https://evil.example/steal")):
-            with self.subTest(fragment=fragment):
-                outcome, _, _ = self.poll(script)
-                self.assertIsInstance(outcome, vdl.ProtocolError)
-                self.assertIn(fragment, str(outcome))
-                self.assertNotIn("\x1b", str(outcome))
+    def setUp(self):
+        IssuerTest.setUp(self)
+        self.home = os.path.realpath(__import__("tempfile").mkdtemp())
+        self.addCleanup(shutil.rmtree, self.home, True)
+        self.env = {"XDG_CACHE_HOME": os.path.join(self.home, "cache")}
+        self.directory = os.path.join(self.home, "cache", "vouch-device-login")
 
 
 # ============================================================================
-# The real CLI, main(argv), against the local issuer
-# ============================================================================
-
-class SignInTests(IssuerTest):
-    def test_json_output_has_every_key_of_the_contract(self):
-        result = self.sign_in()
-        self.assertEqual(result.code, 0, result.stderr)
-        out = result.json()
-        for key in ("issuer", "client_id", "access_token", "token_type", "expires_in", "expires_at", "scope",
-                    "email", "hardware_verified", "hardware_aaguid", "claims", "verified"):
-            self.assertIn(key, out)
-        self.assertEqual(out["issuer"], self.issuer.issuer)
-        self.assertEqual(out["client_id"], "cli")
-        self.assertEqual(out["access_token"], self.issuer.issued[0])
-        self.assertEqual(out["token_type"], "Bearer")
-        self.assertEqual(out["expires_in"], 28800)
-        self.assertTrue(abs(out["expires_at"] - (time.time() + 28800)) < 60)
-        self.assertEqual(out["scope"], "openid email")
-        self.assertEqual(out["email"], "ada@example.com")
-        self.assertIs(out["hardware_verified"], True)
-        self.assertIsNone(out["hardware_aaguid"])
-        self.assertEqual(out["claims"]["amr"], ["hwk", "pin", "user"])
-        self.assertEqual(out["claims"]["acr"], "urn:nist:authentication:assurance-level:aal3")
-        self.assertIs(out["verified"], False)
-        for absent in ("id_token", "id_token_claims", "refresh_token", "userinfo"):
-            self.assertNotIn(absent, out)
-        self.assertEqual(result.stdout.count("\n"), 1)
-
-    def test_prompt_goes_to_stderr(self):
-        result = self.sign_in()
-        device = next(iter(self.issuer.devices.values()))
-        self.assertIn(self.issuer.issuer + "/device", result.stderr)
-        self.assertIn(device["user_code"], result.stderr)
-        self.assertIn("user_code=" + device["user_code"], result.stderr)
-        self.assertIn("expires in 10 min.", result.stderr)
-        self.assertNotIn(device["user_code"], result.stdout)
-
-    def test_a_sign_in_ends_with_one_line_saying_who_and_for_how_long(self):
-        result = self.sign_in()
-        self.assertRegex(result.stderr.splitlines()[-1],
-                         r"^vouch_device_login: signed in as ada@example\.com, hardware-verified, for (8 h|7 h 59 min)$")
-        self.issuer.user = {"sub": "user-9", "email": "bob@example.com", "hardware_verified": False}
-        self.assertIn(": signed in as bob@example.com, not hardware-verified, for ", self.sign_in().stderr)
-        quiet = self.sign_in("-q")
-        self.assertEqual(quiet.code, 0, quiet.stderr)
-        self.assertNotIn("signed in", quiet.stderr)
-        # -q: the prompt and nothing of its own, not even a blank line.
-        self.assertTrue(quiet.stderr.startswith("To sign in, open:  "), quiet.stderr)
-        self.assertNotIn("", quiet.stderr.splitlines())
-
-    def test_durations_read_as_people_say_them(self):
-        for seconds, text in ((0, "0 s"), (45, "45 s"), (597, "9 min 57 s"), (600, "10 min"), (3660, "1 h 1 min"),
-                              (28740, "7 h 59 min"), (28799, "8 h"), (28800, "8 h"), (90061, "1 d 1 h"),
-                              (86399, "1 d")):
-            self.assertEqual(vdl._format_duration(seconds), text)
-
-    def test_environment_variables_configure_the_sign_in(self):
-        self.issuer.approve_after_polls = 0
-        result = run_main([], env={"VOUCH_ISSUER": self.issuer.issuer, "VOUCH_CLIENT_ID": "cli",
-                                   "VOUCH_SCOPE": "openid"})
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(next(iter(self.issuer.devices.values()))["form"], {"client_id": "cli", "scope": "openid"})
-
-    def test_flags_win_over_environment(self):
-        self.issuer.approve_after_polls = 0
-        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--scope", "email"],
-                          env={"VOUCH_ISSUER": "https://elsewhere.invalid", "VOUCH_CLIENT_ID": "other",
-                               "VOUCH_SCOPE": "openid"})
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(next(iter(self.issuer.devices.values()))["form"], {"client_id": "cli", "scope": "email"})
-
-    def test_shell_and_token_formats(self):
-        result = self.sign_in("--format", "token")
-        self.assertEqual(result.stdout, self.issuer.issued[0] + "\n")
-        result = self.sign_in("--format", "shell")
-        lines = result.stdout.splitlines()
-        self.assertEqual([line.split("=")[0] for line in lines], [
-            "export VOUCH_ACCESS_TOKEN", "export VOUCH_TOKEN_TYPE", "export VOUCH_EXPIRES_AT",
-            "export VOUCH_HARDWARE_VERIFIED", "export VOUCH_HARDWARE_AAGUID", "export VOUCH_EMAIL",
-            "export VOUCH_SUBJECT", "export VOUCH_DPOP_KEY", "export VOUCH_DPOP_JKT"])
-        self.assertIn("export VOUCH_HARDWARE_VERIFIED='true'", lines)
-        self.assertIn("export VOUCH_HARDWARE_AAGUID=''", lines)
-        self.assertIn("export VOUCH_SUBJECT='user-1234'", lines)
-
-    def test_every_request_asks_for_json_and_the_device_code_goes_only_to_the_token_endpoint(self):
-        result = self.sign_in()
-        self.assertEqual(result.code, 0, result.stderr)
-        device_code = next(iter(self.issuer.devices))
-        for request in self.issuer.requests:
-            self.assertEqual(request["headers"].get("Accept"), "application/json")
-            if device_code.encode() in request["body"] or device_code in str(request["headers"]):
-                self.assertEqual(request["path"], "/oauth/token")
-
-    def test_one_connection_for_the_whole_sign_in(self):
-        self.issuer.approve_after_polls = 3
-        self.issuer.enforce_interval = False
-        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli"])
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertGreaterEqual(len(self.issuer.requests), 6)
-        self.assertEqual(self.issuer.connections, 1)
-
-    def test_missing_client_id_names_the_flag_and_the_variable(self):
-        result = run_main(["--issuer", self.issuer.issuer])
-        line = self.assertFailed(result, 2)
-        self.assertIn("--client-id", line)
-        self.assertIn("VOUCH_CLIENT_ID", line)
-        self.assertEqual(self.issuer.requests, [])
-
-    def test_usage_errors_exit_2_with_one_line(self):
-        for argv in (["--bogus"], ["--format", "xml"], ["--timeout", "soon"], ["--client-id", "x", "--timeout", "0"],
-                     ["--client-id", "x", "--issuer", "http://id.example.com"],
-                     ["--client-id", "x", "--issuer", "not a url"],
-                     ["--client-id", "x", "--max-restarts", "-1"], ["--client-id", "x", "--cacert", "/nonexistent"]):
-            with self.subTest(argv=argv):
-                self.assertFailed(run_main(argv), 2)
-
-    def test_help_and_version(self):
-        result = run_main(["--help"])
-        self.assertEqual(result.code, 0)
-        for text in ("--client-id", "VOUCH_CLIENT_ID", "eval", "Exit codes"):
-            self.assertIn(text, result.stdout)
-        result = run_main(["--version"])
-        self.assertEqual((result.code, result.stdout), (0, "vouch_device_login %s\n" % vdl.__version__))
-
-    def test_help_puts_the_common_case_first_and_fits_80_columns(self):
-        result = run_main(["--help"], env={"COLUMNS": "80"})
-        self.assertEqual(result.code, 0)
-        lines = result.stdout.splitlines()
-        self.assertLessEqual(max(len(line) for line in lines), 80)
-        self.assertLessEqual(len(lines), 80)
-        # One synopsis line, a wrapped description, then the commonest invocations, all before any option.
-        self.assertTrue(lines[0].startswith("usage: vouch_device_login ") and lines[1] == "", lines[:2])
-        self.assertIn("(RFC 8628)", result.stdout)
-        first_group = next(i for i, line in enumerate(lines) if line.endswith(":") and not line.startswith(" "))
-        self.assertLessEqual(first_group, 12)
-        examples = [line for line in lines[:first_group] if line.startswith("  ")]
-        self.assertEqual(examples[:3], [
-            "  python3 vouch_device_login.py --client-id ID",
-            '  eval "$(python3 vouch_device_login.py --client-id ID --format shell)"',
-            '  eval "$(python3 vouch_device_login.py --client-id ID --cache --format shell)"'])
-        self.assertEqual([line for line in lines if line.endswith(":") and not line.startswith(" ")],
-                         ["sign-in:", "output:", "AWS credentials:", "sessions:", "verification and policy:",
-                          "requests:", "DPoP:", "this command:"])
-        self.assertLess(result.stdout.index("--client-id ID  "), result.stdout.index("--timeout SECONDS"))
-
-    def test_the_tool_names_itself_as_it_was_run(self):
-        result = run_cli(["--version"])
-        self.assertEqual(result.stdout, "vouch_device_login.py %s\n" % vdl.__version__)
-        self.assertFailed(run_cli(["--bogus"]), 2)
-        self.assertTrue(run_cli(["--bogus"]).stderr.startswith("vouch_device_login.py: error: "))
-        with open(SCRIPT, "rb") as handle:
-            piped = run_cli(["--help"], input_bytes=handle.read(), argv0="-", env={"COLUMNS": "80"})
-        self.assertIn("\n  python3 vouch_device_login.py --install ", piped.stdout)
-        self.assertTrue(piped.stdout.startswith("usage: vouch_device_login.py "))
-
-    def test_rfc8414_discovery_with_path_insertion(self):
-        issuer = LocalIssuer(discovery="oauth", path="/tenant/acme")
-        with issuer:
-            issuer.approve_after_polls = 0
-            result = run_main(["--issuer", issuer.issuer, "--client-id", "cli"])
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(result.json()["issuer"], issuer.base + "/tenant/acme")
-        paths = [r["path"] for r in issuer.requests]
-        self.assertEqual(paths[:2], ["/tenant/acme/.well-known/openid-configuration",
-                                     "/.well-known/oauth-authorization-server/tenant/acme"])
-
-    def test_issuer_trailing_slash_is_tolerated_but_a_mix_up_is_not(self):
-        self.issuer.approve_after_polls = 0
-        result = run_main(["--issuer", self.issuer.issuer + "/", "--client-id", "cli"])
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(result.json()["issuer"], self.issuer.issuer)
-        self.issuer.overrides["/.well-known/openid-configuration"] = lambda h, b: (
-            200, dict(self.issuer.metadata(), issuer="https://evil.example"))
-        line = self.assertFailed(self.sign_in(), 6, "issuer mix-up")
-        self.assertIn("https://evil.example", line)
-
-    def test_missing_discovery_document(self):
-        self.issuer.discovery = "none"
-        self.assertFailed(self.sign_in(), 6, "no discovery document")
-
-    def test_explicit_endpoints_skip_discovery(self):
-        self.issuer.discovery = "none"
-        result = self.sign_in("--device-authorization-endpoint", self.issuer.issuer + "/oauth/device",
-                              "--token-endpoint", self.issuer.issuer + "/oauth/token")
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertNotIn(".well-known", str([r["path"] for r in self.issuer.requests]))
-
-    def test_device_endpoint_falls_back_to_the_vouch_path(self):
-        metadata = self.issuer.metadata()
-        del metadata["device_authorization_endpoint"]
-        self.issuer.overrides["/.well-known/openid-configuration"] = lambda h, b: (200, metadata)
-        result = self.sign_in()
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertIn("/oauth/device", [r["path"] for r in self.issuer.requests])
-
-    def test_redirects_are_not_followed(self):
-        self.issuer.overrides["/.well-known/openid-configuration"] = lambda h, b: (
-            301, b"", {"Location": "https://evil.example/.well-known/openid-configuration"}, "text/plain")
-        self.assertFailed(self.sign_in(), 6, "redirect to https://evil.example/")
-        self.assertEqual(len(self.issuer.requests), 1)
-
-    def test_denied_exits_3(self):
-        clock = FakeClock()
-        original = clock.sleep
-
-        def deny_then_sleep(seconds):
-            self.issuer.deny()
-            original(seconds)
-
-        clock.sleep = deny_then_sleep
-        self.assertFailed(self.sign_in(approve=False, clock=clock), 3, "denied")
-
-    def test_expired_code_exits_4_and_restarts_fetch_new_codes(self):
-        self.issuer.expires_in = 5
-        self.issuer.enforce_interval = False
-        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error("expired_token")
-        self.assertFailed(self.sign_in(approve=False), 4, "expired")
-        self.assertEqual(len(self.issuer.devices), 1)
-        result = self.sign_in("--max-restarts", "2", approve=False)
-        self.assertFailed(result, 4, "after 2 restarts")
-        self.assertEqual(len(self.issuer.devices), 1 + 3)
-        self.assertEqual(result.stderr.count("To sign in, open"), 3)
-
-    def test_a_restart_can_succeed(self):
-        expired = []
-
-        def first_code_expires(handler, body):
-            if not expired:
-                expired.append(True)
-                return oauth_error("expired_token")
-            del self.issuer.overrides["/oauth/token"]
-            self.issuer.approve()
-            return self.issuer._token(handler, dict(parse_qsl(body.decode())))
-
-        self.issuer.overrides["/oauth/token"] = first_code_expires
-        result = self.sign_in("--max-restarts", "1", approve=False)
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertIn("restart 1 of 1", result.stderr)
-
-    def test_network_failure_exits_5(self):
-        with socket.socket() as unused:
-            unused.bind(("127.0.0.1", 0))
-            port = unused.getsockname()[1]
-        result = run_main(["--issuer", "http://127.0.0.1:%d" % port, "--client-id", "cli"])
-        self.assertFailed(result, 5, "127.0.0.1:%d" % port)
-
-    def test_unknown_client_exits_6_quoting_the_server(self):
-        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "stranger"])
-        self.assertFailed(result, 6, "invalid_client: unknown client")
-
-    def test_interrupt_exits_130_with_one_line(self):
-        clock = FakeClock()
-
-        def interrupt(seconds):
-            raise KeyboardInterrupt
-
-        clock.sleep = interrupt
-        result = self.sign_in(approve=False, clock=clock)
-        self.assertEqual((result.code, result.stdout), (130, ""))
-        self.assertTrue(result.stderr.endswith("vouch_device_login: interrupted\n"))
-        self.assertNotIn("Traceback", result.stderr)
-
-    def test_a_bug_exits_1_with_one_line_and_the_traceback_only_with_v(self):
-        with mock.patch.object(vdl, "token_result", side_effect=RuntimeError("boom")):
-            result = self.sign_in()
-            self.assertFailed(result, 1, "internal error")
-            result = self.sign_in("-v")
-        self.assertEqual(result.code, 1)
-        self.assertIn("Traceback", result.stderr)
-
-    def test_opaque_access_token_has_null_claims(self):
-        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": "opaque-abc.def",
-                                                                    "token_type": "Bearer"})
-        out = self.sign_in().json()
-        self.assertIsNone(out["claims"])
-        self.assertIsNone(out["hardware_verified"])
-        self.assertIsNone(out["expires_in"])
-        self.assertIsNone(out["expires_at"])
-
-    def test_other_providers_fields_pass_through(self):
-        id_token = make_jwt(self.issuer.key("ES256"), {"iss": self.issuer.issuer, "aud": "cli", "sub": "s",
-                                                  "exp": int(time.time()) + 60, "hardware_verified": True,
-                                                  "hardware_aaguid": "CB69481E-8FF7-4039-93EC-0A2729A154A8"},
-                            {"typ": "JWT"})
-        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {
-            "access_token": "opaque", "token_type": "Bearer", "expires_in": "3600", "scope": "openid",
-            "id_token": id_token, "refresh_token": "refresh-secret"})
-        out = self.sign_in().json()
-        self.assertEqual(out["id_token"], id_token)
-        self.assertEqual(out["id_token_claims"]["sub"], "s")
-        self.assertEqual(out["refresh_token"], "refresh-secret")
-        self.assertEqual(out["scope"], "openid")
-        self.assertEqual(out["expires_in"], 3600)
-        self.assertIs(out["hardware_verified"], True)
-        self.assertEqual(out["hardware_aaguid"], "cb69481e-8ff7-4039-93ec-0a2729a154a8")
-
-    def test_only_a_json_boolean_counts_as_hardware_verified(self):
-        self.issuer.user["hardware_verified"] = "true"
-        result = self.sign_in()
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertIsNone(result.json()["hardware_verified"])
-        self.assertIn("not a boolean", result.stderr)
-
-
-# ============================================================================
-# --verify and --inspect through the real CLI
+# Errors: one base class, each subclass carries its exit code (SPEC §2)
 # ============================================================================
 
 class ErrorAdviceTests(IssuerTest):
@@ -1516,390 +884,191 @@ class ErrorAdviceTests(IssuerTest):
         self.assertIn("no browser opened: the sign-in URL is not https", result.stderr)
 
 
-class VerifyCliTests(IssuerTest):
-    issuer_options = {"rate_limit": False}
+# ============================================================================
+# Terminal output: everything for people goes to stderr, sanitised
+# ============================================================================
 
-    def test_es256_access_token_and_rs256_id_token_verify(self):
-        self.issuer.id_tokens = True
+class TerminalSafetyTests(unittest.TestCase):
+    def test_escape_sequences_controls_and_bidi_overrides_never_survive(self):
+        hostile = ("A\x1b[2J\x1b[31mB\x1b]8;;https://evil/\x07link\x1b]8;;\x07"
+                   "\x1b]52;c;ZXZpbA==\x07C\rD\x9b1mE\u202eF\u2066G\x00H\x7fI\x1bPq#\x1b\\J")
+        clean = vdl._sanitize(hostile)
+        for bad in ("\x1b", "\r", "\x9b", "\u202e", "\u2066", "\x00", "\x7f", "]52", "]8"):
+            self.assertNotIn(bad, clean)
+        for kept in "ABCDEFGHIJ":
+            self.assertIn(kept, clean)
+        self.assertIn("link", clean)
+
+    def test_every_c0_c1_and_bidirectional_control_is_removed(self):
+        controls = [chr(c) for c in list(range(0x20)) + list(range(0x7f, 0xa0))]
+        controls += [chr(c) for c in list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a))]
+        for ch in controls:
+            with self.subTest(ch="U+%04X" % ord(ch)):
+                self.assertNotIn(ch, vdl._sanitize("a" + ch + "b"))
+        for sequence in ("\x1b]8;;https://evil.example/\x07", "\x1b]52;c;ZXZpbA==\x1b\\", "\x9d0;title\x9c",
+                         "\x1b[38;5;196m", "\x9b2J", "\x1bPq#0;2;0;0;0\x1b\\"):
+            with self.subTest(sequence=sequence):
+                self.assertEqual(vdl._sanitize("a" + sequence + "b"), "ab")
+
+    def test_long_strings_are_capped(self):
+        self.assertEqual(len(vdl._sanitize("x" * 10000)), vdl._MAX_SHOWN)
+        self.assertTrue(vdl._sanitize("x" * 10000).endswith("..."))
+
+
+class TerminalInjectionTests(IssuerTest):
+    HOSTILE = ("\x1b]8;;https://evil.example/\x07click\x1b]8;;\x07 \x1b]52;c;ZXZpbA==\x07 \x1b[2J\x1b[1;1H"
+               "\rOK \u202egnp.exe\u202c \u2066x\u2069 \x9b31m \x07\x08\x7f")
+
+    def assertNoControl(self, text):
+        for bad in ("\x1b", "\r", "\x9b", "\x07", "\x08", "\x7f", "\u202e", "\u2066", "\u2069", "\u202c"):
+            self.assertNotIn(bad, text)
+
+    def test_error_descriptions_are_sanitised(self):
+        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error("invalid_grant", self.HOSTILE)
+        result = self.sign_in(approve=False)
+        line = self.assertFailed(result, 6, "invalid_grant")
+        self.assertIn("click", line)
+        self.assertNoControl(result.stderr)
+
+    def test_prompt_fields_with_controls_are_refused_or_dropped(self):
+        device = {"device_code": "d" * 43, "user_code": "BCDF-GHJK", "verification_uri": self.issuer.issuer + "/device",
+                  "verification_uri_complete": self.issuer.issuer + "/device?c=" + self.HOSTILE, "interval": 1}
+        self.issuer.overrides["/oauth/device"] = lambda h, b: (200, device)
+        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error("access_denied")
+        result = self.sign_in()
+        self.assertFailed(result, 3)
+        self.assertIn("ignoring verification_uri_complete", result.stderr)
+        self.assertNoControl(result.stderr)
+        for field in ("user_code", "verification_uri"):
+            bad = dict(device, **{field: device[field] + self.HOSTILE})
+            self.issuer.overrides["/oauth/device"] = lambda h, b, bad=bad: (200, bad)
+            with self.subTest(field=field):
+                result = self.sign_in()
+                self.assertFailed(result, 6, field)
+                self.assertNoControl(result.stderr)
+
+    def test_claims_quoted_in_messages_are_sanitised(self):
+        token = self.issuer.access_token("cli", "openid", iss=self.HOSTILE)
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": token, "token_type": "Bearer"})
         result = self.sign_in("--verify")
-        self.assertEqual(result.code, 0, result.stderr)
-        out = result.json()
-        self.assertIs(out["verified"], True)
-        self.assertEqual(vdl.decode_jwt(out["id_token"])[0]["alg"], "RS256")
-        self.assertIn("/oauth/jwks", [r["path"] for r in self.issuer.requests])
+        self.assertFailed(result, 7, "iss")
+        self.assertNoControl(result.stderr)
+        self.issuer.user["hardware_aaguid"] = self.HOSTILE
+        self.issuer.overrides.clear()
+        result = self.sign_in("--require-aaguid", "cb69481e-8ff7-4039-93ec-0a2729a154a8")
+        self.assertFailed(result, 8)
+        self.assertNoControl(result.stderr)
 
-    def test_rs256_access_tokens_verify_too(self):
-        self.issuer.access_alg = "RS256"
-        result = self.sign_in("--verify")
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertIs(result.json()["verified"], True)
+    def test_long_values_are_capped(self):
+        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error("invalid_grant", "A" * 100000)
+        line = self.assertFailed(self.sign_in(approve=False), 6)
+        self.assertLess(len(line), 600)
 
-    def test_key_rotation_refetches_the_jwks_once(self):
-        old = self.issuer.jwks()
-        self.issuer.rotate_key()
-        fetches = []
 
-        def lagging_jwks(handler, body):
-            fetches.append(1)
-            return 200, old if len(fetches) == 1 else self.issuer.jwks()
+class SecretsTests(IssuerTest):
+    issuer_options = {"rate_limit": False, "refresh_tokens": True, "id_tokens": True}
 
-        self.issuer.overrides["/oauth/jwks"] = lagging_jwks
-        result = self.sign_in("--verify")
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(len(fetches), 2)
-        self.issuer.overrides["/oauth/jwks"] = lambda h, b: (fetches.append(1), (200, old))[1]
-        fetches.clear()
-        self.assertFailed(self.sign_in("--verify"), 7, "access token:")
-        self.assertEqual(len(fetches), 2)
-
-    def test_every_failed_check_exits_7_naming_it(self):
-        now = int(time.time())
-        cases = [
-            ({"exp": now - 3600}, [], "expired"),
-            ({"nbf": now + 3600}, [], "not valid before"),
-            ({"iss": "https://evil.example"}, [], "iss"),
-            ({}, ["--audience", "other-api"], "aud"),
-            ({"exp": True}, [], "exp"),
-        ]
-        for extra, flags, fragment in cases:
-            with self.subTest(fragment=fragment):
-                token = self.issuer.access_token("cli", "openid", **extra)
-                self.issuer.overrides["/oauth/token"] = lambda h, b, token=token: (
-                    200, {"access_token": token, "token_type": "Bearer"})
-                self.assertFailed(self.sign_in("--verify", *flags), 7, fragment)
-
-    def test_hostile_tokens_exit_7(self):
-        key = self.issuer.key("ES256")
-        claims = vdl.decode_jwt(self.issuer.access_token("cli", "openid"))[1]
-        good = make_jwt(key, claims)
-        tampered = good[:-6] + ("AAAAAA" if not good.endswith("AAAAAA") else "BBBBBB")
-        cases = [
-            (raw_jwt(b'{"alg":"none","typ":"at+jwt"}', json.dumps(claims).encode(), b""), "none"),
-            (make_jwt(key, claims, {"typ": "JWT"}), "typ"),
-            (make_jwt(key, claims, {"kid": None}), None),
-            (tampered, "signature"),
-            (make_jwt(key, claims, {"crit": ["exp"]}), "crit"),
-            (make_jwt(EcKey("ec-1"), claims), "signature"),
-        ]
-        for token, fragment in cases:
-            with self.subTest(token=token[:40]):
-                self.issuer.overrides["/oauth/token"] = lambda h, b, token=token: (
-                    200, {"access_token": token, "token_type": "Bearer"})
-                result = self.sign_in("--verify")
-                if fragment is None:
-                    self.assertEqual(result.code, 0, result.stderr)
-                else:
-                    self.assertFailed(result, 7, fragment)
-
-    def test_id_token_rules(self):
-        self.issuer.id_tokens = True
-        for extra, fragment in (({"azp": "someone-else"}, "azp"), ({"aud": "other"}, "aud")):
-            with self.subTest(fragment=fragment):
-                id_token = self.issuer.id_token("cli", **extra)
-                self.issuer.overrides["/oauth/token"] = lambda h, b, id_token=id_token: (200, {
-                    "access_token": self.issuer.access_token("cli", "openid"), "token_type": "Bearer",
-                    "id_token": id_token})
-                self.assertFailed(self.sign_in("--verify"), 7, "ID token: " + fragment)
-        at_typed = make_jwt(self.issuer.key("RS256"), vdl.decode_jwt(self.issuer.id_token("cli"))[1])
-        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {
-            "access_token": self.issuer.access_token("cli", "openid"), "token_type": "Bearer", "id_token": at_typed})
-        self.assertFailed(self.sign_in("--verify"), 7, "ID token: ")
-
-    def test_opaque_token_cannot_be_verified(self):
-        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": "opaque", "token_type": "Bearer"})
-        self.assertFailed(self.sign_in("--verify"), 7, "opaque")
-
-    def test_local_inputs_are_checked_before_any_request(self):
-        folder = __import__("tempfile").mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        not_json = os.path.join(folder, "not.json")
-        with open(not_json, "w") as handle:
-            handle.write("not a JWK Set, not PEM either")
-        missing = os.path.join(folder, "nope.json")
-        cases = [(["--verify", "--jwks", missing], 2, "--jwks %s: " % missing),
-                 (["--verify", "--jwks", not_json], 7, "is not a JWK Set"),
-                 (["--cacert", not_json], 2, "no PEM certificates"),
-                 (["--cacert", folder], 2, "no such file"),
-                 (["--authorization-details", "@" + missing], 2, "cannot read"),
-                 (["--authorization-details", "@" + not_json], 2, "not valid JSON"),
-                 (["--require-aaguid", "yubikey"], 2, "not a UUID")]
-        for extra, code, fragment in cases:
-            with self.subTest(extra=extra):
-                self.assertFailed(self.sign_in(*extra), code, fragment)
-                # Nothing was sent: no prompt, no approval thrown away.
-                self.assertEqual(self.issuer.requests, [])
-
-    def test_inspect_offline_with_a_jwks_file(self):
-        token = self.issuer.access_token("cli", "openid")
-        folder = __import__("tempfile").mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        jwks_file = os.path.join(folder, "jwks.json")
-        token_file = os.path.join(folder, "token")
-        with open(jwks_file, "w") as handle:
-            json.dump(self.issuer.jwks(), handle)
-        with open(token_file, "w") as handle:
-            handle.write(token + "\n")
-        result = run_main(["--inspect", "@" + token_file])
-        self.assertEqual(result.code, 0, result.stderr)
-        out = result.json()
-        self.assertEqual(out["header"]["alg"], "ES256")
-        self.assertEqual(out["claims"]["sub"], "user-1234")
-        self.assertIs(out["verified"], False)
-        self.issuer.__exit__()
-        argv = ["--inspect", token, "--verify", "--jwks", jwks_file, "--issuer", self.issuer.issuer]
-        self.assertFailed(run_main(argv), 2, "--audience or --client-id")
-        result = run_main(argv + ["--client-id", "cli"])
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertIs(result.json()["verified"], True)
-        self.assertFailed(run_main(argv + ["--audience", "other"]), 7, "aud")
-        self.assertFailed(run_main(["--inspect", "not-a-token"]), 2, "--inspect")
-        self.assertFailed(run_main(argv[:2] + ["--verify", "--jwks", token_file, "--client-id", "cli"]), 7, "JWK Set")
-
-    def test_inspect_discovers_the_jwks_and_applies_policy(self):
-        token = self.issuer.access_token("cli", "openid")
-        result = run_main(["--inspect", token, "--verify", "--issuer", self.issuer.issuer, "--client-id", "cli",
-                           "--require-hardware"])
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertIs(result.json()["verified"], True)
-        self.issuer.user["hardware_verified"] = False
-        token = self.issuer.access_token("cli", "openid")
-        self.assertFailed(run_main(["--inspect", token, "--require-hardware"]), 8, "hardware_verified")
-
-    def test_a_cached_token_is_verified_again_from_the_cached_jwks(self):
+    def test_verbose_logs_never_show_a_secret(self):
         home = __import__("tempfile").mkdtemp()
         self.addCleanup(shutil.rmtree, home)
         env = {"XDG_CACHE_HOME": home}
-        first = self.sign_in("--cache", "--verify", env=env)
-        self.assertEqual(first.code, 0, first.stderr)
-        requests = len(self.issuer.requests)
-        second = self.sign_in("--cache", "--verify", env=env)
-        self.assertEqual(second.code, 0, second.stderr)
-        self.assertEqual((second.json()["cached"], second.json()["verified"]), (True, True))
-        self.assertEqual(len(self.issuer.requests), requests)
-        third = self.sign_in("--cache", env=env)
-        self.assertIs(third.json()["verified"], False)
+        runs = [self.sign_in("-v", "--cache", "--userinfo", "--verify", env=env),
+                self.sign_in("-v", "--cache", "--min-ttl", "30000", env=env),
+                self.sign_in("-v", "--logout", env=env)]
+        self.assertEqual([r.code for r in runs], [0, 0, 0], runs[0].stderr)
+        secrets_seen = set(self.issuer.issued) | set(self.issuer.refresh_issued)
+        for run in runs[:2]:
+            out = run.json()
+            secrets_seen |= {out["access_token"], out["id_token"], out["refresh_token"]}
+        secrets_seen |= set(self.issuer.devices)
+        for request in self.issuer.requests:
+            secrets_seen |= {v for k, v in parse_qsl(request["body"].decode()) if k in ("refresh_token", "token")}
+        stderr = "".join(r.stderr for r in runs)
+        self.assertIn("debug: POST", stderr)
+        self.assertIn("Authorization", stderr)
+        self.assertGreater(len(secrets_seen), 5)
+        for secret in secrets_seen:
+            self.assertNotIn(secret, stderr)
+            for part in secret.split("."):
+                if len(part) > 16:
+                    self.assertNotIn(part, stderr)
 
 
 # ============================================================================
-# Sessions and policy: cache, refresh, logout, userinfo, gates, RAR
+# Strict decoding: JSON from servers and base64url (RFC 8259 §4, RFC 7515 §2)
 # ============================================================================
 
-class CacheFixture(IssuerTest):
-    """A private XDG_CACHE_HOME per test."""
+class StrictDecodingTests(unittest.TestCase):
+    def test_base64url_accepts_canonical_unpadded_text(self):
+        self.assertEqual(vdl._b64url_decode("aGk"), b"hi")
+        self.assertEqual(vdl._b64url_decode(""), b"")
+        self.assertEqual(vdl._b64url_decode("-_8"), b"\xfb\xff")
 
-    issuer_options = {"rate_limit": False}
+    def test_base64url_rejects_padding_other_alphabets_and_loose_bits(self):
+        for text in ("aGk=", "+/8", "a Gk", "aGl", "QR", "Q", "aGk\n", "é"):
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                vdl._b64url_decode(text)
 
-    def setUp(self):
-        IssuerTest.setUp(self)
-        self.home = os.path.realpath(__import__("tempfile").mkdtemp())
-        self.addCleanup(shutil.rmtree, self.home, True)
-        self.env = {"XDG_CACHE_HOME": os.path.join(self.home, "cache")}
-        self.directory = os.path.join(self.home, "cache", "vouch-device-login")
-
-
-class CacheTests(CacheFixture):
-    def cached_sign_in(self, *extra, **kwargs):
-        return self.sign_in("--cache", *extra, env=dict(self.env, **kwargs.pop("env", {})), **kwargs)
-
-    def cache_files(self):
-        return sorted(os.listdir(self.directory))
-
-    def test_second_run_reuses_the_token_without_any_network(self):
-        first = self.cached_sign_in()
-        self.assertEqual(first.code, 0, first.stderr)
-        self.assertIs(first.json()["cached"], False)
-        requests = len(self.issuer.requests)
-        second = self.cached_sign_in()
-        self.assertEqual(second.code, 0, second.stderr)
-        self.assertIs(second.json()["cached"], True)
-        self.assertEqual(second.json()["access_token"], first.json()["access_token"])
-        self.assertEqual(len(self.issuer.requests), requests)
-        self.assertIn("using the cached token", second.stderr)
-
-    def test_files_are_private_and_written_atomically(self):
-        self.cached_sign_in(env={"VOUCH_CACHE": "1"})
-        self.assertEqual(os.stat(self.directory).st_mode & 0o777, 0o700)
-        files = self.cache_files()
-        self.assertEqual([f.rsplit(".", 1)[1] for f in files], ["answers", "json", "lock"])
-        for name in files:
-            self.assertEqual(os.stat(os.path.join(self.directory, name)).st_mode & 0o777, 0o600, name)
-
-    def test_insecure_or_foreign_cache_files_are_refused(self):
-        self.cached_sign_in()
-        entry = os.path.join(self.directory, next(f for f in self.cache_files() if f.endswith(".json")))
-        for mode in (0o644, 0o604, 0o640, 0o602):
-            os.chmod(entry, mode)
-            with self.subTest(mode=oct(mode)):
-                line = self.assertFailed(self.cached_sign_in(), 2, "readable by group or others")
-                self.assertIn("chmod 600 " + entry, line)
-        os.chmod(entry, 0o600)
-        for mode in (0o755, 0o705, 0o750):
-            os.chmod(self.directory, mode)
-            with self.subTest(mode=oct(mode)):
-                self.assertFailed(self.cached_sign_in(), 2, "chmod 700 " + self.directory)
-        os.chmod(self.directory, 0o700)
-
-    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "only root can plant a file of another owner")
-    def test_a_cache_file_of_another_owner_is_refused(self):
-        self.cached_sign_in()
-        entry = os.path.join(self.directory, next(f for f in self.cache_files() if f.endswith(".json")))
-        os.chown(entry, 4242, -1)
-        self.assertFailed(self.cached_sign_in(), 2, "owned by uid 4242")
-
-    def test_min_ttl_decides_when_a_cached_token_is_too_old(self):
-        self.cached_sign_in()
-        result = self.cached_sign_in("--min-ttl", "30000")
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertIs(result.json()["cached"], False)
-        self.assertEqual(len(self.issuer.devices), 2)
-
-    def test_a_refresh_token_is_used_before_a_new_device_sign_in(self):
-        self.issuer.refresh_tokens = True
-        first = self.cached_sign_in().json()
-        result = self.cached_sign_in("--min-ttl", "30000", approve=False)
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(len(self.issuer.devices), 1)
-        out = result.json()
-        self.assertNotEqual(out["access_token"], first["access_token"])
-        self.assertNotEqual(out["refresh_token"], first["refresh_token"])
-        refresh = [dict(parse_qsl(r["body"].decode())) for r in self.issuer.requests
-                   if b"grant_type=refresh_token" in r["body"]]
-        self.assertEqual(refresh, [{"grant_type": "refresh_token", "refresh_token": first["refresh_token"],
-                                    "client_id": "cli"}])
-
-    def test_a_refused_refresh_token_falls_back_to_the_device_flow(self):
-        self.issuer.refresh_tokens = True
-        self.cached_sign_in()
-        self.issuer.refresh_issued.clear()
-        result = self.cached_sign_in("--min-ttl", "30000")
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(len(self.issuer.devices), 2)
-        self.assertIn("refresh token was not accepted", result.stderr)
-
-    def test_logout_revokes_and_removes_and_is_idempotent(self):
-        self.issuer.refresh_tokens = True
-        out = self.cached_sign_in().json()
-        result = self.sign_in("--logout", env=self.env)
-        self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
-        self.assertEqual(self.issuer.revoked, [
-            {"token": out["refresh_token"], "token_type_hint": "refresh_token", "client_id": "cli"},
-            {"token": out["access_token"], "token_type_hint": "access_token", "client_id": "cli"}])
-        self.assertEqual([f for f in self.cache_files() if f.endswith(".json")], [])
-        result = self.sign_in("--logout", "--cache", env=self.env)
-        self.assertEqual((result.code, result.stdout), (0, ""))
-        self.assertIn("no cached sign-in", result.stderr)
-
-    def test_logout_signs_out_of_every_cached_sign_in_of_the_client(self):
-        self.issuer.clients.add("other")
-        tokens = [self.cached_sign_in(*extra).json()["access_token"]
-                  for extra in ([], ["--scope", "openid"], ["--resource", "https://api.example.com/"])]
-        self.issuer.approve_after_polls = 0
-        other = run_main(["--issuer", self.issuer.issuer, "--client-id", "other", "--cache"], env=self.env)
-        self.assertEqual(other.code, 0, other.stderr)
-        # Each sign-in: its entry, its lock and the answers a cached kubectl run reads.
-        self.assertEqual(len(self.cache_files()), 12)
-        kept = []
-        for name in self.cache_files():
-            with open(os.path.join(self.directory, name)) as handle:
-                if name.endswith(".json") and '"client_id": "other"' in handle.read():
-                    kept = [name.replace(".json", extension) for extension in (".answers", ".json", ".lock")]
-        result = self.sign_in("--logout", env=self.env)
-        self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
-        self.assertIn("signed out: 3 cached sign-ins revoked and removed", result.stderr)
-        self.assertEqual(sorted(r["token"] for r in self.issuer.revoked), sorted(tokens))
-        # Only the other client's sign-in is left, and no lock file of the removed ones.
-        self.assertEqual(self.cache_files(), sorted(kept))
-        again = self.sign_in("--logout", env=self.env)
-        self.assertIn("no cached sign-in of client cli at %s to remove" % self.issuer.issuer, again.stderr)
-        self.assertEqual(self.cache_files(), sorted(kept))
-
-    def test_two_processes_at_once_sign_in_only_once(self):
-        self.issuer.approve_after_polls = 1
-        args = ["--issuer", self.issuer.issuer, "--client-id", "cli", "--cache", "--format", "token"]
-        environment = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
-        environment.update(self.env)
-        procs = [subprocess.Popen([sys.executable, SCRIPT] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  stdin=subprocess.DEVNULL, env=environment) for _ in range(2)]
-        outputs = [p.communicate(timeout=60) for p in procs]
-        self.assertEqual([p.returncode for p in procs], [0, 0], outputs)
-        self.assertEqual(len(self.issuer.devices), 1)
-        self.assertEqual(outputs[0][0], outputs[1][0])
-        self.assertTrue(any(b"another vouch_device_login is signing in" in err for _, err in outputs), outputs)
-
-
-class UserinfoAndPolicyTests(IssuerTest):
-    def test_userinfo_is_added_and_feeds_the_hardware_claims(self):
-        self.issuer.user["hardware_aaguid"] = "CB69481E-8FF7-4039-93EC-0A2729A154A8"
-        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": "opaque-123",
-                                                                    "token_type": "Bearer"})
-        self.issuer.issued.append("opaque-123")
-        result = self.sign_in("--userinfo")
-        self.assertEqual(result.code, 0, result.stderr)
-        out = result.json()
-        self.assertEqual(out["userinfo"]["email"], "ada@example.com")
-        self.assertIsNone(out["claims"])
-        self.assertIs(out["hardware_verified"], True)
-        self.assertEqual(out["hardware_aaguid"], "cb69481e-8ff7-4039-93ec-0a2729a154a8")
-
-    def test_userinfo_for_another_subject_is_refused(self):
-        self.issuer.overrides["/oauth/userinfo"] = lambda h, b: (200, {"sub": "someone-else"})
-        self.assertFailed(self.sign_in("--userinfo"), 6, "does not match")
-
-    def test_require_hardware(self):
-        self.assertEqual(self.sign_in("--require-hardware").code, 0)
-        self.issuer.user["hardware_verified"] = False
-        self.assertFailed(self.sign_in("--require-hardware"), 8, "hardware_verified is false, not true")
-        del self.issuer.user["hardware_verified"]
-        self.assertFailed(self.sign_in("--require-hardware"), 8, "hardware_verified is null")
-
-    def test_require_aaguid_is_repeatable_and_case_insensitive(self):
-        yubikey = "cb69481e-8ff7-4039-93ec-0a2729a154a8"
-        other = "ee882879-721c-4913-9775-3dfcce97072a"
-        self.issuer.user["hardware_aaguid"] = yubikey
-        result = self.sign_in("--require-aaguid", other, "--require-aaguid", yubikey.upper())
-        self.assertEqual(result.code, 0, result.stderr)
-        line = self.assertFailed(self.sign_in("--require-aaguid", other), 8, "hardware_aaguid is \"%s\"" % yubikey)
-        self.assertIn(other, line)
-        self.assertFailed(self.sign_in("--require-aaguid", "not-a-uuid"), 2, "not a UUID")
-
-
-class AuthorizationDetailsTests(IssuerTest):
-    DETAILS = [{"type": "payment_initiation", "amount": "1.00"}, {"type": "account_information"}]
-
-    def test_details_and_resources_are_sent_and_passed_through(self):
-        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {
-            "access_token": "opaque", "token_type": "Bearer", "authorization_details": self.DETAILS})
-        result = self.sign_in("--authorization-details", json.dumps(self.DETAILS),
-                              "--resource", "https://api.example.com/", "--resource", "urn:example:ledger")
-        self.assertEqual(result.code, 0, result.stderr)
-        device = next(r for r in self.issuer.requests if r["path"] == "/oauth/device")
-        form = parse_qsl(device["body"].decode())
-        self.assertEqual(json.loads(dict(form)["authorization_details"]), self.DETAILS)
-        self.assertEqual([v for k, v in form if k == "resource"], ["https://api.example.com/", "urn:example:ledger"])
-        self.assertEqual(result.json()["authorization_details"], self.DETAILS)
-
-    def test_details_from_a_file(self):
-        path = os.path.join(__import__("tempfile").mkdtemp(), "details.json")
-        self.addCleanup(shutil.rmtree, os.path.dirname(path))
-        with open(path, "w") as handle:
-            json.dump(self.DETAILS, handle)
-        self.assertEqual(self.sign_in("--authorization-details", "@" + path).code, 0)
-        self.assertFailed(self.sign_in("--authorization-details", "@" + path + ".missing"), 2, "cannot read")
-
-    def test_bad_details_or_resources_fail_before_any_request(self):
-        for value in ("{}", "[]", "[1]", '[{"type": 5}]', '[{"kind": "x"}]', "not json", '[{"type": "a", "type": "b"}]',
-                      json.dumps([{"type": "x", "pad": "y" * 9000}])):
-            with self.subTest(value=value[:30]):
-                self.assertFailed(self.sign_in("--authorization-details", value), 2)
-        for value in ("relative/path", "https://api.example.com/#frag", "https://a b/"):
-            with self.subTest(value=value):
-                self.assertFailed(self.sign_in("--resource", value), 2)
-        self.assertEqual(self.issuer.requests, [])
+    def test_json_rejects_duplicates_constants_bad_utf8_and_deep_nesting(self):
+        self.assertEqual(vdl._loads_json(b'{"a": [1, 2.5, "x"]}'), {"a": [1, 2.5, "x"]})
+        for data in (b'{"a": 1, "a": 2}', b'{"a": NaN}', b'[Infinity]', b'[-Infinity]', b'\xff{}',
+                     b"[" * 100000 + b"]" * 100000, b"{", b""):
+            with self.subTest(data=data[:20]), self.assertRaises(ValueError):
+                vdl._loads_json(data)
 
 
 # ============================================================================
-# Hostile servers and hostile values: nothing leaks, nothing injects, nothing hangs
+# HTTP: one persistent connection per origin, verified TLS, hard limits
 # ============================================================================
+
+class UrlPolicyTests(unittest.TestCase):
+    def test_loopback_hosts(self):
+        for host in ("127.0.0.1", "127.9.8.7", "::1", "localhost", "LOCALHOST"):
+            self.assertTrue(vdl._is_loopback_host(host), host)
+        for host in ("128.0.0.1", "10.0.0.1", "example.com", "127.0.0.1.nip.io", "::2", "0.0.0.0", "127.1"):
+            self.assertFalse(vdl._is_loopback_host(host), host)
+
+    def test_plain_http_only_on_loopback_and_no_credentials(self):
+        self.assertEqual(vdl._parse_url("https://id.example.com/a?b=1", "x"),
+                         ("https", "id.example.com", 443, "/a?b=1"))
+        self.assertEqual(vdl._parse_url("http://127.0.0.1:8080", "x"), ("http", "127.0.0.1", 8080, "/"))
+        for url in ("http://id.example.com/", "ftp://x/", "https://user:pw@x/", "https:///path", "x",
+                    "https://x:99999/", "https://x/a b", None):
+            with self.subTest(url=url), self.assertRaises(vdl.ProtocolError):
+                vdl._parse_url(url, "x")
+
+    def test_proxy_selection_follows_no_proxy(self):
+        env = {"HTTPS_PROXY": "http://user:p%40ss@proxy.corp:3128", "NO_PROXY": "internal.corp, .lan,other:8443"}
+        host, port, headers = vdl._proxy_for("https", "us.vouch.sh", 443, env)
+        self.assertEqual((host, port), ("proxy.corp", 3128))
+        self.assertEqual(base64.b64decode(headers["Proxy-Authorization"].split()[1]), b"user:p@ss")
+        self.assertIsNone(vdl._proxy_for("https", "a.internal.corp", 443, env))
+        self.assertIsNone(vdl._proxy_for("https", "box.lan", 443, env))
+        self.assertIsNone(vdl._proxy_for("https", "other", 8443, env))
+        self.assertIsNotNone(vdl._proxy_for("https", "other", 443, env))
+        self.assertIsNone(vdl._proxy_for("https", "127.0.0.1", 443, env))
+        self.assertIsNone(vdl._proxy_for("https", "x.com", 443, {"https_proxy": "proxy:1", "no_proxy": "*"}))
+        self.assertEqual(vdl._proxy_for("https", "x.com", 443, {"https_proxy": "proxy:1"})[:2], ("proxy", 1))
+        with self.assertRaises(vdl.UsageError):
+            vdl._proxy_for("https", "x.com", 443, {"HTTPS_PROXY": "socks5://proxy:1080"})
+
+    def test_retry_after_seconds_dates_and_garbage(self):
+        now = 1700000000
+        self.assertEqual(vdl._retry_after("7", now), 7)
+        self.assertEqual(vdl._retry_after("Tue, 14 Nov 2023 22:13:40 GMT", now), 20)
+        self.assertEqual(vdl._retry_after("Tue, 14 Nov 2023 22:13:00 GMT", now), 0)
+        for garbage in (None, "", "soon", "-5", "1e3", "99999999999999", "\x1b[2J"):
+            self.assertIsNone(vdl._retry_after(garbage, now), garbage)
+
+    def test_discovery_locations_and_issuer_equality(self):
+        self.assertEqual(vdl._discovery_urls("https://id.example.com/tenant/"), [
+            "https://id.example.com/tenant/.well-known/openid-configuration",
+            "https://id.example.com/.well-known/oauth-authorization-server/tenant"])
+        self.assertTrue(vdl._same_issuer("https://us.vouch.sh/", "https://us.vouch.sh"))
+        self.assertTrue(vdl._same_issuer("https://us.vouch.sh", "https://us.vouch.sh/"))
+        for other in ("https://us.vouch.sh//", "https://US.vouch.sh", "https://us.vouch.sh/x", "http://us.vouch.sh"):
+            self.assertFalse(vdl._same_issuer("https://us.vouch.sh", other), other)
+
 
 ENDPOINTS = {
     "discovery": "/.well-known/openid-configuration",
@@ -2164,45 +1333,6 @@ class HostileServerTests(IssuerTest):
             self.assertFailed(result, result.code)
 
 
-class ShellSafetyTests(IssuerTest):
-    issuer_options = {"rate_limit": False}
-    HOSTILE = [
-        "o'brien", "'\\''", "\"$(touch /tmp/pwned-vdl)\"", "`touch /tmp/pwned-vdl`", "$(touch /tmp/pwned-vdl)",
-        "${IFS}; touch /tmp/pwned-vdl && echo | cat", "line1\nline2\r\n\ttab\n\n", "back\\slash \\n \\0 \\x41 %s %n",
-        "-n", "\u00fc\u65e5\u672c\U0001F511 \u202egnp.exe \u200f", "'" * 50 + "x'y" * 5000, "",
-    ]
-
-    def test_eval_restores_every_value_byte_for_byte_in_every_shell(self):
-        clear_pwned()
-        shells = [s for s in ("sh", "dash", "bash", "zsh") if shutil.which(s)]
-        self.assertIn("sh", shells)
-        folder = __import__("tempfile").mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        script = ('eval "$(cat "$1")"; printf %s "$VOUCH_EMAIL"; printf "\\0"; printf %s "$VOUCH_SUBJECT";'
-                  'printf "\\0"; printf %s "$VOUCH_TOKEN_TYPE"; printf "\\0"; printf %s "$VOUCH_HARDWARE_VERIFIED"')
-        for number, value in enumerate(self.HOSTILE):
-            self.issuer.user.update(email=value, sub=value[::-1])
-            self.issuer.overrides["/oauth/token"] = lambda h, b, value=value: (200, {
-                "access_token": self.issuer.access_token("cli", "openid"), "token_type": value[:64] or "Bearer"})
-            result = self.sign_in("--format", "shell")
-            self.assertEqual(result.code, 0, result.stderr)
-            path = os.path.join(folder, "out%d" % number)
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(result.stdout)
-            for shell in shells:
-                with self.subTest(value=value[:30], shell=shell):
-                    proc = subprocess.run([shell, "-c", script, "sh", path], stdout=subprocess.PIPE,
-                                          timeout=30, check=True)
-                    self.assertEqual(proc.stdout.decode("utf-8").split("\0"),
-                                     [value, value[::-1], value[:64] or "Bearer", "true"])
-                    self.assertFalse(os.path.exists(PWNED))
-
-    def test_a_value_no_shell_variable_can_hold_is_refused(self):
-        self.issuer.user["email"] = "a\u0000b"
-        self.assertFailed(self.sign_in("--format", "shell"), 6, "NUL")
-        self.assertEqual(self.sign_in().json()["email"], "a\u0000b")
-
-
 class HostileEdgeCaseTests(IssuerTest):
     """Cases a security review found; each once ended in exit 1 or a leak."""
 
@@ -2271,194 +1401,6 @@ class HostileEdgeCaseTests(IssuerTest):
         proc = subprocess.run(["/bin/sh", "-c", '"$@" | true', "sh", sys.executable, SCRIPT, "--help"],
                               stderr=subprocess.PIPE, timeout=60, check=False)
         self.assertNotIn(b"Traceback", proc.stderr)
-
-
-class CacheHardeningTests(CacheFixture):
-    def entry_path(self, suffix=".json"):
-        return next(os.path.join(self.directory, f) for f in os.listdir(self.directory) if f.endswith(suffix))
-
-    def test_a_permissive_umask_never_opens_the_cache_or_its_parents(self):
-        old = os.umask(0)
-        try:
-            result = self.sign_in("--cache", env=self.env)
-        finally:
-            os.umask(old)
-        self.assertEqual(result.code, 0, result.stderr)
-        for path in (os.path.join(self.home, "cache"), self.directory):
-            self.assertEqual(os.stat(path).st_mode & 0o777, 0o700, path)
-        for name in os.listdir(self.directory):
-            self.assertEqual(os.stat(os.path.join(self.directory, name)).st_mode & 0o777, 0o600, name)
-
-    def test_symlinks_and_odd_files_are_refused_cleanly(self):
-        self.sign_in("--cache", env=self.env)
-        entry, lock = self.entry_path(), self.entry_path(".lock")
-        for path in (entry, lock):
-            os.rename(path, path + ".real")
-            os.symlink(path + ".real", path)
-            with self.subTest(path=os.path.basename(path)):
-                self.assertFailed(self.sign_in("--cache", "--min-ttl", "30000", env=self.env), 2, "remove it")
-            os.unlink(path)
-            os.rename(path + ".real", path)
-        os.unlink(entry)
-        os.mkdir(entry, 0o700)
-        self.assertFailed(self.sign_in("--cache", env=self.env), 2, "remove it")
-        os.rmdir(entry)
-        os.rename(self.directory, self.directory + ".real")
-        os.symlink(self.directory + ".real", self.directory)
-        self.assertFailed(self.sign_in("--cache", env=self.env), 2, "not a directory")
-
-    def test_corrupted_entries_are_ignored_and_replaced(self):
-        self.sign_in("--cache", env=self.env)
-        with open(self.entry_path(), "wb") as handle:
-            handle.write(b'{"format": 1, "result": [')
-        result = self.sign_in("--cache", env=self.env)
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertIs(result.json()["cached"], False)
-
-    def test_a_cache_that_cannot_be_written_still_prints_the_token(self):
-        self.sign_in("--cache", env=self.env)
-        with mock.patch("os.replace", side_effect=OSError(28, "No space left on device")):
-            result = self.sign_in("--cache", "--min-ttl", "30000", env=self.env)
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertIn("the token was not cached", result.stderr)
-        self.assertIn("No space left on device", result.stderr)
-        self.assertEqual([f for f in os.listdir(self.directory) if f.endswith(".tmp")], [])
-
-    def test_a_cache_hit_discovers_what_explicit_endpoints_left_out(self):
-        explicit = ["--device-authorization-endpoint", self.issuer.issuer + "/oauth/device",
-                    "--token-endpoint", self.issuer.issuer + "/oauth/token"]
-        self.assertEqual(self.sign_in("--cache", *explicit, env=self.env).code, 0)
-        for flag in ("--userinfo", "--verify"):
-            with self.subTest(flag=flag):
-                result = self.sign_in("--cache", flag, env=self.env)
-                self.assertEqual(result.code, 0, result.stderr)
-                self.assertIs(result.json()["cached"], True)
-
-    def test_a_cached_refresh_token_is_masked_in_logs(self):
-        self.issuer.refresh_tokens = True
-        first = self.sign_in("--cache", env=self.env).json()
-        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error(
-            "invalid_grant", "refresh token %s was revoked" % dict(parse_qsl(b.decode())).get("refresh_token"))
-        result = self.sign_in("--cache", "--min-ttl", "30000", "-v", approve=False, env=self.env)
-        self.assertIn("was revoked", result.stderr)
-        self.assertIn("the refresh token was not accepted", result.stderr)
-        self.assertNotIn(first["refresh_token"], result.stderr)
-
-
-class VerifierHardeningTests(unittest.TestCase):
-    """Findings of an adversarial review of the verifier."""
-
-    def setUp(self):
-        self.key = EcKey("k1")
-        self.token = make_jwt(self.key, {"iss": "i", "aud": "c", "exp": int(time.time()) + 60})
-        self.signing_input, _, signature = self.token.rpartition(".")
-        self.signature = vdl._b64url_decode(signature)
-
-    def test_the_raw_primitive_takes_bytes_only(self):
-        self.assertTrue(vdl.verify_signature("ES256", self.key.jwk(), self.signing_input.encode(), self.signature))
-        for signing_input, signature in ((self.signing_input, self.signature),
-                                         (self.signing_input.encode(), None),
-                                         (self.signing_input.encode(), "x" * 64)):
-            with self.subTest(types=(type(signing_input).__name__, type(signature).__name__)), \
-                    self.assertRaisesRegex(vdl.TokenVerificationError, "must be bytes"):
-                vdl.verify_signature("ES256", self.key.jwk(), signing_input, signature)
-
-    def test_a_published_private_key_is_refused(self):
-        jwk = dict(self.key.jwk(), d=b64url(self.key.d.to_bytes(32, "big")))
-        with self.assertRaisesRegex(vdl.TokenVerificationError, "private key material"):
-            vdl.verify_jwt(self.token, {"keys": [jwk]}, issuer="i", audience="c")
-
-    def test_at_jwt_dressed_up_is_no_access_token_and_no_id_token(self):
-        for typ in ("at+jwt; charset=utf-8", " application/at+jwt ", "AT+JWT"):
-            token = make_jwt(self.key, {"iss": "i", "aud": "c", "exp": int(time.time()) + 60}, {"typ": typ})
-            jwks = {"keys": [self.key.jwk()]}
-            with self.subTest(typ=typ):
-                if typ == "AT+JWT":
-                    self.assertEqual(vdl.verify_jwt(token, jwks, typ="at+jwt")["iss"], "i")
-                else:
-                    with self.assertRaisesRegex(vdl.TokenVerificationError, "expected at\\+jwt"):
-                        vdl.verify_jwt(token, jwks, typ="at+jwt")
-                with self.assertRaisesRegex(vdl.TokenVerificationError, "not allowed"):
-                    vdl.verify_jwt(token, jwks, typ=vdl.NOT_AT_JWT)
-
-
-class TerminalInjectionTests(IssuerTest):
-    HOSTILE = ("\x1b]8;;https://evil.example/\x07click\x1b]8;;\x07 \x1b]52;c;ZXZpbA==\x07 \x1b[2J\x1b[1;1H"
-               "\rOK \u202egnp.exe\u202c \u2066x\u2069 \x9b31m \x07\x08\x7f")
-
-    def assertNoControl(self, text):
-        for bad in ("\x1b", "\r", "\x9b", "\x07", "\x08", "\x7f", "\u202e", "\u2066", "\u2069", "\u202c"):
-            self.assertNotIn(bad, text)
-
-    def test_error_descriptions_are_sanitised(self):
-        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error("invalid_grant", self.HOSTILE)
-        result = self.sign_in(approve=False)
-        line = self.assertFailed(result, 6, "invalid_grant")
-        self.assertIn("click", line)
-        self.assertNoControl(result.stderr)
-
-    def test_prompt_fields_with_controls_are_refused_or_dropped(self):
-        device = {"device_code": "d" * 43, "user_code": "BCDF-GHJK", "verification_uri": self.issuer.issuer + "/device",
-                  "verification_uri_complete": self.issuer.issuer + "/device?c=" + self.HOSTILE, "interval": 1}
-        self.issuer.overrides["/oauth/device"] = lambda h, b: (200, device)
-        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error("access_denied")
-        result = self.sign_in()
-        self.assertFailed(result, 3)
-        self.assertIn("ignoring verification_uri_complete", result.stderr)
-        self.assertNoControl(result.stderr)
-        for field in ("user_code", "verification_uri"):
-            bad = dict(device, **{field: device[field] + self.HOSTILE})
-            self.issuer.overrides["/oauth/device"] = lambda h, b, bad=bad: (200, bad)
-            with self.subTest(field=field):
-                result = self.sign_in()
-                self.assertFailed(result, 6, field)
-                self.assertNoControl(result.stderr)
-
-    def test_claims_quoted_in_messages_are_sanitised(self):
-        token = self.issuer.access_token("cli", "openid", iss=self.HOSTILE)
-        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": token, "token_type": "Bearer"})
-        result = self.sign_in("--verify")
-        self.assertFailed(result, 7, "iss")
-        self.assertNoControl(result.stderr)
-        self.issuer.user["hardware_aaguid"] = self.HOSTILE
-        self.issuer.overrides.clear()
-        result = self.sign_in("--require-aaguid", "cb69481e-8ff7-4039-93ec-0a2729a154a8")
-        self.assertFailed(result, 8)
-        self.assertNoControl(result.stderr)
-
-    def test_long_values_are_capped(self):
-        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error("invalid_grant", "A" * 100000)
-        line = self.assertFailed(self.sign_in(approve=False), 6)
-        self.assertLess(len(line), 600)
-
-
-class SecretsTests(IssuerTest):
-    issuer_options = {"rate_limit": False, "refresh_tokens": True, "id_tokens": True}
-
-    def test_verbose_logs_never_show_a_secret(self):
-        home = __import__("tempfile").mkdtemp()
-        self.addCleanup(shutil.rmtree, home)
-        env = {"XDG_CACHE_HOME": home}
-        runs = [self.sign_in("-v", "--cache", "--userinfo", "--verify", env=env),
-                self.sign_in("-v", "--cache", "--min-ttl", "30000", env=env),
-                self.sign_in("-v", "--logout", env=env)]
-        self.assertEqual([r.code for r in runs], [0, 0, 0], runs[0].stderr)
-        secrets_seen = set(self.issuer.issued) | set(self.issuer.refresh_issued)
-        for run in runs[:2]:
-            out = run.json()
-            secrets_seen |= {out["access_token"], out["id_token"], out["refresh_token"]}
-        secrets_seen |= set(self.issuer.devices)
-        for request in self.issuer.requests:
-            secrets_seen |= {v for k, v in parse_qsl(request["body"].decode()) if k in ("refresh_token", "token")}
-        stderr = "".join(r.stderr for r in runs)
-        self.assertIn("debug: POST", stderr)
-        self.assertIn("Authorization", stderr)
-        self.assertGreater(len(secrets_seen), 5)
-        for secret in secrets_seen:
-            self.assertNotIn(secret, stderr)
-            for part in secret.split("."):
-                if len(part) > 16:
-                    self.assertNotIn(part, stderr)
 
 
 class TransportTests(unittest.TestCase):
@@ -2555,10 +1497,6 @@ class TransportTests(unittest.TestCase):
 
     assertFailed = IssuerTest.assertFailed
 
-
-# ============================================================================
-# Transport deadlines: a raw-socket peer that stalls every way a peer can
-# ============================================================================
 
 def _read_request_head(sock):
     """Read up to the end of a request's head (the body, if any, is left)."""
@@ -2978,373 +1916,1280 @@ class TransportAdviceTests(unittest.TestCase):
 
 
 # ============================================================================
-# The contract, clause by clause, where a broader test could not tell
+# Device flow: authorization request (RFC 8628 §3.1-3.2), prompt, polling
 # ============================================================================
 
-class ContractTests(IssuerTest):
+class DeviceAuthorizationParsingTests(unittest.TestCase):
+    def parse(self, **fields):
+        document = {"device_code": "d" * 43, "user_code": "BCDF-GHJK",
+                    "verification_uri": "https://us.vouch.sh/device"}
+        document.update(fields)
+        for key in [k for k, v in document.items() if v is DROP]:
+            del document[key]
+        err = io.StringIO()
+        device = vdl.parse_device_authorization(document, 50.0, vdl._Terminal(stream=err))
+        return device, err.getvalue()
+
+    def test_defaults_when_optional_fields_are_missing(self):
+        device, _ = self.parse()
+        self.assertEqual((device.interval, device.expires_in), (5, 600))
+        self.assertIsNone(device.verification_uri_complete)
+
+    def test_interval_is_raised_to_one_second_and_capped(self):
+        for given, expected in ((0, 1), (0.2, 1), (-7, 1), (1, 1), (2.5, 2.5), (1e9, 60), ("7", 7)):
+            with self.subTest(given=given):
+                self.assertEqual(self.parse(interval=given)[0].interval, expected)
+        self.assertIn("longer than 60", self.parse(interval=1e9)[1])
+
+    def test_expires_in_bounds(self):
+        self.assertEqual(self.parse(expires_in=10 ** 9)[0].expires_in, 1800)
+        for bad in (0, -1, "abc", True, [5]):
+            with self.subTest(bad=bad), self.assertRaises(vdl.ProtocolError):
+                self.parse(expires_in=bad)
+
+    def test_wrong_types_and_missing_fields_are_protocol_errors(self):
+        for fields in ({"interval": "soon"}, {"interval": True}, {"interval": {}}, {"device_code": DROP},
+                       {"device_code": 5}, {"user_code": ""}, {"user_code": "AB\x1b[2JCD"},
+                       {"verification_uri": DROP}, {"verification_uri": "javascript:alert(1)"},
+                       {"verification_uri": "https://x/\u202edevice"}, {"user_code": "x" * 100}):
+            with self.subTest(fields=fields), self.assertRaises(vdl.ProtocolError):
+                self.parse(**fields)
+
+    def test_google_verification_url_alias_and_bad_complete_uri(self):
+        device, _ = self.parse(verification_uri=DROP, verification_url="https://www.google.com/device")
+        self.assertEqual(device.verification_uri, "https://www.google.com/device")
+        device, warnings = self.parse(verification_uri_complete="data:text/html,hi")
+        self.assertIsNone(device.verification_uri_complete)
+        self.assertIn("ignoring verification_uri_complete", warnings)
+        _, warnings = self.parse(verification_uri="http://phish.example/device")
+        self.assertIn("not https", warnings)
+
+
+DROP = object()
+
+
+def oauth_error(code, description=None, status=400):
+    body = {"error": code}
+    if description:
+        body["error_description"] = description
+    return status, body
+
+
+PENDING = oauth_error("authorization_pending")
+SLOW_DOWN = oauth_error("slow_down")
+
+
+class PollerTests(IssuerTest):
     issuer_options = {"rate_limit": False}
 
-    def test_server_errors_are_network_failures_at_every_endpoint(self):
-        for path, flags in (("/.well-known/openid-configuration", []), ("/oauth/device", []),
-                            ("/oauth/jwks", ["--verify"]), ("/oauth/userinfo", ["--userinfo"])):
-            for status in (500, 502, 503):
-                self.issuer.overrides[path] = lambda h, b, status=status: (status, b"down", {}, "text/plain")
-                with self.subTest(path=path, status=status):
-                    self.assertFailed(self.sign_in(*flags), 5, str(status))
-            del self.issuer.overrides[path]
-
-    def test_required_fields_of_the_wrong_type_are_protocol_errors(self):
-        good_device = {"device_code": "d" * 43, "user_code": "BCDF-GHJK",
-                       "verification_uri": self.issuer.issuer + "/device"}
-        for field in good_device:
-            for value in (None, 12, [], {}, True):
-                device = dict(good_device, **{field: value})
-                self.issuer.overrides["/oauth/device"] = lambda h, b, d=device: (200, d)
-                with self.subTest(field=field, value=value):
-                    self.assertFailed(self.sign_in(), 6, field)
-        del self.issuer.overrides["/oauth/device"]
-        for field in ("access_token", "token_type"):
-            for value in (None, 12, [], {}, True, ""):
-                answer = {"access_token": "opaque-token-1234", "token_type": "Bearer", field: value}
-                self.issuer.overrides["/oauth/token"] = lambda h, b, a=answer: (200, a)
-                with self.subTest(field=field, value=value):
-                    self.assertFailed(self.sign_in(), 6, field)
-
-    def test_a_mix_up_is_caught_on_the_rfc8414_path_too(self):
-        issuer = LocalIssuer(discovery="oauth", path="/t")
-        with issuer:
-            issuer.overrides["/.well-known/oauth-authorization-server/t"] = lambda h, b: (
-                200, dict(issuer.metadata(), issuer=issuer.base + "/other"))
-            self.assertFailed(run_main(["--issuer", issuer.issuer, "--client-id", "cli"]), 6, "issuer mix-up")
-
-    def test_every_redirect_status_is_named_and_not_followed(self):
-        for status in (300, 301, 302, 303, 304, 305, 307, 308):
-            self.issuer.overrides["/oauth/device"] = lambda h, b, s=status: (
-                s, b"", {"Location": "https://evil.example/%d" % s}, "text/plain")
-            with self.subTest(status=status):
-                self.assertFailed(self.sign_in(), 6, "HTTP %d redirect to https://evil.example/%d" % (status, status))
-
-    def test_hardware_claims_come_from_the_access_token_then_id_token_then_userinfo(self):
-        def run(access, id_claims, userinfo):
-            claims = vdl.decode_jwt(self.issuer.access_token("cli", "openid"))[1]
-            claims.pop("hardware_verified", None)
-            claims.update(access)
-            id_token = self.issuer.id_token("cli", **id_claims)
-            token = make_jwt(self.issuer.key("ES256"), claims)
-            self.issuer.issued.append(token)
-            self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": token, "token_type": "Bearer",
-                                                                        "id_token": id_token})
-            self.issuer.overrides["/oauth/userinfo"] = lambda h, b: (200, dict(userinfo, sub="user-1234"))
-            out = self.sign_in("--userinfo").json()
-            return out["hardware_verified"], out["hardware_aaguid"]
-
-        a, b, c = ("aaaaaaaa-0000-0000-0000-000000000001", "bbbbbbbb-0000-0000-0000-000000000002",
-                   "cccccccc-0000-0000-0000-000000000003")
-        full = [({"hardware_verified": False, "hardware_aaguid": a}), ({"hardware_verified": True, "hardware_aaguid": b}),
-                ({"hardware_verified": True, "hardware_aaguid": c})]
-        self.assertEqual(run(*full), (False, a))
-        self.assertEqual(run({}, full[1], full[2]), (True, b))
-        self.assertEqual(run({}, {}, {"hardware_verified": False, "hardware_aaguid": c}), (False, c))
-
-    def test_device_endpoint_429_honours_retry_after(self):
-        answers = [(429, b"slow down", {"Retry-After": "7"}, "text/plain")]
-        self.issuer.overrides["/oauth/device"] = lambda h, b: answers.pop() if answers else self.issuer._device(
-            h, dict(parse_qsl(b.decode())))
+    def poll(self, script, interval=5, expires_in=600):
+        """Poll against a scripted token endpoint; returns (outcome, clock, polls)."""
+        self.issuer.token_script = list(script)
         clock = FakeClock()
-        self.issuer.approve_after_polls = 0
-        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli"], clock=clock)
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(clock.sleeps[0], 7)
-
-    def test_backoff_never_polls_sooner_than_the_interval_and_has_jitter(self):
-        self.issuer.token_script = [(503, b"", {}, "text/plain")] * 6 + [
-            (200, {"access_token": "opaque-token-1234", "token_type": "Bearer"})]
-        clock = FakeClock()
-        device = vdl.DeviceAuthorization("dc-" + "y" * 40, "BCDF-GHJK", self.issuer.issuer + "/device", None,
-                                         600.0, 5.0, clock())
+        device = vdl.DeviceAuthorization("dc-" + "x" * 40, "BCDF-GHJK", self.issuer.issuer + "/device", None,
+                                         float(expires_in), float(interval), clock())
         http = vdl._HttpClient(timeout=5)
         self.addCleanup(http.close)
-        vdl.poll_for_token(http, self.issuer.issuer + "/oauth/token", "cli", device, clock=clock, sleep=clock.sleep,
-                           rng=random.Random(1))
-        backoffs = clock.sleeps[1:]
-        self.assertEqual(len(backoffs), 6)
-        self.assertTrue(all(delay >= 5 for delay in backoffs), backoffs)
-        self.assertGreater(backoffs[-1], 16)
-        self.assertTrue(any(delay not in (5, 8, 16, 32, 60) for delay in backoffs), backoffs)
+        try:
+            outcome = vdl.poll_for_token(http, self.issuer.issuer + "/oauth/token", "cli", device,
+                                         clock=clock, sleep=clock.sleep, rng=random.Random(7))
+        except (vdl.VouchError, vdl._DeviceCodeExpired) as exc:
+            outcome = exc
+        polls = [r for r in self.issuer.requests if r["path"].endswith("/oauth/token")]
+        return outcome, clock, polls
 
-    def test_a_poll_that_times_out_backs_off_and_keeps_the_code(self):
+    def test_first_poll_waits_one_interval_and_pending_keeps_going(self):
+        outcome, clock, polls = self.poll([PENDING, PENDING, (200, {"access_token": "t", "token_type": "Bearer"})])
+        self.assertEqual(outcome["access_token"], "t")
+        self.assertEqual(clock.sleeps, [5, 5, 5])
+        self.assertEqual(len(polls), 3)
+        for poll in polls:
+            form = dict(parse_qsl(poll["body"].decode()))
+            self.assertEqual(form, {"grant_type": vdl.DEVICE_CODE_GRANT, "device_code": "dc-" + "x" * 40,
+                                    "client_id": "cli"})
+
+    def test_slow_down_adds_five_seconds_to_every_later_poll(self):
+        _outcome, clock, _ = self.poll([SLOW_DOWN, PENDING, SLOW_DOWN, PENDING, (200, {"access_token": "t",
+                                                                                    "token_type": "Bearer"})])
+        self.assertEqual(clock.sleeps, [5, 10, 10, 15, 15])
+
+    def test_429_honours_retry_after_seconds_and_dates(self):
+        date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+        script = [(429, b"busy", {"Retry-After": "12"}, "text/plain"),
+                  (429, b"busy", {"Retry-After": date}, "text/plain"),
+                  (429, b"busy", {"Retry-After": "garbage"}, "text/plain"),
+                  (429, b"busy", {"Retry-After": "1"}, "text/plain"),
+                  (200, {"access_token": "t", "token_type": "Bearer"})]
+        outcome, clock, _ = self.poll(script)
+        self.assertEqual(outcome["access_token"], "t")
+        self.assertEqual(clock.sleeps[:2], [5, 12])
+        self.assertTrue(28 <= clock.sleeps[2] <= 31, clock.sleeps)
+        self.assertEqual(clock.sleeps[3:], [5, 5])
+
+    def test_429_without_retry_after_backs_off_exponentially(self):
+        script = [(429, b"busy", {}, "text/plain")] * 4 + [(200, {"access_token": "t", "token_type": "Bearer"})]
+        outcome, clock, polls = self.poll(script, interval=1)
+        self.assertEqual(outcome["access_token"], "t")
+        self.assertEqual((len(polls), len(clock.sleeps)), (5, 5))
+        for failures, delay in enumerate(clock.sleeps[1:5], start=1):
+            self.assertTrue(2 ** failures / 2 <= delay <= 2 ** failures, clock.sleeps)
+
+    def test_no_poll_starts_after_the_deadline_whatever_the_endpoint_does(self):
+        def reset(handler, body):
+            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            handler.connection.close()
+            handler.close_connection = True
+
+        def trickle(handler, body):
+            start_body(handler, 1000)
+            for _ in range(40):
+                handler.wfile.write(b" ")
+                handler.wfile.flush()
+                time.sleep(0.05)
+            handler.close_connection = True
+
+        behaviours = {
+            "5xx forever": lambda handler, body: (503, b"down", {}, "text/plain"),
+            "resets forever": reset,
+            "trickles forever": trickle,
+            "429 with a huge Retry-After": lambda handler, body: (429, b"busy", {"Retry-After": "99999999"},
+                                                                 "text/plain"),
+            "pending, with sleeps that overrun": lambda handler, body: PENDING,
+        }
+        for name, answer in behaviours.items():
+            with self.subTest(name):
+                clock = FakeClock()
+                if name.endswith("overrun"):
+                    clock.sleep = lambda seconds, clock=clock: FakeClock.sleep(clock, seconds + 7)
+                polled_at = []
+
+                def record(handler, body, answer=answer, clock=clock, polled_at=polled_at):
+                    polled_at.append(clock.now)
+                    return answer(handler, body)
+
+                self.issuer.overrides["/oauth/token"] = record
+                device = vdl.DeviceAuthorization("dc-" + "x" * 40, "BCDF-GHJK", self.issuer.issuer + "/device",
+                                                 None, 30.0, 5.0, clock())
+                http = vdl._HttpClient(timeout=0.5)
+                self.addCleanup(http.close)
+                with self.assertRaises((vdl._DeviceCodeExpired, vdl.NetworkError)):
+                    vdl.poll_for_token(http, self.issuer.issuer + "/oauth/token", "cli", device,
+                                       clock=clock, sleep=clock.sleep, rng=random.Random(7))
+                deadline = device.received_at + device.expires_in
+                self.assertTrue(polled_at, name)
+                self.assertLess(max(polled_at), deadline, polled_at)
+                if not name.endswith("overrun"):
+                    self.assertLessEqual(clock.now, deadline)
+
+    def test_retry_after_is_capped_by_the_time_left(self):
+        outcome, clock, polls = self.poll([(429, b"busy", {"Retry-After": "100000"}, "text/plain")],
+                                          expires_in=60)
+        self.assertIsInstance(outcome, vdl._DeviceCodeExpired)
+        self.assertEqual(len(polls), 1)
+        self.assertEqual(sum(clock.sleeps), 60)
+
+    def test_server_errors_back_off_exponentially_and_keep_the_code(self):
+        script = [(500, b"oops", {}, "text/plain"), (502, b"", {}, "text/plain"), (503, b"", {}, "text/plain"),
+                  (504, b"", {}, "text/plain"), PENDING, (200, {"access_token": "t", "token_type": "Bearer"})]
+        outcome, clock, polls = self.poll(script, interval=1)
+        self.assertEqual(outcome["access_token"], "t")
+        self.assertEqual(clock.sleeps[0], 1)
+        backoffs = clock.sleeps[1:5]
+        for failures, delay in enumerate(backoffs, start=1):
+            self.assertTrue(2 ** failures / 2 <= delay <= 2 ** failures, backoffs)
+        self.assertEqual(clock.sleeps[5], 1)
+        self.assertEqual(len({p["body"] for p in polls}), 1)
+
+    def test_connection_failures_back_off_like_server_errors(self):
         calls = []
 
-        def slow_then_fine(handler, body):
-            calls.append(dict(parse_qsl(body.decode()))["device_code"])
-            if len(calls) == 1:
-                time.sleep(4)
-            return 200, {"access_token": "opaque-token-1234", "token_type": "Bearer"}
+        def reset(handler, body):
+            calls.append(1)
+            if len(calls) <= 2:
+                handler.close_connection = True
+                handler.connection.shutdown(socket.SHUT_RDWR)
+                return None
+            return 200, {"access_token": "t", "token_type": "Bearer"}
 
-        self.issuer.overrides["/oauth/token"] = slow_then_fine
+        self.issuer.overrides["/oauth/token"] = reset
+        outcome, clock, _ = self.poll([], interval=1)
+        self.assertEqual(outcome["access_token"], "t")
+        self.assertEqual(len(clock.sleeps), 3)
+        self.assertTrue(1 <= clock.sleeps[1] <= 2 and 2 <= clock.sleeps[2] <= 4, clock.sleeps)
+
+    def test_errors_until_the_deadline_report_the_network_failure(self):
+        outcome, _, _ = self.poll([(503, b"", {}, "text/plain")] * 50, interval=5, expires_in=120)
+        self.assertIsInstance(outcome, vdl.NetworkError)
+        self.assertIn("503", str(outcome))
+
+    def test_expired_token_and_the_deadline_end_the_code(self):
+        outcome, _, polls = self.poll([PENDING, oauth_error("expired_token")])
+        self.assertIsInstance(outcome, vdl._DeviceCodeExpired)
+        self.assertEqual(len(polls), 2)
+        outcome, clock, polls = self.poll([PENDING] * 20, interval=5, expires_in=12)
+        self.assertIsInstance(outcome, vdl._DeviceCodeExpired)
+        self.assertEqual(sum(clock.sleeps), 12)
+        self.assertEqual(len(polls), 2 + 2)  # this run's two, after the previous run's two
+
+    def test_denied_and_refused_answers(self):
+        outcome, _, _ = self.poll([oauth_error("access_denied", "user said no")])
+        self.assertIsInstance(outcome, vdl.AccessDeniedError)
+        for script, fragment in (([oauth_error("invalid_grant", "used code")], "invalid_grant: used code"),
+                                 ([oauth_error("invalid_client", "who?", 401)], "invalid_client: who?"),
+                                 ([oauth_error("unauthorized_client", status=401)], "unauthorized_client"),
+                                 ([oauth_error("made_up_error", "\x1b[31mred")], "made_up_error: red"),
+                                 ([(400, b"<html>", {}, "text/html")], "not valid JSON"),
+                                 ([(400, {"message": "no"})], "without an OAuth error"),
+                                 ([(302, b"", {"Location": "https://evil.example/steal"}, "text/plain")],
+                                  "redirect to https://evil.example/steal")):
+            with self.subTest(fragment=fragment):
+                outcome, _, _ = self.poll(script)
+                self.assertIsInstance(outcome, vdl.ProtocolError)
+                self.assertIn(fragment, str(outcome))
+                self.assertNotIn("\x1b", str(outcome))
+
+
+# ============================================================================
+# QR code (ISO/IEC 18004:2015): byte mode, level M (L for long URLs), 8 masks
+# ============================================================================
+
+try:
+    import segno
+    import segno.encoder
+except ImportError:
+    segno = None
+
+try:
+    import numpy
+    import zxingcpp
+except ImportError:
+    numpy = zxingcpp = None
+
+# ISO/IEC 18004:2015 Table C.1: format information after the 0x5412 mask,
+# keyed by level, indexed by mask.
+PUBLISHED_FORMAT = {
+    'L': ('111011111000100', '111001011110011', '111110110101010',
+          '111100010011101', '110011000101111', '110001100011000',
+          '110110001000001', '110100101110110'),
+    'M': ('101010000010010', '101000100100101', '101111001111100',
+          '101101101001011', '100010111111001', '100000011001110',
+          '100111110010111', '100101010100000'),
+    'Q': ('011010101011111', '011000001101000', '011111100110001',
+          '011101000000110', '010010010110100', '010000110000011',
+          '010111011011010', '010101111101101'),
+    'H': ('001011010001001', '001001110111110', '001110011100111',
+          '001100111010000', '000011101100010', '000001001010101',
+          '000110100001100', '000100000111011'),
+}
+
+# ISO/IEC 18004:2015 Table D.1 (a few rows)
+PUBLISHED_VERSION = {
+    7: '000111110010010100',
+    8: '001000010110111100',
+    9: '001001101010011001',
+    40: '101000110001101001',
+}
+
+FINDER = ('1111111', '1000001', '1011101', '1011101', '1011101', '1000001',
+          '1111111')
+
+URL_ALPHABET = ('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
+                '0123456789-._~')
+
+
+def make_urls(count, seed=18004, low=10, high=300):
+    """Device-flow style URLs of random length in [low, high]."""
+    rng = random.Random(seed)
+    urls = []
+    for _ in range(count):
+        length = rng.randint(low, high)
+        code = ''.join(rng.choice('BCDFGHJKLMNPQRSTVWXZ') for _ in range(8))
+        url = f'https://us.vouch.sh/device?user_code={code[:4]}-{code[4:]}'
+        while len(url) < length:
+            url += rng.choice('/&=?#') + ''.join(
+                rng.choice(URL_ALPHABET) for _ in range(rng.randint(1, 12)))
+        urls.append(url[:length])
+    return urls
+
+
+def to_bits(matrix):
+    return [''.join('1' if m else '0' for m in row) for row in matrix]
+
+
+def bch_remainder(value, generator):
+    """Remainder of value * x^deg(generator) / generator, by long division."""
+    deg = generator.bit_length() - 1
+    value <<= deg
+    while value.bit_length() > deg:
+        value ^= generator << (value.bit_length() - 1 - deg)
+    return value
+
+
+def gf_mul(a, b):
+    """GF(256) product modulo 0x11D without tables."""
+    out = 0
+    while b:
+        if b & 1:
+            out ^= a
+        a <<= 1
+        if a & 0x100:
+            a ^= 0x11D
+        b >>= 1
+    return out
+
+
+def reference_penalty(matrix):
+    """ISO/IEC 18004:2015 Table 11 penalty, written for clarity not speed."""
+    size = len(matrix)
+    grid = [[1 if m else 0 for m in row] for row in matrix]
+    lines = grid + [list(col) for col in zip(*grid)]
+    score = 0
+    for line in lines:
+        run = 1
+        for k in range(1, size + 1):
+            if k < size and line[k] == line[k - 1]:
+                run += 1
+                continue
+            if run >= 5:
+                score += 3 + run - 5
+            run = 1
+    for r in range(size - 1):
+        for c in range(size - 1):
+            if grid[r][c] == grid[r][c + 1] == grid[r + 1][c] == \
+                    grid[r + 1][c + 1]:
+                score += 3
+    core = [1, 0, 1, 1, 1, 0, 1]
+    for line in lines:
+        for k in range(size - 6):
+            if line[k:k + 7] != core:
+                continue
+            before = not any(line[max(0, k - 4):k])
+            after = not any(line[k + 7:k + 11])
+            if before or after:
+                score += 40
+    dark = sum(map(sum, grid))
+    deviation = abs(Fraction(100 * dark, size * size) - 50)
+    score += 10 * int(deviation // 5)
+    return score
+
+
+def function_free_cells(size):
+    """Cells left light while segno scores masks (format, version, dark)."""
+    cells = [(8, c) for c in range(9) if c != 6]
+    cells += [(r, 8) for r in range(9) if r != 6]
+    cells += [(8, size - 1 - i) for i in range(8)]
+    cells += [(size - 1 - i, 8) for i in range(8)]
+    if size >= 45:
+        for i in range(6):
+            for j in range(size - 11, size - 8):
+                cells += [(i, j), (j, i)]
+    return cells
+
+
+@contextlib.contextmanager
+def segno_fixed_padding():
+    """Patch segno's pad-bit bug (heuer/segno#123, #148).
+
+    segno 1.6 adds eight zero bits instead of none when the bit stream
+    already ends on a codeword boundary (ISO/IEC 18004:2015 §7.4.10), which
+    in byte mode is every symbol whose terminator fits: an extra 0x00 data
+    codeword shifts the pad codewords, so the matrices differ although
+    both decode to the same text.
+    """
+    def fixed(buff, version, length):
+        buff.extend([0] * (-length % 8))
+    original = segno.encoder.write_padding_bits
+    segno.encoder.write_padding_bits = fixed
+    try:
+        yield
+    finally:
+        segno.encoder.write_padding_bits = original
+
+
+def parse_render(text, unicode, quiet, size, invert=False):
+    """Turn rendered text back into a dark-module grid (quiet zone incl.)."""
+    width = size + 2 * quiet
+    height = size + 2 * quiet
+    ink = []
+    for line in text.split('\n')[:-1]:
+        if unicode:
+            line = line.ljust(width)
+            ink.append([ch in '\u2580\u2588' for ch in line])
+            ink.append([ch in '\u2584\u2588' for ch in line])
+        else:
+            line = line.ljust(2 * width)
+            ink.append([line[2 * k:2 * k + 2] == '##' for k in range(width)])
+    extra = ink[height:]
+    assert all(not any(row) for row in extra), 'ink below the quiet zone'
+    return [[x == invert for x in row] for row in ink[:height]], len(extra)
+
+
+class QrStructureTests(unittest.TestCase):
+
+    def test_version1_function_patterns(self):
+        matrix, version, level, mask = vdl._qr_encode(b'HELLO', 'M', 0)
+        self.assertEqual((version, level, mask), (1, 'M', 0))
+        bits = to_bits(matrix)
+        self.assertEqual(len(bits), 21)
+        self.assertTrue(all(len(row) == 21 for row in bits))
+        for top, left in ((0, 0), (0, 14), (14, 0)):
+            got = [bits[top + r][left:left + 7] for r in range(7)]
+            self.assertEqual(tuple(got), FINDER)
+        # separators
+        self.assertEqual(bits[7][:8], '0' * 8)
+        self.assertEqual(bits[7][13:], '0' * 8)
+        self.assertEqual(bits[13][:8], '0' * 8)
+        self.assertEqual(''.join(bits[r][7] for r in range(8)), '0' * 8)
+        self.assertEqual(''.join(bits[r][13] for r in range(8)), '0' * 8)
+        self.assertEqual(''.join(bits[r][7] for r in range(13, 21)), '0' * 8)
+        # timing patterns
+        self.assertEqual(bits[6][8:13], '10101')
+        self.assertEqual(''.join(bits[r][6] for r in range(8, 13)), '10101')
+        # dark module at (4V + 9, 8)
+        self.assertEqual(bits[13][8], '1')
+        # both copies of the format information, most significant bit first
+        first = [(8, c) for c in (0, 1, 2, 3, 4, 5, 7, 8)]
+        first += [(r, 8) for r in (7, 5, 4, 3, 2, 1, 0)]
+        second = [(r, 8) for r in range(20, 13, -1)]
+        second += [(8, c) for c in range(13, 21)]
+        for cells in (first, second):
+            got = ''.join(bits[r][c] for r, c in cells)
+            self.assertEqual(got, '101010000010010')
+
+    def test_version7_version_information(self):
+        matrix, version, _, _ = vdl._qr_encode(b'x' * 120, 'M', version=7)
+        self.assertEqual(version, 7)
+        bits = to_bits(matrix)
+        size = len(bits)
+        # ISO/IEC 18004:2015 §7.10: bit i at row i // 3, column
+        # size - 11 + i % 3 (upper right) and transposed (lower left)
+        upper = ''.join(bits[i // 3][size - 11 + i % 3]
+                        for i in range(17, -1, -1))
+        lower = ''.join(bits[size - 11 + i % 3][i // 3]
+                        for i in range(17, -1, -1))
+        self.assertEqual(upper, PUBLISHED_VERSION[7])
+        self.assertEqual(lower, PUBLISHED_VERSION[7])
+
+    def test_alignment_pattern_centres(self):
+        # ISO/IEC 18004:2015 Table E.1 (a few rows)
+        published = {1: [], 2: [6, 18], 7: [6, 22, 38],
+                     22: [6, 26, 50, 74, 98],
+                     32: [6, 34, 60, 86, 112, 138],
+                     36: [6, 24, 50, 76, 102, 128, 154],
+                     40: [6, 30, 58, 86, 114, 142, 170]}
+        for version, centres in published.items():
+            self.assertEqual(vdl._qr_alignment_positions(version), centres)
+
+    def test_format_information_all_32(self):
+        codes = []
+        for level, indicator in (('L', 1), ('M', 0), ('Q', 3), ('H', 2)):
+            for mask in range(8):
+                data = indicator << 3 | mask
+                expected = (data << 10 | bch_remainder(data, 0x537)) ^ 0x5412
+                got = vdl._qr_format_bits(level, mask)
+                self.assertEqual(got, expected)
+                self.assertEqual(format(got, '015b'),
+                                 PUBLISHED_FORMAT[level][mask])
+                codes.append(got)
+        # BCH(15,5) keeps every pair of codes at least 7 bits apart
+        for i, a in enumerate(codes):
+            for b in codes[i + 1:]:
+                distance = bin(a ^ b).count('1')
+                self.assertGreaterEqual(distance, 7)
+
+    def test_version_information(self):
+        for version in range(7, 41):
+            expected = version << 12 | bch_remainder(version, 0x1F25)
+            self.assertEqual(vdl._qr_version_bits(version), expected)
+        for version, text in PUBLISHED_VERSION.items():
+            self.assertEqual(format(vdl._qr_version_bits(version), '018b'),
+                             text)
+
+    def test_reed_solomon_known_vector(self):
+        # ISO/IEC 18004:2015 Annex I: "01234567" as 1-M
+        data = bytes([0x10, 0x20, 0x0C, 0x56, 0x61, 0x80, 0xEC, 0x11,
+                      0xEC, 0x11, 0xEC, 0x11, 0xEC, 0x11, 0xEC, 0x11])
+        expected = bytes([0xA5, 0x24, 0xD4, 0xC1, 0xED, 0x36, 0xC7, 0x87,
+                          0x2C, 0x55])
+        self.assertEqual(vdl._qr_rs(data, 10), expected)
+
+    def test_reed_solomon_codeword_divisible_by_generator(self):
+        rng = random.Random(7)
+        for ec_len in (7, 10, 13, 17, 18, 22, 26, 28, 30):
+            data = bytes(rng.randrange(256) for _ in range(rng.randint(1, 60)))
+            word = data + vdl._qr_rs(data, ec_len)
+            alpha_i = 1
+            for _ in range(ec_len):
+                value = 0
+                for coef in word:  # Horner, highest degree first
+                    value = gf_mul(value, alpha_i) ^ coef
+                self.assertEqual(value, 0)
+                alpha_i = gf_mul(alpha_i, 2)
+
+    def test_gf_tables_are_built_lazily(self):
+        code = ('import sys; sys.path.insert(0, sys.argv[1]); import vouch_device_login as vdl; '
+                'assert vdl._QR_GF_CACHE == []; '
+                'vdl._qr_encode("x"); assert len(vdl._QR_GF_CACHE) == 1')
+        here = os.path.dirname(os.path.abspath(__file__))
+        subprocess.check_call([sys.executable, '-c', code, here])
+
+
+class QrCapacityTests(unittest.TestCase):
+
+    def test_version_boundaries(self):
+        self.assertEqual(vdl._qr_encode(b'a' * 14, 'M')[1], 1)
+        self.assertEqual(vdl._qr_encode(b'a' * 15, 'M')[1], 2)
+        for level, most in (('L', 17), ('M', 14), ('Q', 11), ('H', 7)):
+            self.assertEqual(vdl._qr_choose(most, level, None), (1, level))
+            self.assertEqual(vdl._qr_choose(most + 1, level, None),
+                             (2, level))
+        for level, most in (('L', 2953), ('M', 2331), ('Q', 1663),
+                            ('H', 1273)):
+            self.assertEqual(vdl._qr_choose(most, level, None), (40, level))
+            with self.assertRaises(ValueError):
+                vdl._qr_choose(most + 1, level, None)
+
+    def test_version40_encodes(self):
+        matrix, version, level, _ = vdl._qr_encode(b'\xff' * 2331, 'M')
+        self.assertEqual((version, level, len(matrix)), (40, 'M', 177))
+
+    def test_too_long_is_a_clear_error(self):
+        with self.assertRaises(ValueError) as ctx:
+            vdl._qr_encode(b'a' * 2954)
+        self.assertIn('2954 bytes', str(ctx.exception))
+        with self.assertRaises(ValueError):
+            vdl._qr_encode(b'a' * 2332, 'M')
+        with self.assertRaises(ValueError):
+            vdl._qr_encode(b'a' * 15, 'M', version=1)
+
+    def test_level_policy(self):
+        url = 'https://us.vouch.sh/device?user_code=BCDF-GHJK'
+        self.assertEqual(vdl._qr_encode(url)[1:3], (4, 'M'))
+        # M up to version 13 (77 columns with the quiet zone)
+        self.assertEqual(vdl._qr_choose(331, None, None), (13, 'M'))
+        self.assertEqual(vdl._qr_choose(332, None, None), (12, 'L'))
+        self.assertEqual(vdl._qr_choose(332, 'M', None), (14, 'M'))
+        self.assertEqual(vdl._qr_choose(2331, None, None), (36, 'L'))
+        self.assertEqual(vdl._qr_choose(2953, None, None), (40, 'L'))
+        # a forced version keeps M while M fits in it
+        self.assertEqual(vdl._qr_choose(332, None, 14), (14, 'M'))
+        self.assertEqual(vdl._qr_choose(363, None, 14), (14, 'L'))
+
+    def test_invalid_overrides(self):
+        for kwargs in ({'level': 'X'}, {'mask': 8}, {'mask': -1},
+                       {'version': 0}, {'version': 41}):
+            with self.assertRaises(ValueError):
+                vdl._qr_encode(b'abc', **kwargs)
+
+    def test_str_is_utf8(self):
+        self.assertEqual(vdl._qr_encode('caf\xe9'),
+                         vdl._qr_encode(b'caf\xc3\xa9'))
+        self.assertEqual(vdl._qr_matrix('abc'), vdl._qr_encode(b'abc')[0])
+
+
+class QrMaskingTests(unittest.TestCase):
+
+    def test_penalty_matches_reference(self):
+        rng = random.Random(11)
+        matrices = []
+        for _ in range(30):
+            size = rng.choice((21, 25, 29, 33))
+            density = rng.random()
+            matrices.append([[rng.random() < density for _ in range(size)]
+                             for _ in range(size)])
+        # chained 1:1:3:1:1 patterns sharing their light run
+        row = [False] * 4 + [True, False, True, True, True, False, True]
+        row = (row * 3 + [False] * 4)[:25]
+        matrices.append([row[:] for _ in range(25)])
+        for text in ('x', 'https://us.vouch.sh/device', 'y' * 100):
+            for mask in range(8):
+                matrices.append(vdl._qr_matrix(text, 'M', mask))
+        for matrix in matrices:
+            rows = [int(line, 2) for line in to_bits(matrix)]
+            self.assertEqual(vdl._qr_penalty(rows, len(matrix)),
+                             reference_penalty(matrix))
+
+    def test_auto_mask_is_lowest_penalty(self):
+        for text in make_urls(6, seed=3, high=120):
+            _, version, level, mask = vdl._qr_encode(text)
+            scores = [reference_penalty(vdl._qr_matrix(text, level, m, version))
+                      for m in range(8)]
+            self.assertEqual(mask, scores.index(min(scores)))
+
+
+class QrRenderTests(unittest.TestCase):
+
+    def setUp(self):
+        self.matrix = vdl._qr_matrix('https://us.vouch.sh/device?user_code=BCDF')
+        self.size = len(self.matrix)
+
+    def check_lines(self, text, charset):
+        self.assertTrue(text.endswith('\n'))
+        for line in text.split('\n')[:-1]:
+            self.assertEqual(line, line.rstrip())
+            self.assertLessEqual(set(line), set(charset))
+
+    def test_unicode_round_trip(self):
+        for invert in (False, True):
+            for quiet in (4, 2, 6):
+                text = vdl._qr_render(self.matrix, quiet=quiet, invert=invert)
+                self.check_lines(text, ' \u2580\u2584\u2588')
+                lines = text.split('\n')[:-1]
+                self.assertEqual(len(lines), (self.size + 2 * quiet + 1) // 2)
+                grid, _ = parse_render(text, True, quiet, self.size, invert)
+                self.assertEqual(
+                    [row[quiet:quiet + self.size]
+                     for row in grid[quiet:quiet + self.size]], self.matrix)
+                border = grid[:quiet] + grid[-quiet:]
+                border += [row[:quiet] + row[-quiet:] for row in grid]
+                self.assertFalse(any(map(any, border)))
+
+    def test_ascii_round_trip(self):
+        for invert in (False, True):
+            text = vdl._qr_render(self.matrix, unicode=False, invert=invert)
+            self.check_lines(text, ' #')
+            lines = text.split('\n')[:-1]
+            self.assertEqual(len(lines), self.size + 8)
+            grid, extra = parse_render(text, False, 4, self.size, invert)
+            self.assertEqual(extra, 0)
+            self.assertEqual([row[4:-4] for row in grid[4:-4]], self.matrix)
+
+    def test_default_inks_light_modules(self):
+        text = vdl._qr_render(self.matrix)
+        first = text.split('\n')[0]
+        self.assertEqual(first, '\u2588' * (self.size + 8))
+        inverted = vdl._qr_render(self.matrix, invert=True)
+        self.assertEqual(inverted.split('\n')[0], '')
+
+    def test_quiet_zone_clamped(self):
+        for quiet in (0, 1, -3):
+            self.assertEqual(vdl._qr_render(self.matrix, quiet=quiet),
+                             vdl._qr_render(self.matrix, quiet=2))
+
+
+@unittest.skipUnless(segno, 'segno is not installed')
+class QrSegnoTests(unittest.TestCase):
+
+    def compare(self, urls, level):
+        """Matrix, version and mask agreement with segno at one level.
+
+        segno's QRCode.matrix is a tuple of bytearrays, one per row from the
+        top, 0x1 for dark and 0x0 for light, without the quiet zone (segno
+        adds the border only when serialising), so it maps onto our rows of
+        bools directly.
+        """
+        disagree = []
+        with segno_fixed_padding():
+            for url in urls:
+                ref = segno.make_qr(url, mode='byte', error=level,
+                                    boost_error=False)
+                ref_rows = [''.join(map(str, row)) for row in ref.matrix]
+                ours, version, got_level, mask = vdl._qr_encode(url, level)
+                self.assertEqual((version, got_level), (ref.version, level))
+                if mask != ref.mask:
+                    disagree.append((url, version, ref.mask))
+                    ours = vdl._qr_matrix(url, level, ref.mask, ref.version)
+                self.assertEqual(to_bits(ours), ref_rows, url)
+        # checking a sample keeps the run within a few seconds
+        for url, version, ref_mask in disagree[:12]:
+            self.check_mask_disagreement(url, level, version, ref_mask)
+        return disagree
+
+    def check_mask_disagreement(self, url, level, version, ref_mask):
+        """A different mask must come from scoring, not from the symbols.
+
+        ISO/IEC 18004:2015 §7.8.3.1 scores the complete symbol, format and
+        version information included.  segno scores its matrix before that
+        information and the dark module are placed, and its N3 scan resumes
+        7 modules after a counted pattern, missing a second one that shares
+        the last dark module ("1011101011101" + light).  Fed our symbols
+        with those cells left light, segno's own scorer must pick segno's
+        mask, so our symbols for every mask equal segno's.
+        """
+        size = 17 + 4 * version
+        blank = []
+        for m in range(8):
+            rows = [bytearray(row) for row in
+                    vdl._qr_matrix(url, level, m, version)]
+            for r, c in function_free_cells(size):
+                rows[r][c] = 0
+            blank.append(segno.encoder.evaluate_mask(rows, size, size))
+        self.assertEqual(blank.index(min(blank)), ref_mask, url)
+
+    def test_200_urls_level_m(self):
+        urls = make_urls(200)
+        disagree = self.compare(urls, 'M')
+        self.assertLess(len(disagree), len(urls) // 2)
+
+    def test_urls_level_l(self):
+        self.compare(make_urls(25, seed=99), 'L')
+
+    def test_every_version_at_capacity(self):
+        # one level per version, all four at version 40
+        cases = [(v, 'LMQH'[v % 4]) for v in range(1, 40)]
+        cases += [(40, level) for level in 'LMQH']
+        rng = random.Random(40)
+        with segno_fixed_padding():
+            for version, level in cases:
+                count = (8 * vdl._qr_data_codewords(version, level) - 4
+                         - (8 if version < 10 else 16)) // 8
+                data = bytes(rng.randrange(256) for _ in range(count))
+                mask = (version + ord(level)) % 8
+                ref = segno.make_qr(data, mode='byte', error=level,
+                                    version=version, mask=mask,
+                                    boost_error=False)
+                ref_rows = [''.join(map(str, row)) for row in ref.matrix]
+                got = vdl._qr_matrix(data, level, mask, version)
+                self.assertEqual(to_bits(got), ref_rows, (version, level))
+
+
+def decode(grid, scale=4, invert_pixels=False, try_invert=False):
+    """Decode a dark-module grid that already includes its quiet zone."""
+    dark, light = (255, 0) if invert_pixels else (0, 255)
+    img = numpy.array([[dark if m else light for m in row] for row in grid],
+                      dtype=numpy.uint8)
+    img = numpy.kron(img, numpy.ones((scale, scale), dtype=numpy.uint8))
+    found = zxingcpp.read_barcodes(img, formats=zxingcpp.BarcodeFormat.QRCode,
+                                   try_invert=try_invert)
+    return found[0] if found else None
+
+
+def with_quiet_zone(matrix, quiet=4):
+    width = len(matrix) + 2 * quiet
+    blank = [[False] * width for _ in range(quiet)]
+    return blank + [[False] * quiet + list(row) + [False] * quiet
+                    for row in matrix] + blank
+
+
+@unittest.skipUnless(zxingcpp, 'zxing-cpp or numpy is not installed')
+class QrDecodeTests(unittest.TestCase):
+
+    urls = tuple(url for length in (10, 47, 120, 300, 700, 2000)
+                 for url in make_urls(1, seed=length, low=length, high=length))
+
+    def test_decode_matrix(self):
+        for url in self.urls:
+            matrix, version, level, _ = vdl._qr_encode(url)
+            found = decode(with_quiet_zone(matrix))
+            self.assertIsNotNone(found, (len(url), version))
+            self.assertEqual(found.text, url)
+            self.assertEqual(found.ec_level, level)
+
+    def test_every_fitting_the_prompt_may_draw_decodes(self):
+        # The level and quiet zone the prompt falls back to on a small terminal.
+        for url in (VOUCH_URL,) + self.urls[:3]:
+            for level, quiet in vdl._QR_FITTINGS:
+                matrix = vdl._qr_matrix(url, level)
+                for unicode in (True, False):
+                    with self.subTest(length=len(url), level=level, quiet=quiet, unicode=unicode):
+                        text = vdl._qr_render(matrix, unicode=unicode, quiet=quiet)
+                        grid, _ = parse_render(text, unicode, quiet, len(matrix))
+                        found = decode(grid)
+                        self.assertEqual(found and found.text, url)
+
+    def test_the_smallest_fitting_is_chosen_and_none_past_the_smallest(self):
+        data = VOUCH_URL.encode()
+        sides = {(level, quiet): len(vdl._qr_matrix(data, level)) + 2 * quiet for level, quiet in vdl._QR_FITTINGS}
+        self.assertEqual(vdl._qr_fitting(data, True, 80, None)[1:], (4, None))
+        self.assertEqual(len(vdl._qr_fitting(data, True, 80, 17)[0]), 29)
+        self.assertEqual(vdl._qr_fitting(data, True, 80, 16), (None, None, (33, 17)))
+        # ASCII in 80 columns: M with its full quiet zone would take 82.
+        self.assertEqual(2 * sides["M", 4], 82)
+        matrix, quiet, _ = vdl._qr_fitting(data, False, 80, None)
+        self.assertLessEqual(2 * (len(matrix) + 2 * quiet), 80)
+
+    def test_decode_rendered_text(self):
+        for url in self.urls[:4]:
+            matrix = vdl._qr_matrix(url)
+            size = len(matrix)
+            for unicode in (True, False):
+                # default rendering on a dark theme: ink is light
+                text = vdl._qr_render(matrix, unicode=unicode)
+                grid, _ = parse_render(text, unicode, 4, size)
+                found = decode(grid)
+                self.assertEqual(found and found.text, url)
+                # the same text on a light theme reads as reversed
+                found = decode(grid, invert_pixels=True, try_invert=True)
+                self.assertEqual(found and found.text, url)
+                # invert=True on a light theme: ink is dark
+                text = vdl._qr_render(matrix, unicode=unicode, invert=True)
+                grid, _ = parse_render(text, unicode, 4, size, invert=True)
+                found = decode(grid)
+                self.assertEqual(found and found.text, url)
+
+
+# ============================================================================
+# Prompt extras: QR code, browser, clipboard (OSC 52), live countdown
+# ============================================================================
+
+class TerminalPromptTests(IssuerTest):
+    def setUp(self):
+        IssuerTest.setUp(self)
+        self.issuer.approve_after_polls = 1
+        self.args = ["--issuer", self.issuer.issuer, "--client-id", "cli"]
+
+    def test_live_prompt_with_qr_countdown_and_clipboard(self):
+        code, stdout, screen = run_in_pty(self.args + ["--qr", "--copy", "--no-browser"])
+        self.assertEqual(code, 0, screen)
+        self.assertEqual(json.loads(stdout)["access_token"], self.issuer.issued[0])
+        device = next(iter(self.issuer.devices.values()))
+        self.assertIn("\x1b[1m%s\x1b[0m" % device["user_code"], screen)
+        self.assertIn(" ".join(device["user_code"][:4]), screen)
+        osc52 = "\x1b]52;c;%s\x07" % base64.b64encode(device["user_code"].encode()).decode()
+        self.assertIn(osc52, screen)
+        self.assertGreaterEqual(screen.count("\r\x1b[KWaiting for approval... "), 2)
+        self.assertIn("min", screen.split("Waiting for approval... ")[1][:12])
+        last_update = screen.rindex("Waiting for approval... ")
+        self.assertIn("\r\x1b[K", screen[last_update:])
+        qr_lines = [line[len("\x1b[97;40m"):line.index("\x1b[0m")] for line in screen.replace("\r", "").split("\n")
+                    if line.startswith("\x1b[97;40m")]
+        self.assertGreater(len(qr_lines), 10)
+        self.assertTrue(all("\u2588" in line or "\u2580" in line for line in qr_lines))
+        if zxingcpp is not None:
+            self.assertEqual(decoded_text(modules_from_text(qr_lines)), self.issuer.issuer +
+                             "/device?user_code=" + device["user_code"])
+
+    def test_no_color_keeps_the_prompt_plain(self):
+        code, _, screen = run_in_pty(self.args + ["--qr", "--no-browser"], env={"NO_COLOR": "1"})
+        self.assertEqual(code, 0, screen)
+        self.assertNotIn("\x1b[1m", screen)
+        self.assertNotIn("\x1b[97;40m", screen)
+        self.assertIn("\u2588", screen)
+        # NO_COLOR is about colour only: the countdown still runs, uncoloured.
+        self.assertIn("\r\x1b[KWaiting for approval... ", screen)
+
+    def test_a_dumb_terminal_gets_plain_lines_instead_of_the_countdown(self):
+        code, _, screen = run_in_pty(self.args + ["--no-browser"], env={"TERM": "dumb"})
+        self.assertEqual(code, 0, screen)
+        self.assertNotIn("\x1b", screen)
+        self.assertIn("To sign in, open", screen)
+
+    def test_browser_opens_only_where_a_person_can_see_it(self):
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        opened = os.path.join(folder, "opened")
+        recorder = os.path.join(folder, "browser")
+        with open(recorder, "w") as handle:
+            handle.write("#!/bin/sh\nprintf '%%s\\n' \"$1\" >> %s\n" % opened)
+        os.chmod(recorder, 0o755)
+        browser = {"BROWSER": recorder + " %s"}
+        cases = [({"DISPLAY": ":99"}, [], True),
+                 ({"DISPLAY": ":99", "SSH_CONNECTION": "10.0.0.1 5000 10.0.0.2 22"}, [], False),
+                 ({}, [], False),
+                 ({"DISPLAY": ":99"}, ["--no-browser"], False),
+                 ({"SSH_TTY": "/dev/pts/3"}, ["--browser"], True)]
+        for env, flags, expected in cases:
+            with self.subTest(env=env, flags=flags):
+                if os.path.exists(opened):
+                    os.unlink(opened)
+                self.issuer.approve_after_polls = 0
+                code, _, screen = run_in_pty(self.args + flags, env=dict(browser, **env))
+                self.assertEqual(code, 0, screen)
+                if expected:
+                    with open(opened) as handle:
+                        self.assertEqual(handle.read().split(), [self.issuer.issuer + "/device?user_code="
+                                                                 + list(self.issuer.devices.values())[-1]["user_code"]])
+                else:
+                    self.assertFalse(os.path.exists(opened))
+
+    def test_copy_uses_pbcopy_in_a_local_mac_session_and_says_what_it_did(self):
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        copied = os.path.join(folder, "copied")
+        with open(os.path.join(folder, "pbcopy"), "w") as handle:
+            handle.write("#!/bin/sh\ncat > %s\n" % copied)
+        os.chmod(os.path.join(folder, "pbcopy"), 0o755)
+        device = vdl.DeviceAuthorization("d" * 43, "BCDF-GHJK", "https://id.example.com/device", None, 600.0, 5.0, 0.0)
+        cases = [({}, "darwin", True), ({"SSH_CONNECTION": "10.0.0.1 5000 10.0.0.2 22"}, "darwin", False),
+                 ({}, "linux", False)]
+        for env, platform, local in cases:
+            with self.subTest(env=env, platform=platform):
+                if os.path.exists(copied):
+                    os.unlink(copied)
+                err = TtyStream()
+                vdl._copy_presenter(dict(env, PATH=folder), platform)(device, vdl._Terminal(stream=err))
+                self.assertEqual(os.path.exists(copied), local)
+                if local:
+                    with open(copied) as handle:
+                        self.assertEqual(handle.read(), "BCDF-GHJK")
+                    self.assertEqual(err.getvalue(), "vouch_device_login: the code is on the clipboard\n")
+                else:
+                    self.assertIn("\x1b]52;c;", err.getvalue())
+                    # Whether the terminal took it nobody can tell: say what was done.
+                    self.assertIn("the code was sent to the terminal's clipboard", err.getvalue())
+
+    def test_no_browser_when_stderr_is_not_a_terminal(self):
+        self.assertFalse(vdl._browser_visible({"DISPLAY": ":0"}, vdl._Terminal(stream=io.StringIO()), "linux"))
+        err = vdl._Terminal(stream=TtyStream())
+        self.assertTrue(vdl._browser_visible({"DISPLAY": ":0"}, err, "linux"))
+        self.assertTrue(vdl._browser_visible({"WAYLAND_DISPLAY": "wayland-0"}, err, "linux"))
+        self.assertFalse(vdl._browser_visible({}, err, "linux"))
+        self.assertTrue(vdl._browser_visible({}, err, "darwin"))
+        self.assertFalse(vdl._browser_visible({"SSH_CLIENT": "x"}, err, "darwin"))
+        self.assertFalse(vdl._browser_visible({"SSH_TTY": "/dev/pts/3", "DISPLAY": ":0"}, err, "linux"))
+
+
+VOUCH_URL = "https://us.vouch.sh/device?user_code=BCDF-GHJK"
+QR_CHARACTERS = set(" \u2580\u2584\u2588")
+
+
+def serve_vouch_device_answer(issuer):
+    """Vouch's own URLs and code from the device endpoint, then one pending poll and the token."""
+    issuer.overrides["/oauth/device"] = lambda h, b: (200, {
+        "device_code": "d" * 43, "user_code": "BCDF-GHJK", "verification_uri": "https://us.vouch.sh/device",
+        "verification_uri_complete": VOUCH_URL, "expires_in": 600, "interval": 1})
+    issuer.token_script = [(400, {"error": "authorization_pending"}), (200, issuer._tokens("cli", "openid email"))]
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "pseudo-terminal tests need Linux")
+class TerminalSizeTests(IssuerTest):
+    """What a person sees on a terminal of a given size (set on the pseudo-terminal with TIOCSWINSZ)."""
+
+    def setUp(self):
+        IssuerTest.setUp(self)
+        self.issuer.approve_after_polls = 2
+        self.args = ["--issuer", self.issuer.issuer, "--client-id", "cli", "--no-browser"]
+
+    def test_the_countdown_never_wraps_or_piles_up_on_a_narrow_terminal(self):
+        for columns in (30, 12, 4):
+            with self.subTest(columns=columns):
+                code, _, screen = run_in_pty(self.args, size=(24, columns))
+                self.assertEqual(code, 0, screen)
+                shown = live_lines(screen)
+                self.assertGreaterEqual(len(shown), 2, screen)
+                self.assertTrue(all(len(text) < columns for text in shown), shown)
+                if columns == 4:
+                    self.assertEqual(set(shown), {""})
+                else:
+                    self.assertIn("min", shown[0])
+                # However long the wait, the live line keeps to one row.
+                first_tick = screen.index("\r\x1b[K")
+                rows = terminal_rows(screen[:first_tick], columns)
+                self.assertEqual(len(screen_while_waiting(screen, columns)), len(rows) + (rows[-1] != ""))
+                self.assertIn(self.issuer.issuer[:columns], "".join(rows))
+
+    def test_the_countdown_follows_a_resize(self):
+        self.issuer.approve_after_polls = 3
+        code, _, screen = run_in_pty(self.args, size=(24, 80), resize=(24, 20))
+        self.assertEqual(code, 0, screen)
+        shown = [text for text in live_lines(screen) if text]
+        self.assertTrue(shown[0].startswith("Waiting for approval... "), shown)
+        self.assertTrue(shown[-1].endswith(" left") and len(shown[-1]) < 20, shown)
+        # A terminal that reflows wrapped the wider line in two: both rows are erased.
+        self.assertRegex(screen, "\r\x1b\\[1A\x1b\\[J[0-9]+ min")
+
+    def test_messages_clear_the_live_line_and_bring_it_back_after(self):
+        code, _, screen = run_in_pty(self.args + ["-v"], size=(24, 200))
+        self.assertEqual(code, 0, screen)
+        rows = screen_while_waiting(screen, 200)
+        debug = [row for row in rows if "debug:" in row]
+        self.assertTrue(any("/oauth/token" in row for row in debug), rows)
+        for row in debug:
+            self.assertTrue(row.startswith("vouch_device_login.py: debug: "), row)
+        self.assertTrue(rows[-1].startswith("Waiting for approval... "), rows)
+
+    def test_a_restart_message_starts_a_line_of_its_own(self):
+        self.issuer.approve_after_polls = None
+        self.issuer.expires_in = 2
+        err = TtyStream()
         clock = FakeClock()
-        device = vdl.DeviceAuthorization("dc-" + "z" * 40, "BCDF-GHJK", self.issuer.issuer + "/device", None,
-                                         600.0, 1.0, clock())
-        # A generous limit, so that only the first, stalled answer can exceed it on a loaded machine.
-        http = vdl._HttpClient(timeout=2)
-        self.addCleanup(http.close)
-        outcome = vdl.poll_for_token(http, self.issuer.issuer + "/oauth/token", "cli", device, clock=clock,
-                                     sleep=clock.sleep, rng=random.Random(1))
-        self.assertEqual(outcome["access_token"], "opaque-token-1234")
-        self.assertEqual(calls, ["dc-" + "z" * 40] * 2)
-        self.assertTrue(1 <= clock.sleeps[1] <= 2, clock.sleeps)
+        with clean_env(), mock.patch.object(vdl, "_monotonic", clock), mock.patch.object(vdl, "_sleep", clock.sleep), \
+                mock.patch.object(sys, "stdout", io.StringIO()), mock.patch.object(sys, "stderr", err):
+            code = vdl.main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--max-restarts", "1"])
+        self.assertEqual(code, 4, err.getvalue())
+        rows = terminal_rows(err.getvalue(), 80)
+        for message in ("the code expired; getting a new one (restart 1 of 1)", "error: the code expired"):
+            row = next(row for row in rows if message in row)
+            self.assertTrue(row.startswith("vouch_device_login: "), rows)
 
-    def test_max_restarts_defaults_to_two_on_a_terminal_and_zero_elsewhere(self):
-        args = vdl._argument_parser().parse_args(["--client-id", "cli"])
-        for stream, expected in ((TtyStream(), 2), (io.StringIO(), 0)):
-            config = vdl._config_from_args(args, {}, vdl._Terminal(stream=stream))
-            self.assertEqual(config.max_restarts, expected)
+    def test_vouchs_url_code_and_a_scannable_qr_code_fit_80x24_at_once(self):
+        serve_vouch_device_answer(self.issuer)
+        code, stdout, screen = run_in_pty(self.args + ["--qr"], size=(24, 80))
+        self.assertEqual(code, 0, screen)
+        self.assertEqual(json.loads(stdout)["access_token"], self.issuer.issued[0])
+        rows = screen_while_waiting(screen, 80)
+        self.assertLessEqual(len(rows), 23, rows)  # the 24th row holds the command that was typed
+        qr = [i for i, row in enumerate(rows) if row.strip() and set(row) <= QR_CHARACTERS]
+        self.assertEqual(qr, list(range(qr[0], qr[-1] + 1)))
+        url = next(i for i, row in enumerate(rows) if row == "To sign in, open:  https://us.vouch.sh/device")
+        code_row = next(i for i, row in enumerate(rows) if "the code:  BCDF-GHJK" in row)
+        self.assertLess(qr[-1], url)
+        self.assertLess(url, code_row)
+        self.assertTrue(rows[-1].startswith("Waiting for approval... "))
+        if zxingcpp is not None:
+            self.assertEqual(decoded_text(modules_from_text([rows[i] for i in qr])), VOUCH_URL)
 
-    def test_shell_variables_carry_false_and_the_expiry_time(self):
-        self.issuer.user["hardware_verified"] = False
-        out = self.sign_in().json()
-        lines = self.sign_in("--format", "shell").stdout.splitlines()
-        self.assertIn("export VOUCH_HARDWARE_VERIFIED='false'", lines)
-        expires_at = next(line for line in lines if line.startswith("export VOUCH_EXPIRES_AT="))
-        self.assertTrue(abs(int(expires_at.split("'")[1]) - out["expires_at"]) <= 2, expires_at)
-        self.assertNotEqual(int(expires_at.split("'")[1]), out["expires_in"])
+    def test_a_qr_code_that_cannot_be_shown_whole_is_not_drawn(self):
+        serve_vouch_device_answer(self.issuer)
+        code, _, screen = run_in_pty(self.args + ["--qr"], size=(20, 60))
+        self.assertEqual(code, 0, screen)
+        rows = screen_while_waiting(screen, 60)
+        self.assertFalse([row for row in rows if set(row) & QR_CHARACTERS - {" "}], rows)
+        self.assertEqual("".join(rows[:2]), "No QR code: with the text below it, it needs a terminal of 33x24 and "
+                                            "this one is 60x20; enlarge it, or use the link.")
+        self.assertIn("To sign in, open:  https://us.vouch.sh/device", rows)
+        self.assertLessEqual(len(rows), 19)
 
-    def test_cache_defaults_environment_and_keys(self):
-        home = __import__("tempfile").mkdtemp()
-        self.addCleanup(shutil.rmtree, home)
-        env = {"XDG_CACHE_HOME": home, "VOUCH_CACHE": "1"}
-        self.assertIs(self.sign_in(env=env).json()["cached"], False)
-        self.assertIs(self.sign_in(env=env).json()["cached"], True)
-        self.assertIs(self.sign_in("--scope", "openid", env=env).json()["cached"], False)
-        self.assertEqual(len([f for f in os.listdir(os.path.join(home, "vouch-device-login")) if f.endswith(".json")]), 2)
-        self.assertNotIn("cached", self.sign_in(env={"XDG_CACHE_HOME": home}).json())
-        with clean_env(HOME=home):
-            self.assertEqual(vdl._cache_directory({"HOME": home}),
-                             os.path.join(os.path.expanduser("~"), ".cache", "vouch-device-login"))
-        folder = os.path.join(home, "vouch-device-login")
 
-        def scope_of(name):
-            with open(os.path.join(folder, name)) as handle:
-                return json.load(handle)["result"]["scope"]
+class PlainPromptTests(IssuerTest):
+    def test_qr_is_drawn_even_when_stderr_is_a_log(self):
+        self.issuer.approve_after_polls = 0
+        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"],
+                         env={"PYTHONIOENCODING": "utf-8"})
+        self.assertEqual(result.code, 0, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if set(line) & set("\u2580\u2584\u2588")]
+        self.assertGreater(len(lines), 10)
+        self.assertNotIn("\x1b", result.stderr)
+        if zxingcpp is not None:
+            device = next(iter(self.issuer.devices.values()))
+            self.assertEqual(decoded_text(modules_from_text(lines)),
+                             self.issuer.issuer + "/device?user_code=" + device["user_code"])
 
-        path = next(os.path.join(folder, f) for f in os.listdir(folder)
-                    if f.endswith(".json") and scope_of(f) == "openid email")
-        for left, cached in ((299, False), (301, True)):
-            with open(path) as handle:
-                entry = json.load(handle)
-            entry["result"]["expires_at"] = int(time.time()) + left
-            with open(path, "w") as handle:
-                json.dump(entry, handle)
-            with self.subTest(left=left):
-                self.assertIs(self.sign_in(env=env).json()["cached"], cached)
+    def test_ascii_fallback_when_stderr_cannot_show_half_blocks(self):
+        self.issuer.approve_after_polls = 0
+        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"],
+                         env={"PYTHONIOENCODING": "ascii"})
+        self.assertEqual(result.code, 0, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("####")]
+        self.assertGreater(len(lines), 20)
+        if zxingcpp is not None:
+            device = next(iter(self.issuer.devices.values()))
+            self.assertEqual(decoded_text(modules_from_text(lines, unicode=False)),
+                             self.issuer.issuer + "/device?user_code=" + device["user_code"])
 
-    def test_verify_defaults_leeway_and_audiences(self):
-        for ago, code in ((-30, 0), (30, 0), (90, 7)):
-            token = self.issuer.access_token("cli", "openid", exp=int(time.time()) - ago)
-            self.issuer.overrides["/oauth/token"] = lambda h, b, token=token: (
-                200, {"access_token": token, "token_type": "Bearer"})
-            with self.subTest(expired_seconds_ago=ago):
-                self.assertEqual(self.sign_in("--verify").code, code)
-        token = self.issuer.access_token("api", "openid")
-        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": token, "token_type": "Bearer",
-                                                                    "id_token": self.issuer.id_token("cli")})
-        result = self.sign_in("--verify", "--audience", "api")
+    def test_the_ascii_fallback_fits_80_columns_for_vouchs_urls(self):
+        serve_vouch_device_answer(self.issuer)
+        # The captured stderr has no encoding, so it is taken for ASCII, as under LANG=C.
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"])
+        self.assertEqual(result.code, 0, result.stderr)
+        lines = result.stderr.splitlines()
+        qr = [line for line in lines if line.startswith("####")]
+        self.assertGreater(len(qr), 20)
+        self.assertLessEqual(max(len(line) for line in lines), 80)
+        self.assertLess(lines.index(qr[-1]), lines.index("To sign in, open:  https://us.vouch.sh/device"))
+        if zxingcpp is not None:
+            self.assertEqual(decoded_text(modules_from_text(qr, unicode=False)), VOUCH_URL)
+
+    def test_a_plain_line_now_and_then_while_waiting_in_a_log(self):
+        self.issuer.approve_after_polls = 30
+        self.issuer.enforce_interval = False
+        self.issuer.rate_limit = False
+        self.issuer.interval = 5
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli"])
+        self.assertEqual(result.code, 0, result.stderr)
+        waiting = [line for line in result.stderr.splitlines() if "still waiting for approval" in line]
+        self.assertEqual(len(waiting), 2)
+        self.assertIn("min", waiting[0])
+        self.assertNotIn("\r", result.stderr)
+        self.assertNotIn("still waiting", self.sign_in("-q").stderr)
+
+
+# ============================================================================
+# JOSE: compact JWS (RFC 7515) and JWT (RFC 7519) verification against a JWKS
+# (RFC 7517), algorithms from RFC 7518 and RFC 8037, access-token typ from
+# RFC 9068
+# ============================================================================
+
+class VerifyCliTests(IssuerTest):
+    issuer_options = {"rate_limit": False}
+
+    def test_es256_access_token_and_rs256_id_token_verify(self):
+        self.issuer.id_tokens = True
+        result = self.sign_in("--verify")
+        self.assertEqual(result.code, 0, result.stderr)
+        out = result.json()
+        self.assertIs(out["verified"], True)
+        self.assertEqual(vdl.decode_jwt(out["id_token"])[0]["alg"], "RS256")
+        self.assertIn("/oauth/jwks", [r["path"] for r in self.issuer.requests])
+
+    def test_rs256_access_tokens_verify_too(self):
+        self.issuer.access_alg = "RS256"
+        result = self.sign_in("--verify")
         self.assertEqual(result.code, 0, result.stderr)
         self.assertIs(result.json()["verified"], True)
 
-    def test_jwks_uri_flag_and_one_refetch_in_all(self):
+    def test_key_rotation_refetches_the_jwks_once(self):
+        old = self.issuer.jwks()
+        self.issuer.rotate_key()
         fetches = []
-        self.issuer.overrides["/keys-elsewhere"] = lambda h, b: (fetches.append(1), (200, self.issuer.jwks()))[1]
-        self.issuer.overrides["/oauth/jwks"] = lambda h, b: (500, b"not here", {}, "text/plain")
-        result = self.sign_in("--verify", "--jwks-uri", self.issuer.base + "/keys-elsewhere")
-        self.assertEqual((result.code, len(fetches)), (0, 1), result.stderr)
-        # The first JWKS lags a rotation, the second lacks the ID token's key: one refetch in all.
-        self.issuer.id_tokens = True
-        self.issuer.overrides["/oauth/jwks"] = lambda h, b: (fetches.append(1), (200, {"keys": [
-            k.jwk() for k in self.issuer.keys if len(fetches) > 1 and k.alg == "ES256"]}))[1]
+
+        def lagging_jwks(handler, body):
+            fetches.append(1)
+            return 200, old if len(fetches) == 1 else self.issuer.jwks()
+
+        self.issuer.overrides["/oauth/jwks"] = lagging_jwks
+        result = self.sign_in("--verify")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(len(fetches), 2)
+        self.issuer.overrides["/oauth/jwks"] = lambda h, b: (fetches.append(1), (200, old))[1]
         fetches.clear()
-        self.assertFailed(self.sign_in("--verify"), 7, "ID token")
+        self.assertFailed(self.sign_in("--verify"), 7, "access token:")
         self.assertEqual(len(fetches), 2)
 
-    def test_accept_json_on_every_request(self):
-        self.issuer.refresh_tokens = True
-        home = __import__("tempfile").mkdtemp()
-        self.addCleanup(shutil.rmtree, home)
-        env = {"XDG_CACHE_HOME": home}
-        self.sign_in("--cache", "--verify", "--userinfo", env=env)
-        self.sign_in("--cache", "--min-ttl", "30000", env=env)
-        self.sign_in("--logout", env=env)
-        paths = {r["path"] for r in self.issuer.requests}
-        self.assertTrue({"/oauth/jwks", "/oauth/userinfo", "/oauth/revoke", "/oauth/token"} <= paths, paths)
-        self.assertEqual({r["headers"].get("Accept") for r in self.issuer.requests}, {"application/json"})
+    def test_every_failed_check_exits_7_naming_it(self):
+        now = int(time.time())
+        cases = [
+            ({"exp": now - 3600}, [], "expired"),
+            ({"nbf": now + 3600}, [], "not valid before"),
+            ({"iss": "https://evil.example"}, [], "iss"),
+            ({}, ["--audience", "other-api"], "aud"),
+            ({"exp": True}, [], "exp"),
+        ]
+        for extra, flags, fragment in cases:
+            with self.subTest(fragment=fragment):
+                token = self.issuer.access_token("cli", "openid", **extra)
+                self.issuer.overrides["/oauth/token"] = lambda h, b, token=token: (
+                    200, {"access_token": token, "token_type": "Bearer"})
+                self.assertFailed(self.sign_in("--verify", *flags), 7, fragment)
 
-    def test_logout_without_a_revocation_endpoint_or_with_a_failing_one(self):
-        home = __import__("tempfile").mkdtemp()
-        self.addCleanup(shutil.rmtree, home)
-        env = {"XDG_CACHE_HOME": home}
-        self.sign_in("--cache", env=env)
-        self.issuer.overrides["/oauth/revoke"] = lambda h, b: (503, b"down", {}, "text/plain")
-        self.assertFailed(self.sign_in("--logout", env=env), 5, "revocation failed")
-        self.assertIn("no cached sign-in", self.sign_in("--logout", env=env).stderr)
-        metadata = self.issuer.metadata()
-        del metadata["revocation_endpoint"]
-        self.issuer.overrides["/.well-known/openid-configuration"] = lambda h, b: (200, metadata)
-        self.sign_in("--cache", env=env)
-        result = self.sign_in("--logout", env=env)
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertIn("removing the tokens locally only", result.stderr)
-        self.assertEqual([f for f in os.listdir(os.path.join(home, "vouch-device-login")) if f.endswith(".json")], [])
+    def test_hostile_tokens_exit_7(self):
+        key = self.issuer.key("ES256")
+        claims = vdl.decode_jwt(self.issuer.access_token("cli", "openid"))[1]
+        good = make_jwt(key, claims)
+        tampered = good[:-6] + ("AAAAAA" if not good.endswith("AAAAAA") else "BBBBBB")
+        cases = [
+            (raw_jwt(b'{"alg":"none","typ":"at+jwt"}', json.dumps(claims).encode(), b""), "none"),
+            (make_jwt(key, claims, {"typ": "JWT"}), "typ"),
+            (make_jwt(key, claims, {"kid": None}), None),
+            (tampered, "signature"),
+            (make_jwt(key, claims, {"crit": ["exp"]}), "crit"),
+            (make_jwt(EcKey("ec-1"), claims), "signature"),
+        ]
+        for token, fragment in cases:
+            with self.subTest(token=token[:40]):
+                self.issuer.overrides["/oauth/token"] = lambda h, b, token=token: (
+                    200, {"access_token": token, "token_type": "Bearer"})
+                result = self.sign_in("--verify")
+                if fragment is None:
+                    self.assertEqual(result.code, 0, result.stderr)
+                else:
+                    self.assertFailed(result, 7, fragment)
 
-    def test_clipboard_and_browser_manners(self):
-        self.assertNotIn("\x1b]52", self.sign_in("--copy").stderr)
-        device = vdl.DeviceAuthorization("d" * 43, "BCDF-GHJK", "https://id.example.com/device", None, 600.0, 5.0, 0.0)
-        release, finished = threading.Event(), threading.Event()
-        calls = []
+    def test_id_token_rules(self):
+        self.issuer.id_tokens = True
+        for extra, fragment in (({"azp": "someone-else"}, "azp"), ({"aud": "other"}, "aud")):
+            with self.subTest(fragment=fragment):
+                id_token = self.issuer.id_token("cli", **extra)
+                self.issuer.overrides["/oauth/token"] = lambda h, b, id_token=id_token: (200, {
+                    "access_token": self.issuer.access_token("cli", "openid"), "token_type": "Bearer",
+                    "id_token": id_token})
+                self.assertFailed(self.sign_in("--verify"), 7, "ID token: " + fragment)
+        at_typed = make_jwt(self.issuer.key("RS256"), vdl.decode_jwt(self.issuer.id_token("cli"))[1])
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {
+            "access_token": self.issuer.access_token("cli", "openid"), "token_type": "Bearer", "id_token": at_typed})
+        self.assertFailed(self.sign_in("--verify"), 7, "ID token: ")
 
-        def blocking_open(url, new=0):
-            calls.append(url)
-            release.wait(2)
-            finished.set()
-            return True
+    def test_opaque_token_cannot_be_verified(self):
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": "opaque", "token_type": "Bearer"})
+        self.assertFailed(self.sign_in("--verify"), 7, "opaque")
 
-        err = io.StringIO()
-        with mock.patch("webbrowser.open", blocking_open):
-            vdl._browser_presenter(device, vdl._Terminal(stream=err))
-            returned_while_the_browser_was_busy = not finished.is_set()
-            release.set()
-            finished.wait(5)
-        self.assertTrue(returned_while_the_browser_was_busy)
-        self.assertEqual(calls, ["https://id.example.com/device"])
-        for verbose in (False, True):
-            err = io.StringIO()
-            done = threading.Event()
-
-            def failing_open(url, new=0, done=done):
-                done.set()
-                raise OSError("no browser here")
-
-            with mock.patch("webbrowser.open", failing_open):
-                vdl._browser_presenter(device, vdl._Terminal(stream=err, verbose=verbose))
-                done.wait(10)
-                time.sleep(0.1)
-            self.assertEqual("no browser here" in err.getvalue(), verbose, err.getvalue())
-
-
-class ReadmeTests(unittest.TestCase):
-    """The README is the first thing a person reads: what the tool is and how to run it come first."""
-
-    def setUp(self):
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
-            self.readme = handle.read()
-
-    def test_the_first_screen_says_what_the_tool_is_and_how_to_run_it(self):
-        first_screen = "\n".join(self.readme.splitlines()[:24])
-        commands = [line for line in first_screen.splitlines() if line.startswith("make ")]
-        self.assertEqual([line.split()[1] for line in commands], ["demo", "test"])
-        for text in ("Device Authorization Grant", "standard library only", "python3 vouch_device_login.py --client-id"):
-            self.assertIn(text, first_screen)
-        # Reference material comes after the how-to.
-        for reference in ("## Options", "## Verification", "## Installing the command", "## Development"):
-            self.assertLess(self.readme.index("## Recipes"), self.readme.index(reference))
-
-    def test_the_piped_recipe_says_where_the_file_comes_from(self):
-        line = next(line for line in self.readme.splitlines() if "| python3 -" in line)
-        explained = self.readme[:self.readme.index(line)].rsplit("\n\n", 2)[-2]
-        self.assertIn("URL", line)
-        self.assertIn("`URL` is where you published `vouch_device_login.py`", explained)
-
-    @unittest.skipUnless(os.path.exists("/bin/sh"), "needs a POSIX shell")
-    def test_the_expiry_recipe_works_with_gnu_and_bsd_date(self):
-        recipe = next(line for line in self.readme.splitlines() if "$VOUCH_EXPIRES_AT" in line and "date" in line)
-        expression = recipe[recipe.index("$(date"):recipe.rindex(")") + 1]
+    def test_local_inputs_are_checked_before_any_request(self):
         folder = __import__("tempfile").mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
-        # macOS and the BSDs: no -d @EPOCH, but -r EPOCH.
-        with open(os.path.join(folder, "date"), "w") as handle:
-            handle.write('#!/bin/sh\n[ "$1" = -r ] && echo "BSD $2" && exit 0\necho "date: illegal option" >&2; exit 1\n')
-        os.chmod(os.path.join(folder, "date"), 0o755)
-        for path, expected in ((folder, "BSD 1700000000"), (os.environ.get("PATH", ""), None)):
-            with self.subTest(bsd=expected is not None):
-                proc = subprocess.run(["/bin/sh", "-c", "echo " + expression], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env={"PATH": path, "VOUCH_EXPIRES_AT": "1700000000",
-                                                                   "TZ": "UTC", "LC_ALL": "C"}, check=False)
-                self.assertEqual(proc.stderr, b"")
-                if expected is not None:
-                    self.assertEqual(proc.stdout.decode().strip(), expected)
+        not_json = os.path.join(folder, "not.json")
+        with open(not_json, "w") as handle:
+            handle.write("not a JWK Set, not PEM either")
+        missing = os.path.join(folder, "nope.json")
+        cases = [(["--verify", "--jwks", missing], 2, "--jwks %s: " % missing),
+                 (["--verify", "--jwks", not_json], 7, "is not a JWK Set"),
+                 (["--cacert", not_json], 2, "no PEM certificates"),
+                 (["--cacert", folder], 2, "no such file"),
+                 (["--authorization-details", "@" + missing], 2, "cannot read"),
+                 (["--authorization-details", "@" + not_json], 2, "not valid JSON"),
+                 (["--require-aaguid", "yubikey"], 2, "not a UUID")]
+        for extra, code, fragment in cases:
+            with self.subTest(extra=extra):
+                self.assertFailed(self.sign_in(*extra), code, fragment)
+                # Nothing was sent: no prompt, no approval thrown away.
+                self.assertEqual(self.issuer.requests, [])
+
+    def test_inspect_offline_with_a_jwks_file(self):
+        token = self.issuer.access_token("cli", "openid")
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        jwks_file = os.path.join(folder, "jwks.json")
+        token_file = os.path.join(folder, "token")
+        with open(jwks_file, "w") as handle:
+            json.dump(self.issuer.jwks(), handle)
+        with open(token_file, "w") as handle:
+            handle.write(token + "\n")
+        result = run_main(["--inspect", "@" + token_file])
+        self.assertEqual(result.code, 0, result.stderr)
+        out = result.json()
+        self.assertEqual(out["header"]["alg"], "ES256")
+        self.assertEqual(out["claims"]["sub"], "user-1234")
+        self.assertIs(out["verified"], False)
+        self.issuer.__exit__()
+        argv = ["--inspect", token, "--verify", "--jwks", jwks_file, "--issuer", self.issuer.issuer]
+        self.assertFailed(run_main(argv), 2, "--audience or --client-id")
+        result = run_main(argv + ["--client-id", "cli"])
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIs(result.json()["verified"], True)
+        self.assertFailed(run_main(argv + ["--audience", "other"]), 7, "aud")
+        self.assertFailed(run_main(["--inspect", "not-a-token"]), 2, "--inspect")
+        self.assertFailed(run_main(argv[:2] + ["--verify", "--jwks", token_file, "--client-id", "cli"]), 7, "JWK Set")
+
+    def test_inspect_discovers_the_jwks_and_applies_policy(self):
+        token = self.issuer.access_token("cli", "openid")
+        result = run_main(["--inspect", token, "--verify", "--issuer", self.issuer.issuer, "--client-id", "cli",
+                           "--require-hardware"])
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIs(result.json()["verified"], True)
+        self.issuer.user["hardware_verified"] = False
+        token = self.issuer.access_token("cli", "openid")
+        self.assertFailed(run_main(["--inspect", token, "--require-hardware"]), 8, "hardware_verified")
+
+    def test_a_cached_token_is_verified_again_from_the_cached_jwks(self):
+        home = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, home)
+        env = {"XDG_CACHE_HOME": home}
+        first = self.sign_in("--cache", "--verify", env=env)
+        self.assertEqual(first.code, 0, first.stderr)
+        requests = len(self.issuer.requests)
+        second = self.sign_in("--cache", "--verify", env=env)
+        self.assertEqual(second.code, 0, second.stderr)
+        self.assertEqual((second.json()["cached"], second.json()["verified"]), (True, True))
+        self.assertEqual(len(self.issuer.requests), requests)
+        third = self.sign_in("--cache", env=env)
+        self.assertIs(third.json()["verified"], False)
+
+
+class VerifierHardeningTests(unittest.TestCase):
+    """Findings of an adversarial review of the verifier."""
+
+    def setUp(self):
+        self.key = EcKey("k1")
+        self.token = make_jwt(self.key, {"iss": "i", "aud": "c", "exp": int(time.time()) + 60})
+        self.signing_input, _, signature = self.token.rpartition(".")
+        self.signature = vdl._b64url_decode(signature)
+
+    def test_the_raw_primitive_takes_bytes_only(self):
+        self.assertTrue(vdl.verify_signature("ES256", self.key.jwk(), self.signing_input.encode(), self.signature))
+        for signing_input, signature in ((self.signing_input, self.signature),
+                                         (self.signing_input.encode(), None),
+                                         (self.signing_input.encode(), "x" * 64)):
+            with self.subTest(types=(type(signing_input).__name__, type(signature).__name__)), \
+                    self.assertRaisesRegex(vdl.TokenVerificationError, "must be bytes"):
+                vdl.verify_signature("ES256", self.key.jwk(), signing_input, signature)
+
+    def test_a_published_private_key_is_refused(self):
+        jwk = dict(self.key.jwk(), d=b64url(self.key.d.to_bytes(32, "big")))
+        with self.assertRaisesRegex(vdl.TokenVerificationError, "private key material"):
+            vdl.verify_jwt(self.token, {"keys": [jwk]}, issuer="i", audience="c")
+
+    def test_at_jwt_dressed_up_is_no_access_token_and_no_id_token(self):
+        for typ in ("at+jwt; charset=utf-8", " application/at+jwt ", "AT+JWT"):
+            token = make_jwt(self.key, {"iss": "i", "aud": "c", "exp": int(time.time()) + 60}, {"typ": typ})
+            jwks = {"keys": [self.key.jwk()]}
+            with self.subTest(typ=typ):
+                if typ == "AT+JWT":
+                    self.assertEqual(vdl.verify_jwt(token, jwks, typ="at+jwt")["iss"], "i")
                 else:
-                    # GNU date here; 1700000000 is 14 November 2023.
-                    self.assertIn("Nov 14", proc.stdout.decode())
+                    with self.assertRaisesRegex(vdl.TokenVerificationError, "expected at\\+jwt"):
+                        vdl.verify_jwt(token, jwks, typ="at+jwt")
+                with self.assertRaisesRegex(vdl.TokenVerificationError, "not allowed"):
+                    vdl.verify_jwt(token, jwks, typ=vdl.NOT_AT_JWT)
 
-
-# ============================================================================
-# End to end: the script as a real process, with real waiting (interval 1 s)
-# ============================================================================
-
-class EndToEndTests(IssuerTest):
-    def test_a_person_approves_after_a_few_polls(self):
-        self.issuer.approve_after_polls = 1
-        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli"])
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(result.json()["access_token"], self.issuer.issued[0])
-        self.assertIn("To sign in, open", result.stderr)
-        device = next(iter(self.issuer.devices.values()))
-        self.assertEqual(device["polls"], 2)
-        polls = [r for r in self.issuer.requests if r["path"] == "/oauth/token"]
-        self.assertEqual(len(polls), 2)
-
-    def test_rate_limited_polls_wait_for_retry_after(self):
-        self.issuer.burst = 2
-        self.issuer.approve_after_polls = 2
-        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "token"])
-        self.assertEqual(result.code, 0, result.stderr)
-        # One 429 and no second one: the client came back only after Retry-After.
-        self.assertEqual(self.issuer.rate_limited, 1)
-
-    def test_piped_into_python_with_stdin_as_the_script(self):
-        self.issuer.approve_after_polls = 0
-        with open(SCRIPT, "rb") as handle:
-            source = handle.read()
-        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "token"],
-                         input_bytes=source, argv0="-")
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(result.stdout, self.issuer.issued[0] + "\n")
-
-    def test_runs_with_stdin_closed_altogether(self):
-        self.issuer.approve_after_polls = 0
-        code = ("import os, sys, runpy; os.close(0); sys.stdin = None; sys.argv = sys.argv[1:]; "
-                "runpy.run_path(sys.argv[0], run_name='__main__')")
-        proc = subprocess.run([sys.executable, "-c", code, SCRIPT, "--issuer", self.issuer.issuer,
-                               "--client-id", "cli", "--format", "token"],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              timeout=60, check=False)
-        self.assertEqual(proc.returncode, 0, proc.stderr)
-        self.assertEqual(proc.stdout.decode(), self.issuer.issued[0] + "\n")
-
-    def test_shell_output_round_trips_through_eval(self):
-        clear_pwned()
-        self.issuer.user.update(email="o'brien \"$(touch /tmp/pwned-vdl)\" `id` \\ $HOME\nline2 ü",
-                                sub="x';touch /tmp/pwned-vdl;'")
-        self.issuer.approve_after_polls = 0
-        shells = [s for s in ("sh", "dash", "bash", "zsh") if shutil.which(s)]
-        self.assertIn("sh", shells)
-        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "shell"])
-        self.assertEqual(result.code, 0, result.stderr)
-        for shell in shells:
-            with self.subTest(shell=shell):
-                script = ('eval "$1"; printf %s "$VOUCH_EMAIL"; printf "\\0";'
-                          'printf %s "$VOUCH_SUBJECT"; printf "\\0"; printf %s "$VOUCH_ACCESS_TOKEN"')
-                proc = subprocess.run([shell, "-c", script, "sh", result.stdout], stdout=subprocess.PIPE,
-                                      timeout=30, check=True)
-                email, subject, token = proc.stdout.decode("utf-8").split("\0")
-                self.assertEqual(email, self.issuer.user["email"])
-                self.assertEqual(subject, self.issuer.user["sub"])
-                self.assertEqual(token, self.issuer.issued[0])
-                self.assertFalse(os.path.exists(PWNED))
-
-
-# ============================================================================
-# JOSE verification: RFC vectors, RSA against cryptography, every attack class
-# ============================================================================
 
 try:
     from cryptography.hazmat.primitives import hashes
@@ -3558,7 +3403,7 @@ R8037_TOKEN = ("eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc."
 # The "issuer" signs with the RFC 7520 key; the "attacker" holds the RFC 7515 A.2 key.
 ISSUER_N, ISSUER_D = uint(R20_N), uint(R20_D)
 _P, _Q = uint(R20_P), uint(R20_Q)
-if _P * _Q == ISSUER_N:  # else TestKeyMaterial fails and signing stays on plain pow()
+if _P * _Q == ISSUER_N:  # else JwkKeyMaterialTests fails and signing stays on plain pow()
     _CRT[ISSUER_N] = (_P, _Q, ISSUER_D % (_P - 1), ISSUER_D % (_Q - 1), pow(_Q, _P - 2, _P))
 ATTACKER_N, ATTACKER_D = uint(A2_N), uint(A2_D)
 ISSUER_JWK = {"kty": "RSA", "kid": "issuer-1", "use": "sig", "alg": "RS256", "n": R20_N, "e": "AQAB"}
@@ -3589,7 +3434,7 @@ def verify(token, jwks=JWKS, **kwargs):
 
 # --- tests --------------------------------------------------------------------
 
-class TestKeyMaterial(unittest.TestCase):
+class JwkKeyMaterialTests(unittest.TestCase):
     def test_rfc7520_private_key_is_consistent(self):
         self.assertEqual(uint(R20_P) * uint(R20_Q), ISSUER_N)
         self.assertEqual(pow(pow(12345, 65537, ISSUER_N), ISSUER_D, ISSUER_N), 12345)
@@ -3602,7 +3447,7 @@ class TestKeyMaterial(unittest.TestCase):
         self.assertEqual(vdl._b64url_decode(R20_PAYLOAD_B64), R20_PAYLOAD)
 
 
-class TestRFCVectors(unittest.TestCase):
+class JoseRfcVectorsTests(unittest.TestCase):
     def test_rfc7515_a2_rs256_raw(self):
         head, payload, sig = A2_TOKEN.split(".")
         signing_input = (head + "." + payload).encode("ascii")
@@ -3669,7 +3514,7 @@ class TestRFCVectors(unittest.TestCase):
         self.assertTrue(vdl.verify_signature("PS384", R20_RSA_JWK, signing_input, vdl._b64url_decode(sig)))
 
 
-class TestRSAPrimitives(unittest.TestCase):
+class RsaPrimitivesTests(unittest.TestCase):
     MESSAGE = b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0"
 
     def test_every_rsa_alg_with_stdlib_signer(self):
@@ -3723,7 +3568,7 @@ class TestRSAPrimitives(unittest.TestCase):
             self.assertFalse(vdl._rsa_pss_verify(n, 65537, "sha256", self.MESSAGE, sig))
 
 
-class TestE3Forgery(unittest.TestCase):
+class RsaE3ForgeryTests(unittest.TestCase):
     """Bleichenbacher 2006: e = 3, short padding, garbage after the hash."""
 
     MESSAGE = b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZG1pbiJ9"
@@ -3786,7 +3631,7 @@ class TestE3Forgery(unittest.TestCase):
             vdl.verify_jws(token, {"keys": [{"kty": "RSA", "n": R20_N, "e": "AQAB"}]})
 
 
-class TestRSAKeyPolicy(unittest.TestCase):
+class RsaKeyPolicyTests(unittest.TestCase):
     MESSAGE = b"a.b"
 
     def check_rejected(self, jwk, pattern, alg="RS256"):
@@ -3831,7 +3676,7 @@ class TestRSAKeyPolicy(unittest.TestCase):
         self.check_rejected({"kty": "RSA", "n": R20_N, "e": "AQAB="}, "e is not strict base64url")
 
 
-class TestAlgAndKeyFit(unittest.TestCase):
+class AlgAndKeyFitTests(unittest.TestCase):
     def test_allow_list(self):
         for alg, pattern in (("none", "alg none is not allowed"), ("None", "alg none is not allowed"),
                              ("NONE", "alg none is not allowed"), ("HS256", "symmetric"),
@@ -3905,7 +3750,7 @@ class TestAlgAndKeyFit(unittest.TestCase):
             vdl.verify_signature("RS256", [ISSUER_JWK], b"a.b", b"")
 
 
-class TestCompactParsing(unittest.TestCase):
+class CompactParsingTests(unittest.TestCase):
     def test_decode_jwt(self):
         header, claims = vdl.decode_jwt(issuer_token())
         self.assertEqual(header, {"alg": "RS256", "kid": "issuer-1", "typ": "at+jwt"})
@@ -4006,7 +3851,7 @@ class TestCompactParsing(unittest.TestCase):
                     vdl.decode_jwt(token)
 
 
-class TestHeaderAttacks(unittest.TestCase):
+class HeaderAttackTests(unittest.TestCase):
     def test_alg_none(self):
         for alg in ("none", "None", "nOnE"):
             head = b64json({"alg": alg, "kid": "issuer-1"})
@@ -4092,7 +3937,7 @@ def extra_without_kid(extra):
     return {k: v for k, v in extra.items() if k != "kid"}
 
 
-class TestKeySelection(unittest.TestCase):
+class KeySelectionTests(unittest.TestCase):
     def test_unknown_kid(self):
         token = issuer_token(kid="rotated-away")
         with self.assertRaises(vdl._UnknownKidError) as caught:
@@ -4176,7 +4021,7 @@ class TestKeySelection(unittest.TestCase):
                 verify(issuer_token(), jwks=jwks)
 
 
-class TestClaims(unittest.TestCase):
+class ClaimsTests(unittest.TestCase):
     def test_valid(self):
         self.assertEqual(verify(issuer_token(), typ="at+jwt", azp=CLIENT), CLAIMS)
         self.assertEqual(vdl.verify_jwt(issuer_token(), JWKS, now=NOW), CLAIMS)
@@ -4333,7 +4178,7 @@ def flip(sig, bit):
 
 
 @unittest.skipUnless(HAVE_CRYPTO, "needs cryptography")
-class TestCryptographyRSA(unittest.TestCase):
+class CryptographyRsaTests(unittest.TestCase):
     MESSAGE = b"eyJhbGciOiJQUzI1NiJ9.eyJzdWIiOiJjcm9zcy1jaGVjayJ9"
 
     def test_all_algs_and_sizes(self):
@@ -4413,7 +4258,7 @@ class TestCryptographyRSA(unittest.TestCase):
             vdl.verify_signature("RS256", jwk, self.MESSAGE, sig)
         n = key.public_key().public_numbers().n
         # The block check itself accepts a genuine e = 3 signature, so the
-        # rejection in TestE3Forgery comes from the comparison, not from e.
+        # rejection in RsaE3ForgeryTests comes from the comparison, not from e.
         self.assertTrue(vdl._rsa_pkcs1v15_verify(n, 3, "sha256", self.MESSAGE, sig))
 
     def test_small_real_key(self):
@@ -4437,7 +4282,7 @@ def ec_jwk_and_signer(curve_name, kid):
 
 
 @unittest.skipUnless(HAVE_CRYPTO, "needs cryptography")
-class TestCryptographyJWT(unittest.TestCase):
+class CryptographyJwtTests(unittest.TestCase):
     def test_es_jwts_through_verify_jwt(self):
         for alg, crv in (("ES256", "P-256"), ("ES384", "P-384"), ("ES512", "P-521")):
             with self.subTest(alg=alg):
@@ -4489,10 +4334,17 @@ class TestCryptographyJWT(unittest.TestCase):
                 self.assertEqual(verify(token, jwks=jwks, typ="at+jwt"), CLAIMS)
 
 
+# ============================================================================
+# Elliptic curves: ECDSA P-256/384/521 (SEC 1) and Ed25519 (RFC 8032) verify;
+# ES256 and Ed25519 sign
+# ============================================================================
 
-# ============================================================================
-# Elliptic curves: reference arithmetic, RFC vectors, cryptography cross-checks
-# ============================================================================
+class IssuerSignerTests(unittest.TestCase):
+    def test_fast_base_multiplication_matches_double_and_add(self):
+        for k in (1, 2, 3, 255, 2 ** 255 + 7, P256_N - 1, secrets.randbelow(P256_N)):
+            self.assertEqual(_ec_mul_base(k), _ec_mul(k, P256_G), k)
+        self.assertIsNone(_ec_mul_base(P256_N))
+
 
 try:
     from cryptography.hazmat.primitives import serialization
@@ -4863,7 +4715,7 @@ RFC8032_VECTORS = [
 ]
 
 
-class CurveConstantsTest(unittest.TestCase):
+class CurveConstantsTests(unittest.TestCase):
     def test_generators_have_order_n(self):
         for crv in CURVES:
             p, b, n, gx, gy, size = vdl._NIST_CURVES[crv]
@@ -4886,7 +4738,7 @@ class CurveConstantsTest(unittest.TestCase):
         self.assertEqual(encodings, set(vdl._ED_SMALL_ORDER))
 
 
-class EcdsaRfcVectorsTest(unittest.TestCase):
+class EcdsaRfcVectorsTests(unittest.TestCase):
     def check(self, crv, jwk, jws, hash_name):
         x, y = b64u(jwk["x"]), b64u(jwk["y"])
         d = int.from_bytes(b64u(jwk["d"]), "big")
@@ -4906,7 +4758,7 @@ class EcdsaRfcVectorsTest(unittest.TestCase):
         self.check("P-521", RFC7515_A4_JWK, RFC7515_A4_JWS, "sha512")
 
 
-class Ed25519RfcVectorsTest(unittest.TestCase):
+class Ed25519RfcVectorsTests(unittest.TestCase):
     def test_rfc8032_section_7_1(self):
         for name, secret, pk, message, sig in RFC8032_VECTORS:
             secret, pk = bytes.fromhex(secret), bytes.fromhex(pk)
@@ -4936,7 +4788,7 @@ class Ed25519RfcVectorsTest(unittest.TestCase):
         self.assertFalse(vdl._ed25519_verify(pk, signing_input.encode()[:-1], sig))
 
 
-class EcdsaTest(unittest.TestCase):
+class EcdsaTests(unittest.TestCase):
     """Signatures from the reference signer, then every kind of damage."""
 
     @classmethod
@@ -5123,7 +4975,7 @@ class EcdsaTest(unittest.TestCase):
         self.assertTrue(vdl._ecdsa_verify("P-521", x, y, digest66, sig))
 
 
-class StrausCollisionTest(unittest.TestCase):
+class StrausCollisionTests(unittest.TestCase):
     """u1*G + u2*Q where an addition inside the loop meets P == Q or P == -Q."""
 
     def affine(self, crv, jacobian):
@@ -5203,7 +5055,7 @@ class StrausCollisionTest(unittest.TestCase):
                 self.assertFalse(vdl._ecdsa_verify(crv, x, neg_y, digest, forged))
 
 
-class Ed25519Test(unittest.TestCase):
+class Ed25519Tests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.secret = bytes(range(32))
@@ -5333,7 +5185,7 @@ class Ed25519Test(unittest.TestCase):
             self.assertEqual(vdl._ed25519_verify(A, message, sig), expected, k % 8)
 
 
-class RobustnessTest(unittest.TestCase):
+class CurveRobustnessTests(unittest.TestCase):
     def test_garbage_never_raises(self):
         rng = random.Random(10)
 
@@ -5363,7 +5215,7 @@ class RobustnessTest(unittest.TestCase):
 
 
 @unittest.skipUnless(HAVE_CRYPTOGRAPHY, "cryptography is not installed")
-class CryptographyCrossCheckTest(unittest.TestCase):
+class CurveCryptographyCrossCheckTests(unittest.TestCase):
     def sign_ecdsa(self, crv, curve_name, hash_name, message, key=None):
         size = vdl._NIST_CURVES[crv][5]
         if key is None:
@@ -5541,7 +5393,7 @@ def reference_thumbprint(public):
     return b64url(hashlib.sha256(canonical.encode()).digest())
 
 
-class SigningVectorsTest(unittest.TestCase):
+class SigningVectorsTests(unittest.TestCase):
     def test_ed25519_rfc8032_section_7_1_signing(self):
         for name, secret, pk, message, sig in RFC8032_VECTORS:
             with self.subTest(name=name):
@@ -5598,7 +5450,7 @@ class SigningVectorsTest(unittest.TestCase):
 
 
 @unittest.skipUnless(HAVE_CRYPTOGRAPHY, "cryptography is not installed")
-class SigningCrossCheckTest(unittest.TestCase):
+class SigningCrossCheckTests(unittest.TestCase):
     """Our keys, public keys, signatures and thumbprints against cryptography's."""
 
     def test_ed25519_keys_and_signatures_equal_cryptographys(self):
@@ -5658,1199 +5510,1358 @@ class SigningCrossCheckTest(unittest.TestCase):
                 self.assertEqual(sorted(dpop.public), sorted(k for k in key if k != "d"))
 
 
-
 # ============================================================================
-# QR code: structure, capacity, masks, rendering, segno and zxing-cpp
-# ============================================================================
-
-try:
-    import segno
-    import segno.encoder
-except ImportError:
-    segno = None
-
-try:
-    import numpy
-    import zxingcpp
-except ImportError:
-    numpy = zxingcpp = None
-
-# ISO/IEC 18004:2015 Table C.1: format information after the 0x5412 mask,
-# keyed by level, indexed by mask.
-PUBLISHED_FORMAT = {
-    'L': ('111011111000100', '111001011110011', '111110110101010',
-          '111100010011101', '110011000101111', '110001100011000',
-          '110110001000001', '110100101110110'),
-    'M': ('101010000010010', '101000100100101', '101111001111100',
-          '101101101001011', '100010111111001', '100000011001110',
-          '100111110010111', '100101010100000'),
-    'Q': ('011010101011111', '011000001101000', '011111100110001',
-          '011101000000110', '010010010110100', '010000110000011',
-          '010111011011010', '010101111101101'),
-    'H': ('001011010001001', '001001110111110', '001110011100111',
-          '001100111010000', '000011101100010', '000001001010101',
-          '000110100001100', '000100000111011'),
-}
-
-# ISO/IEC 18004:2015 Table D.1 (a few rows)
-PUBLISHED_VERSION = {
-    7: '000111110010010100',
-    8: '001000010110111100',
-    9: '001001101010011001',
-    40: '101000110001101001',
-}
-
-FINDER = ('1111111', '1000001', '1011101', '1011101', '1011101', '1000001',
-          '1111111')
-
-URL_ALPHABET = ('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
-                '0123456789-._~')
-
-
-def make_urls(count, seed=18004, low=10, high=300):
-    """Device-flow style URLs of random length in [low, high]."""
-    rng = random.Random(seed)
-    urls = []
-    for _ in range(count):
-        length = rng.randint(low, high)
-        code = ''.join(rng.choice('BCDFGHJKLMNPQRSTVWXZ') for _ in range(8))
-        url = f'https://us.vouch.sh/device?user_code={code[:4]}-{code[4:]}'
-        while len(url) < length:
-            url += rng.choice('/&=?#') + ''.join(
-                rng.choice(URL_ALPHABET) for _ in range(rng.randint(1, 12)))
-        urls.append(url[:length])
-    return urls
-
-
-def to_bits(matrix):
-    return [''.join('1' if m else '0' for m in row) for row in matrix]
-
-
-def bch_remainder(value, generator):
-    """Remainder of value * x^deg(generator) / generator, by long division."""
-    deg = generator.bit_length() - 1
-    value <<= deg
-    while value.bit_length() > deg:
-        value ^= generator << (value.bit_length() - 1 - deg)
-    return value
-
-
-def gf_mul(a, b):
-    """GF(256) product modulo 0x11D without tables."""
-    out = 0
-    while b:
-        if b & 1:
-            out ^= a
-        a <<= 1
-        if a & 0x100:
-            a ^= 0x11D
-        b >>= 1
-    return out
-
-
-def reference_penalty(matrix):
-    """ISO/IEC 18004:2015 Table 11 penalty, written for clarity not speed."""
-    size = len(matrix)
-    grid = [[1 if m else 0 for m in row] for row in matrix]
-    lines = grid + [list(col) for col in zip(*grid)]
-    score = 0
-    for line in lines:
-        run = 1
-        for k in range(1, size + 1):
-            if k < size and line[k] == line[k - 1]:
-                run += 1
-                continue
-            if run >= 5:
-                score += 3 + run - 5
-            run = 1
-    for r in range(size - 1):
-        for c in range(size - 1):
-            if grid[r][c] == grid[r][c + 1] == grid[r + 1][c] == \
-                    grid[r + 1][c + 1]:
-                score += 3
-    core = [1, 0, 1, 1, 1, 0, 1]
-    for line in lines:
-        for k in range(size - 6):
-            if line[k:k + 7] != core:
-                continue
-            before = not any(line[max(0, k - 4):k])
-            after = not any(line[k + 7:k + 11])
-            if before or after:
-                score += 40
-    dark = sum(map(sum, grid))
-    deviation = abs(Fraction(100 * dark, size * size) - 50)
-    score += 10 * int(deviation // 5)
-    return score
-
-
-def function_free_cells(size):
-    """Cells left light while segno scores masks (format, version, dark)."""
-    cells = [(8, c) for c in range(9) if c != 6]
-    cells += [(r, 8) for r in range(9) if r != 6]
-    cells += [(8, size - 1 - i) for i in range(8)]
-    cells += [(size - 1 - i, 8) for i in range(8)]
-    if size >= 45:
-        for i in range(6):
-            for j in range(size - 11, size - 8):
-                cells += [(i, j), (j, i)]
-    return cells
-
-
-@contextlib.contextmanager
-def segno_fixed_padding():
-    """Patch segno's pad-bit bug (heuer/segno#123, #148).
-
-    segno 1.6 adds eight zero bits instead of none when the bit stream
-    already ends on a codeword boundary (ISO/IEC 18004:2015 §7.4.10), which
-    in byte mode is every symbol whose terminator fits: an extra 0x00 data
-    codeword shifts the pad codewords, so the matrices differ although
-    both decode to the same text.
-    """
-    def fixed(buff, version, length):
-        buff.extend([0] * (-length % 8))
-    original = segno.encoder.write_padding_bits
-    segno.encoder.write_padding_bits = fixed
-    try:
-        yield
-    finally:
-        segno.encoder.write_padding_bits = original
-
-
-def parse_render(text, unicode, quiet, size, invert=False):
-    """Turn rendered text back into a dark-module grid (quiet zone incl.)."""
-    width = size + 2 * quiet
-    height = size + 2 * quiet
-    ink = []
-    for line in text.split('\n')[:-1]:
-        if unicode:
-            line = line.ljust(width)
-            ink.append([ch in '\u2580\u2588' for ch in line])
-            ink.append([ch in '\u2584\u2588' for ch in line])
-        else:
-            line = line.ljust(2 * width)
-            ink.append([line[2 * k:2 * k + 2] == '##' for k in range(width)])
-    extra = ink[height:]
-    assert all(not any(row) for row in extra), 'ink below the quiet zone'
-    return [[x == invert for x in row] for row in ink[:height]], len(extra)
-
-
-class TestStructure(unittest.TestCase):
-
-    def test_version1_function_patterns(self):
-        matrix, version, level, mask = vdl._qr_encode(b'HELLO', 'M', 0)
-        self.assertEqual((version, level, mask), (1, 'M', 0))
-        bits = to_bits(matrix)
-        self.assertEqual(len(bits), 21)
-        self.assertTrue(all(len(row) == 21 for row in bits))
-        for top, left in ((0, 0), (0, 14), (14, 0)):
-            got = [bits[top + r][left:left + 7] for r in range(7)]
-            self.assertEqual(tuple(got), FINDER)
-        # separators
-        self.assertEqual(bits[7][:8], '0' * 8)
-        self.assertEqual(bits[7][13:], '0' * 8)
-        self.assertEqual(bits[13][:8], '0' * 8)
-        self.assertEqual(''.join(bits[r][7] for r in range(8)), '0' * 8)
-        self.assertEqual(''.join(bits[r][13] for r in range(8)), '0' * 8)
-        self.assertEqual(''.join(bits[r][7] for r in range(13, 21)), '0' * 8)
-        # timing patterns
-        self.assertEqual(bits[6][8:13], '10101')
-        self.assertEqual(''.join(bits[r][6] for r in range(8, 13)), '10101')
-        # dark module at (4V + 9, 8)
-        self.assertEqual(bits[13][8], '1')
-        # both copies of the format information, most significant bit first
-        first = [(8, c) for c in (0, 1, 2, 3, 4, 5, 7, 8)]
-        first += [(r, 8) for r in (7, 5, 4, 3, 2, 1, 0)]
-        second = [(r, 8) for r in range(20, 13, -1)]
-        second += [(8, c) for c in range(13, 21)]
-        for cells in (first, second):
-            got = ''.join(bits[r][c] for r, c in cells)
-            self.assertEqual(got, '101010000010010')
-
-    def test_version7_version_information(self):
-        matrix, version, _, _ = vdl._qr_encode(b'x' * 120, 'M', version=7)
-        self.assertEqual(version, 7)
-        bits = to_bits(matrix)
-        size = len(bits)
-        # ISO/IEC 18004:2015 §7.10: bit i at row i // 3, column
-        # size - 11 + i % 3 (upper right) and transposed (lower left)
-        upper = ''.join(bits[i // 3][size - 11 + i % 3]
-                        for i in range(17, -1, -1))
-        lower = ''.join(bits[size - 11 + i % 3][i // 3]
-                        for i in range(17, -1, -1))
-        self.assertEqual(upper, PUBLISHED_VERSION[7])
-        self.assertEqual(lower, PUBLISHED_VERSION[7])
-
-    def test_alignment_pattern_centres(self):
-        # ISO/IEC 18004:2015 Table E.1 (a few rows)
-        published = {1: [], 2: [6, 18], 7: [6, 22, 38],
-                     22: [6, 26, 50, 74, 98],
-                     32: [6, 34, 60, 86, 112, 138],
-                     36: [6, 24, 50, 76, 102, 128, 154],
-                     40: [6, 30, 58, 86, 114, 142, 170]}
-        for version, centres in published.items():
-            self.assertEqual(vdl._qr_alignment_positions(version), centres)
-
-    def test_format_information_all_32(self):
-        codes = []
-        for level, indicator in (('L', 1), ('M', 0), ('Q', 3), ('H', 2)):
-            for mask in range(8):
-                data = indicator << 3 | mask
-                expected = (data << 10 | bch_remainder(data, 0x537)) ^ 0x5412
-                got = vdl._qr_format_bits(level, mask)
-                self.assertEqual(got, expected)
-                self.assertEqual(format(got, '015b'),
-                                 PUBLISHED_FORMAT[level][mask])
-                codes.append(got)
-        # BCH(15,5) keeps every pair of codes at least 7 bits apart
-        for i, a in enumerate(codes):
-            for b in codes[i + 1:]:
-                distance = bin(a ^ b).count('1')
-                self.assertGreaterEqual(distance, 7)
-
-    def test_version_information(self):
-        for version in range(7, 41):
-            expected = version << 12 | bch_remainder(version, 0x1F25)
-            self.assertEqual(vdl._qr_version_bits(version), expected)
-        for version, text in PUBLISHED_VERSION.items():
-            self.assertEqual(format(vdl._qr_version_bits(version), '018b'),
-                             text)
-
-    def test_reed_solomon_known_vector(self):
-        # ISO/IEC 18004:2015 Annex I: "01234567" as 1-M
-        data = bytes([0x10, 0x20, 0x0C, 0x56, 0x61, 0x80, 0xEC, 0x11,
-                      0xEC, 0x11, 0xEC, 0x11, 0xEC, 0x11, 0xEC, 0x11])
-        expected = bytes([0xA5, 0x24, 0xD4, 0xC1, 0xED, 0x36, 0xC7, 0x87,
-                          0x2C, 0x55])
-        self.assertEqual(vdl._qr_rs(data, 10), expected)
-
-    def test_reed_solomon_codeword_divisible_by_generator(self):
-        rng = random.Random(7)
-        for ec_len in (7, 10, 13, 17, 18, 22, 26, 28, 30):
-            data = bytes(rng.randrange(256) for _ in range(rng.randint(1, 60)))
-            word = data + vdl._qr_rs(data, ec_len)
-            alpha_i = 1
-            for _ in range(ec_len):
-                value = 0
-                for coef in word:  # Horner, highest degree first
-                    value = gf_mul(value, alpha_i) ^ coef
-                self.assertEqual(value, 0)
-                alpha_i = gf_mul(alpha_i, 2)
-
-    def test_gf_tables_are_built_lazily(self):
-        code = ('import sys; sys.path.insert(0, sys.argv[1]); import vouch_device_login as vdl; '
-                'assert vdl._QR_GF_CACHE == []; '
-                'vdl._qr_encode("x"); assert len(vdl._QR_GF_CACHE) == 1')
-        here = os.path.dirname(os.path.abspath(__file__))
-        subprocess.check_call([sys.executable, '-c', code, here])
-
-
-class TestCapacity(unittest.TestCase):
-
-    def test_version_boundaries(self):
-        self.assertEqual(vdl._qr_encode(b'a' * 14, 'M')[1], 1)
-        self.assertEqual(vdl._qr_encode(b'a' * 15, 'M')[1], 2)
-        for level, most in (('L', 17), ('M', 14), ('Q', 11), ('H', 7)):
-            self.assertEqual(vdl._qr_choose(most, level, None), (1, level))
-            self.assertEqual(vdl._qr_choose(most + 1, level, None),
-                             (2, level))
-        for level, most in (('L', 2953), ('M', 2331), ('Q', 1663),
-                            ('H', 1273)):
-            self.assertEqual(vdl._qr_choose(most, level, None), (40, level))
-            with self.assertRaises(ValueError):
-                vdl._qr_choose(most + 1, level, None)
-
-    def test_version40_encodes(self):
-        matrix, version, level, _ = vdl._qr_encode(b'\xff' * 2331, 'M')
-        self.assertEqual((version, level, len(matrix)), (40, 'M', 177))
-
-    def test_too_long_is_a_clear_error(self):
-        with self.assertRaises(ValueError) as ctx:
-            vdl._qr_encode(b'a' * 2954)
-        self.assertIn('2954 bytes', str(ctx.exception))
-        with self.assertRaises(ValueError):
-            vdl._qr_encode(b'a' * 2332, 'M')
-        with self.assertRaises(ValueError):
-            vdl._qr_encode(b'a' * 15, 'M', version=1)
-
-    def test_level_policy(self):
-        url = 'https://us.vouch.sh/device?user_code=BCDF-GHJK'
-        self.assertEqual(vdl._qr_encode(url)[1:3], (4, 'M'))
-        # M up to version 13 (77 columns with the quiet zone)
-        self.assertEqual(vdl._qr_choose(331, None, None), (13, 'M'))
-        self.assertEqual(vdl._qr_choose(332, None, None), (12, 'L'))
-        self.assertEqual(vdl._qr_choose(332, 'M', None), (14, 'M'))
-        self.assertEqual(vdl._qr_choose(2331, None, None), (36, 'L'))
-        self.assertEqual(vdl._qr_choose(2953, None, None), (40, 'L'))
-        # a forced version keeps M while M fits in it
-        self.assertEqual(vdl._qr_choose(332, None, 14), (14, 'M'))
-        self.assertEqual(vdl._qr_choose(363, None, 14), (14, 'L'))
-
-    def test_invalid_overrides(self):
-        for kwargs in ({'level': 'X'}, {'mask': 8}, {'mask': -1},
-                       {'version': 0}, {'version': 41}):
-            with self.assertRaises(ValueError):
-                vdl._qr_encode(b'abc', **kwargs)
-
-    def test_str_is_utf8(self):
-        self.assertEqual(vdl._qr_encode('caf\xe9'),
-                         vdl._qr_encode(b'caf\xc3\xa9'))
-        self.assertEqual(vdl._qr_matrix('abc'), vdl._qr_encode(b'abc')[0])
-
-
-class TestMasking(unittest.TestCase):
-
-    def test_penalty_matches_reference(self):
-        rng = random.Random(11)
-        matrices = []
-        for _ in range(30):
-            size = rng.choice((21, 25, 29, 33))
-            density = rng.random()
-            matrices.append([[rng.random() < density for _ in range(size)]
-                             for _ in range(size)])
-        # chained 1:1:3:1:1 patterns sharing their light run
-        row = [False] * 4 + [True, False, True, True, True, False, True]
-        row = (row * 3 + [False] * 4)[:25]
-        matrices.append([row[:] for _ in range(25)])
-        for text in ('x', 'https://us.vouch.sh/device', 'y' * 100):
-            for mask in range(8):
-                matrices.append(vdl._qr_matrix(text, 'M', mask))
-        for matrix in matrices:
-            rows = [int(line, 2) for line in to_bits(matrix)]
-            self.assertEqual(vdl._qr_penalty(rows, len(matrix)),
-                             reference_penalty(matrix))
-
-    def test_auto_mask_is_lowest_penalty(self):
-        for text in make_urls(6, seed=3, high=120):
-            _, version, level, mask = vdl._qr_encode(text)
-            scores = [reference_penalty(vdl._qr_matrix(text, level, m, version))
-                      for m in range(8)]
-            self.assertEqual(mask, scores.index(min(scores)))
-
-
-class TestRender(unittest.TestCase):
-
-    def setUp(self):
-        self.matrix = vdl._qr_matrix('https://us.vouch.sh/device?user_code=BCDF')
-        self.size = len(self.matrix)
-
-    def check_lines(self, text, charset):
-        self.assertTrue(text.endswith('\n'))
-        for line in text.split('\n')[:-1]:
-            self.assertEqual(line, line.rstrip())
-            self.assertLessEqual(set(line), set(charset))
-
-    def test_unicode_round_trip(self):
-        for invert in (False, True):
-            for quiet in (4, 2, 6):
-                text = vdl._qr_render(self.matrix, quiet=quiet, invert=invert)
-                self.check_lines(text, ' \u2580\u2584\u2588')
-                lines = text.split('\n')[:-1]
-                self.assertEqual(len(lines), (self.size + 2 * quiet + 1) // 2)
-                grid, _ = parse_render(text, True, quiet, self.size, invert)
-                self.assertEqual(
-                    [row[quiet:quiet + self.size]
-                     for row in grid[quiet:quiet + self.size]], self.matrix)
-                border = grid[:quiet] + grid[-quiet:]
-                border += [row[:quiet] + row[-quiet:] for row in grid]
-                self.assertFalse(any(map(any, border)))
-
-    def test_ascii_round_trip(self):
-        for invert in (False, True):
-            text = vdl._qr_render(self.matrix, unicode=False, invert=invert)
-            self.check_lines(text, ' #')
-            lines = text.split('\n')[:-1]
-            self.assertEqual(len(lines), self.size + 8)
-            grid, extra = parse_render(text, False, 4, self.size, invert)
-            self.assertEqual(extra, 0)
-            self.assertEqual([row[4:-4] for row in grid[4:-4]], self.matrix)
-
-    def test_default_inks_light_modules(self):
-        text = vdl._qr_render(self.matrix)
-        first = text.split('\n')[0]
-        self.assertEqual(first, '\u2588' * (self.size + 8))
-        inverted = vdl._qr_render(self.matrix, invert=True)
-        self.assertEqual(inverted.split('\n')[0], '')
-
-    def test_quiet_zone_clamped(self):
-        for quiet in (0, 1, -3):
-            self.assertEqual(vdl._qr_render(self.matrix, quiet=quiet),
-                             vdl._qr_render(self.matrix, quiet=2))
-
-
-@unittest.skipUnless(segno, 'segno is not installed')
-class TestAgainstSegno(unittest.TestCase):
-
-    def compare(self, urls, level):
-        """Matrix, version and mask agreement with segno at one level.
-
-        segno's QRCode.matrix is a tuple of bytearrays, one per row from the
-        top, 0x1 for dark and 0x0 for light, without the quiet zone (segno
-        adds the border only when serialising), so it maps onto our rows of
-        bools directly.
-        """
-        disagree = []
-        with segno_fixed_padding():
-            for url in urls:
-                ref = segno.make_qr(url, mode='byte', error=level,
-                                    boost_error=False)
-                ref_rows = [''.join(map(str, row)) for row in ref.matrix]
-                ours, version, got_level, mask = vdl._qr_encode(url, level)
-                self.assertEqual((version, got_level), (ref.version, level))
-                if mask != ref.mask:
-                    disagree.append((url, version, ref.mask))
-                    ours = vdl._qr_matrix(url, level, ref.mask, ref.version)
-                self.assertEqual(to_bits(ours), ref_rows, url)
-        # checking a sample keeps the run within a few seconds
-        for url, version, ref_mask in disagree[:12]:
-            self.check_mask_disagreement(url, level, version, ref_mask)
-        return disagree
-
-    def check_mask_disagreement(self, url, level, version, ref_mask):
-        """A different mask must come from scoring, not from the symbols.
-
-        ISO/IEC 18004:2015 §7.8.3.1 scores the complete symbol, format and
-        version information included.  segno scores its matrix before that
-        information and the dark module are placed, and its N3 scan resumes
-        7 modules after a counted pattern, missing a second one that shares
-        the last dark module ("1011101011101" + light).  Fed our symbols
-        with those cells left light, segno's own scorer must pick segno's
-        mask, so our symbols for every mask equal segno's.
-        """
-        size = 17 + 4 * version
-        blank = []
-        for m in range(8):
-            rows = [bytearray(row) for row in
-                    vdl._qr_matrix(url, level, m, version)]
-            for r, c in function_free_cells(size):
-                rows[r][c] = 0
-            blank.append(segno.encoder.evaluate_mask(rows, size, size))
-        self.assertEqual(blank.index(min(blank)), ref_mask, url)
-
-    def test_200_urls_level_m(self):
-        urls = make_urls(200)
-        disagree = self.compare(urls, 'M')
-        self.assertLess(len(disagree), len(urls) // 2)
-
-    def test_urls_level_l(self):
-        self.compare(make_urls(25, seed=99), 'L')
-
-    def test_every_version_at_capacity(self):
-        # one level per version, all four at version 40
-        cases = [(v, 'LMQH'[v % 4]) for v in range(1, 40)]
-        cases += [(40, level) for level in 'LMQH']
-        rng = random.Random(40)
-        with segno_fixed_padding():
-            for version, level in cases:
-                count = (8 * vdl._qr_data_codewords(version, level) - 4
-                         - (8 if version < 10 else 16)) // 8
-                data = bytes(rng.randrange(256) for _ in range(count))
-                mask = (version + ord(level)) % 8
-                ref = segno.make_qr(data, mode='byte', error=level,
-                                    version=version, mask=mask,
-                                    boost_error=False)
-                ref_rows = [''.join(map(str, row)) for row in ref.matrix]
-                got = vdl._qr_matrix(data, level, mask, version)
-                self.assertEqual(to_bits(got), ref_rows, (version, level))
-
-
-def decode(grid, scale=4, invert_pixels=False, try_invert=False):
-    """Decode a dark-module grid that already includes its quiet zone."""
-    dark, light = (255, 0) if invert_pixels else (0, 255)
-    img = numpy.array([[dark if m else light for m in row] for row in grid],
-                      dtype=numpy.uint8)
-    img = numpy.kron(img, numpy.ones((scale, scale), dtype=numpy.uint8))
-    found = zxingcpp.read_barcodes(img, formats=zxingcpp.BarcodeFormat.QRCode,
-                                   try_invert=try_invert)
-    return found[0] if found else None
-
-
-def with_quiet_zone(matrix, quiet=4):
-    width = len(matrix) + 2 * quiet
-    blank = [[False] * width for _ in range(quiet)]
-    return blank + [[False] * quiet + list(row) + [False] * quiet
-                    for row in matrix] + blank
-
-
-@unittest.skipUnless(zxingcpp, 'zxing-cpp or numpy is not installed')
-class TestDecode(unittest.TestCase):
-
-    urls = tuple(url for length in (10, 47, 120, 300, 700, 2000)
-                 for url in make_urls(1, seed=length, low=length, high=length))
-
-    def test_decode_matrix(self):
-        for url in self.urls:
-            matrix, version, level, _ = vdl._qr_encode(url)
-            found = decode(with_quiet_zone(matrix))
-            self.assertIsNotNone(found, (len(url), version))
-            self.assertEqual(found.text, url)
-            self.assertEqual(found.ec_level, level)
-
-    def test_every_fitting_the_prompt_may_draw_decodes(self):
-        # The level and quiet zone the prompt falls back to on a small terminal.
-        for url in (VOUCH_URL,) + self.urls[:3]:
-            for level, quiet in vdl._QR_FITTINGS:
-                matrix = vdl._qr_matrix(url, level)
-                for unicode in (True, False):
-                    with self.subTest(length=len(url), level=level, quiet=quiet, unicode=unicode):
-                        text = vdl._qr_render(matrix, unicode=unicode, quiet=quiet)
-                        grid, _ = parse_render(text, unicode, quiet, len(matrix))
-                        found = decode(grid)
-                        self.assertEqual(found and found.text, url)
-
-    def test_the_smallest_fitting_is_chosen_and_none_past_the_smallest(self):
-        data = VOUCH_URL.encode()
-        sides = {(level, quiet): len(vdl._qr_matrix(data, level)) + 2 * quiet for level, quiet in vdl._QR_FITTINGS}
-        self.assertEqual(vdl._qr_fitting(data, True, 80, None)[1:], (4, None))
-        self.assertEqual(len(vdl._qr_fitting(data, True, 80, 17)[0]), 29)
-        self.assertEqual(vdl._qr_fitting(data, True, 80, 16), (None, None, (33, 17)))
-        # ASCII in 80 columns: M with its full quiet zone would take 82.
-        self.assertEqual(2 * sides["M", 4], 82)
-        matrix, quiet, _ = vdl._qr_fitting(data, False, 80, None)
-        self.assertLessEqual(2 * (len(matrix) + 2 * quiet), 80)
-
-    def test_decode_rendered_text(self):
-        for url in self.urls[:4]:
-            matrix = vdl._qr_matrix(url)
-            size = len(matrix)
-            for unicode in (True, False):
-                # default rendering on a dark theme: ink is light
-                text = vdl._qr_render(matrix, unicode=unicode)
-                grid, _ = parse_render(text, unicode, 4, size)
-                found = decode(grid)
-                self.assertEqual(found and found.text, url)
-                # the same text on a light theme reads as reversed
-                found = decode(grid, invert_pixels=True, try_invert=True)
-                self.assertEqual(found and found.text, url)
-                # invert=True on a light theme: ink is dark
-                text = vdl._qr_render(matrix, unicode=unicode, invert=True)
-                grid, _ = parse_render(text, unicode, 4, size, invert=True)
-                found = decode(grid)
-                self.assertEqual(found and found.text, url)
-
-
-# ============================================================================
-# The prompt on a real terminal: QR block, countdown, OSC 52, browser
+# DPoP (RFC 9449): a key per sign-in, proofs, server nonces, the binding check
 # ============================================================================
 
-class TtyStream(io.StringIO):
-    """A captured stream that says it is a terminal."""
+class RecordingRealClock:
+    """The real monotonic clock and sleep, for tests whose server judges real time."""
 
-    def isatty(self):
-        return True
+    def __init__(self):
+        self.sleeps = []
 
+    def __call__(self):
+        return time.monotonic()
 
-def set_pty_size(fd, rows, columns):
-    import fcntl
-    import struct
-    import termios
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
-
-
-def run_in_pty(args, env=None, timeout=60, size=None, resize=None):
-    """Run the script with stderr on a pseudo-terminal; returns (code, stdout, terminal text).
-
-    size: (rows, columns) of the terminal; resize: the size it takes once the
-    countdown is first shown, the way a person drags a window narrower.
-    """
-    import pty
-    import select
-    master, slave = pty.openpty()
-    if size:
-        set_pty_size(slave, *size)
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in _ENV_KEYS + ("DISPLAY", "WAYLAND_DISPLAY", "SSH_CONNECTION", "SSH_TTY",
-                                            "SSH_CLIENT", "BROWSER")}
-    environment.update(TERM="xterm-256color", PYTHONIOENCODING="utf-8")
-    environment.update(env or {})
-    proc = subprocess.Popen([sys.executable, SCRIPT] + list(args), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=slave, env=environment)
-    os.close(slave)
-    chunks = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.1)
-        if ready:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-            if resize and b"Waiting for approval" in b"".join(chunks):
-                set_pty_size(master, *resize)
-                resize = None
-        elif proc.poll() is not None:
-            break
-    os.close(master)
-    stdout = proc.stdout.read()
-    proc.stdout.close()
-    proc.wait(timeout=10)
-    return proc.returncode, stdout.decode(), b"".join(chunks).decode("utf-8", "replace")
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        time.sleep(max(0.0, seconds))
 
 
-def terminal_rows(text, columns):
-    """Every row (scrollback included) a terminal this wide shows for text.
-
-    The VT100 subset the tool uses: printable characters with xterm's
-    delayed wrap at the last column, CR, LF, cursor up (CSI A), erase to the
-    end of the line (CSI K) or screen (CSI J); other CSI and OSC sequences
-    take no room.
-    """
-    import re
-    rows, row, column, wrap_next = [[]], 0, 0, False
-    position = 0
-    while position < len(text):
-        sequence = re.match("\x1b\\[[0-9;?]*([@-~])|\x1b\\][^\x07]*\x07", text[position:])
-        if sequence:
-            if sequence.group(1) in ("K", "J"):
-                del rows[row][column:]
-            if sequence.group(1) == "J":
-                del rows[row + 1:]
-            elif sequence.group(1) == "A":
-                row = max(0, row - int(sequence.group(0)[2:-1] or 1))
-            position += len(sequence.group(0))
-            continue
-        char = text[position]
-        position += 1
-        if char == "\r":
-            column, wrap_next = 0, False
-        elif char == "\n" or wrap_next:
-            row, wrap_next = row + 1, False
-            if row == len(rows):
-                rows.append([])
-            if char == "\n":
-                continue
-            column = 0
-        if char not in "\r\n":
-            line = rows[row]
-            line.extend(" " * (column + 1 - len(line)))
-            line[column] = char
-            if column == columns - 1:
-                wrap_next = True
-            else:
-                column += 1
-    return ["".join(r) for r in rows]
+def proof_parts(proof):
+    """(header, claims) of a DPoP proof, decoded with nothing but json and base64."""
+    header, claims, _ = proof.split(".")
+    return json.loads(b64u(header)), json.loads(b64u(claims))
 
 
-def screen_while_waiting(screen, columns):
-    """The terminal's rows at the countdown's last update, before the sign-in ended it."""
-    return terminal_rows(screen[:screen.rindex("\r\x1b[K")], columns)
+def token_requests(issuer):
+    return [r for r in issuer.requests if r["path"].endswith("/oauth/token")]
 
 
-def live_lines(screen):
-    """Each text the live line showed, in order ("" where it was cleared).
+class DPoPSignInTests(IssuerTest):
+    issuer_options = {"dpop": True, "enforce_interval": False, "rate_limit": False}
 
-    A message line is written as clear, the message, a newline, the live line again.
-    """
-    import re
-    return [piece.split("\n")[-1].split("\r")[0]
-            for piece in re.split("\r\x1b\\[(?:K|[0-9]+A\x1b\\[J)", screen)[1:]]
-
-
-def modules_from_text(lines, unicode=True):
-    """Turn rendered QR text (ink = light modules) back into a dark/light matrix."""
-    rows = []
-    for line in lines:
-        if unicode:
-            top = [ch in "\u2580\u2588" for ch in line]
-            bottom = [ch in "\u2584\u2588" for ch in line]
-            rows += [top, bottom]
-        else:
-            rows.append([line[i:i + 2] == "##" for i in range(0, len(line), 2)])
-    width = max(len(r) for r in rows)
-    return [[not ink for ink in r + [False] * (width - len(r))] for r in rows]
-
-
-def decoded_text(grid):
-    """What zxing-cpp reads in a dark-module grid, or None."""
-    found = decode(grid, scale=4)
-    return found.text if found else None
-
-
-@unittest.skipUnless(sys.platform.startswith("linux"), "pseudo-terminal tests need Linux")
-class InstallTests(IssuerTest):
-    """--install: the module and its bytecode in PREFIX/lib, a launcher in PREFIX/bin."""
-
-    def setUp(self):
-        super().setUp()
-        import tempfile
-        self.prefix = os.path.realpath(tempfile.mkdtemp(prefix="vdl-install-"))
-        self.addCleanup(shutil.rmtree, self.prefix)
-        self.launcher = os.path.join(self.prefix, "bin", "vouch-device-login")
-        self.module = os.path.join(self.prefix, "lib", "vouch_device_login", "vouch_device_login.py")
-
-    def run_launcher(self, args, cwd=HERE, env=None):
-        environment = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
-        environment.update(env or {})
-        proc = subprocess.run([self.launcher] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, env=environment, cwd=cwd, timeout=60, check=False)
-        return Result(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
-
-    def offline_inspect_args(self):
-        issuer = "https://issuer.example.com"
-        now = int(time.time())
-        key = EcKey("k")
-        token = make_jwt(key, {"iss": issuer, "sub": "user-1", "aud": "cli", "exp": now + 600, "iat": now})
-        jwks = os.path.join(self.prefix, "jwks.json")
-        with open(jwks, "w") as handle:
-            json.dump({"keys": [key.jwk()]}, handle)
-        return ["--inspect", token, "--verify", "--jwks", jwks, "--issuer", issuer, "--client-id", "cli"]
-
-    def test_the_launcher_runs_the_module_from_its_bytecode(self):
-        # Neither may move or change the bytecode: PYTHONPYCACHEPREFIX would put
-        # it where the launcher never looks, SOURCE_DATE_EPOCH would make it
-        # hash-checked against the source on every start.
-        result = run_cli(["--install", self.prefix], env={
-            "PYTHONPYCACHEPREFIX": os.path.join(self.prefix, "elsewhere"), "SOURCE_DATE_EPOCH": "1"})
-        self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
-        self.assertIn("installed %s (%s, for %s)" % (self.launcher, vdl.__version__, sys.executable), result.stderr)
-        with open(self.launcher) as handle:
-            self.assertEqual(handle.readline(), "#!%s -I\n" % sys.executable)
-        self.assertTrue(os.access(self.launcher, os.X_OK))
-        with open(SCRIPT, "rb") as original, open(self.module, "rb") as copy:
-            self.assertEqual(original.read(), copy.read())
-        # Overwrite the installed source with the same size and mtime: only
-        # the bytecode compiled at install time can still answer.
-        stat_result = os.stat(self.module)
-        with open(self.module, "wb") as handle:
-            handle.write(b"raise SystemExit('compiled from source')\n".ljust(stat_result.st_size, b"#"))
-        os.utime(self.module, ns=(stat_result.st_atime_ns, stat_result.st_mtime_ns))
-        version = self.run_launcher(["--version"])
-        self.assertEqual((version.code, version.stdout), (0, "vouch-device-login %s\n" % vdl.__version__),
-                         version.stderr)
-        inspected = self.run_launcher(self.offline_inspect_args())
-        self.assertEqual(inspected.code, 0, inspected.stderr)
-        self.assertIs(json.loads(inspected.stdout)["verified"], True)
-
-    def test_the_installed_command_names_itself_and_shows_itself_in_its_help(self):
-        self.assertEqual(run_main(["--install", self.prefix]).code, 0)
-        result = self.run_launcher(["--help"], env={"COLUMNS": "80"})
+    def test_a_bound_token_after_the_nonce_dance(self):
+        result = self.sign_in("--dpop")
         self.assertEqual(result.code, 0, result.stderr)
-        self.assertTrue(result.stdout.startswith("usage: vouch-device-login "))
-        self.assertIn("\n  vouch-device-login --client-id ID\n", result.stdout)
-        self.assertNotIn("vouch_device_login", result.stdout)
-        self.assertNotIn("python3", result.stdout)
-        failed = self.run_launcher(["--timeout", "0", "--client-id", "cli"])
-        self.assertTrue(failed.stderr.startswith("vouch-device-login: error: "), failed.stderr)
+        out = result.json()
+        self.assertEqual(out["token_type"], "DPoP")
+        self.assertEqual(sorted(out["dpop"]), ["alg", "jkt", "key"])
+        # EdDSA comes first of ours in Vouch's ["ES256", "PS256", "EdDSA"]
+        self.assertEqual(out["dpop"]["alg"], "EdDSA")
+        self.assertEqual(out["dpop"]["key"]["kty"], "OKP")
+        self.assertEqual(out["dpop"]["jkt"], reference_thumbprint(out["dpop"]["key"]))
+        self.assertEqual(out["claims"]["cnf"], {"jkt": out["dpop"]["jkt"]})
+        self.assertEqual(self.issuer.dpop_refusals, [(400, "use_dpop_nonce")])
+        first, second = [proof_parts(r["headers"]["DPoP"]) for r in token_requests(self.issuer)]
+        self.assertNotIn("nonce", first[1])
+        self.assertEqual(second[1]["nonce"], self.issuer.dpop_proofs[0]["nonce"])
+        header, claims = second
+        self.assertEqual(header["typ"], "dpop+jwt")
+        self.assertEqual(header["jwk"], {k: v for k, v in out["dpop"]["key"].items() if k != "d"})
+        self.assertEqual((claims["htm"], claims["htu"]), ("POST", self.issuer.issuer + "/oauth/token"))
+        self.assertGreaterEqual(len(b64u(claims["jti"])), 12)
+        self.assertNotEqual(first[1]["jti"], claims["jti"])
+        self.assertNotIn("ath", claims)
 
-    def test_the_launcher_signs_in_and_reinstalls_itself(self):
-        self.assertEqual(run_main(["--install", self.prefix]).code, 0)
-        self.issuer.approve_after_polls = 0
-        result = self.run_launcher(["--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "token"])
-        self.assertEqual((result.code, result.stdout), (0, self.issuer.issued[0] + "\n"), result.stderr)
-        again = self.run_launcher(["--install", self.prefix])
-        self.assertEqual(again.code, 0, again.stderr)
-        self.assertEqual(self.run_launcher(["--version"]).code, 0)
-
-    def test_the_launcher_imports_nothing_from_the_working_directory_or_pythonpath(self):
-        self.assertEqual(run_main(["--install", self.prefix]).code, 0)
-        planted = os.path.join(self.prefix, "planted")
-        os.mkdir(planted)
-        marker = os.path.join(self.prefix, "pwned")
-        for folder in (planted, os.path.dirname(self.launcher)):
-            for name in ("vouch_device_login", "json", "argparse", "hashlib"):
-                with open(os.path.join(folder, name + ".py"), "w") as handle:
-                    handle.write("open(%r, 'a').write(%r)\n" % (marker, name))
-        result = self.run_launcher(self.offline_inspect_args(), cwd=planted, env={"PYTHONPATH": planted})
+    def test_the_variable_asks_for_dpop_too(self):
+        result = self.sign_in(env={"VOUCH_DPOP": "1"})
         self.assertEqual(result.code, 0, result.stderr)
-        self.assertIs(json.loads(result.stdout)["verified"], True)
-        self.assertFalse(os.path.exists(marker))
+        self.assertEqual(result.json()["token_type"], "DPoP")
 
-    def test_files_and_directories_get_the_same_modes_under_any_umask(self):
-        for umask in (0o000, 0o002, 0o077):
-            prefix = os.path.join(self.prefix, "umask-%03o" % umask)
-            old_umask = os.umask(umask)
-            try:
-                result = run_main(["--install", prefix])
-            finally:
-                os.umask(old_umask)
-            self.assertEqual(result.code, 0, result.stderr)
-            library = os.path.join(prefix, "lib", "vouch_device_login")
-            paths = [prefix, os.path.dirname(library), library, library + "/__pycache__", prefix + "/bin"]
-            bytecode = os.listdir(paths[3])
-            self.assertEqual(len(bytecode), 1)
-            files = [os.path.join(paths[3], bytecode[0]), library + "/vouch_device_login.py",
-                     prefix + "/bin/vouch-device-login"]
-            self.assertEqual([os.stat(path).st_mode & 0o7777 for path in paths + files],
-                             [0o755] * 5 + [0o644, 0o644, 0o755], "umask %03o" % umask)
+    def test_the_algorithm_follows_the_flag_then_the_metadata(self):
+        for algs, flag, wanted in ((["ES256", "PS256", "EdDSA"], "ES256", "ES256"), (["ES256"], None, "ES256"),
+                                   (None, None, "ES256"), (None, "EdDSA", "EdDSA"), (["EdDSA"], None, "EdDSA")):
+            with self.subTest(algs=algs, flag=flag):
+                self.issuer.dpop_algs = algs
+                result = self.sign_in("--dpop", *(["--dpop-alg", flag] if flag else []))
+                self.assertEqual(result.code, 0, result.stderr)
+                out = result.json()
+                self.assertEqual(out["dpop"]["alg"], wanted)
+                self.assertEqual(out["dpop"]["key"]["kty"], "EC" if wanted == "ES256" else "OKP")
+                self.assertEqual(out["claims"]["cnf"]["jkt"], reference_thumbprint(out["dpop"]["key"]))
 
-    def test_a_prefix_reached_through_a_symlink_is_installed_under_its_real_path(self):
-        # The link sits in a directory anyone can write: anyone could later
-        # point it elsewhere, so neither the checks nor the launcher use it.
-        shared, real = os.path.join(self.prefix, "shared"), os.path.join(self.prefix, "real")
-        os.mkdir(shared)
-        os.chmod(shared, 0o777)
-        os.mkdir(real)
-        os.symlink(real, os.path.join(shared, "link"))
-        result = run_main(["--install", os.path.join(shared, "link")])
-        self.assertEqual(result.code, 0, result.stderr)
-        launcher = os.path.join(os.path.realpath(real), "bin", "vouch-device-login")
-        with open(launcher) as handle:
-            text = handle.read()
-        self.assertIn(repr(os.path.join(os.path.realpath(real), "lib", "vouch_device_login")), text)
-        self.assertNotIn("shared", text)
-        self.assertIn("installed %s " % launcher, result.stderr)
+    def test_an_issuer_without_our_algorithms_exits_6_before_the_device_request(self):
+        for algs, extra, fragment in ((["PS256", "RS256"], [], "PS256, RS256"),
+                                      (["ES256"], ["--dpop-alg", "EdDSA"], "only with ES256"),
+                                      ([], [], "nothing"), ("ES256", [], "not a list")):
+            with self.subTest(algs=algs, extra=extra):
+                self.issuer.requests.clear()
+                self.issuer.dpop_algs = algs
+                self.assertFailed(self.sign_in("--dpop", *extra), 6, fragment)
+                self.assertFalse([r for r in self.issuer.requests if r["path"] == "/oauth/device"])
 
-    def test_a_symlink_at_the_launcher_path_is_replaced_not_followed(self):
-        victim = os.path.join(self.prefix, "victim")
-        with open(victim, "w") as handle:
-            handle.write("untouched")
-        os.mkdir(os.path.join(self.prefix, "bin"))
-        os.symlink(victim, self.launcher)
-        self.assertEqual(run_main(["--install", self.prefix]).code, 0)
-        self.assertFalse(os.path.islink(self.launcher))
-        with open(victim) as handle:
-            self.assertEqual(handle.read(), "untouched")
+    def test_a_bearer_answer_is_never_accepted(self):
+        self.issuer.dpop_misbehave = "bearer"
+        self.assertFailed(self.sign_in("--dpop"), 6, "the issuer ignored DPoP: token_type is Bearer")
 
-    def test_a_module_directory_others_can_write_is_refused(self):
-        library = os.path.dirname(self.module)
-        os.makedirs(library)
-        os.chmod(library, 0o777)
-        self.assertFailed(run_main(["--install", self.prefix]), 2, "writable by group or others")
-        self.assertEqual(os.listdir(library), [])
-        self.assertFalse(os.path.exists(self.launcher))
+    def test_token_type_is_case_insensitive_and_cnf_must_name_our_key(self):
+        def answer(cnf, token_type="dpop"):
+            def respond(handler, body):
+                claims = {} if cnf is None else {"cnf": cnf}
+                token = self.issuer.access_token("cli", "openid email", **claims)
+                handler.send(200, {"access_token": token, "token_type": token_type, "expires_in": 60})
+            return respond
+        self.issuer.overrides["/oauth/token"] = answer(None)
+        self.assertEqual(self.sign_in("--dpop").code, 0)
+        self.issuer.overrides["/oauth/token"] = answer({"x5t#S256": "abc"}, "DPOP")
+        self.assertEqual(self.sign_in("--dpop").code, 0)
+        for cnf in ("jkt", {"jkt": 7}, {"jkt": "AAAA"}, ["x"]):
+            with self.subTest(cnf=cnf):
+                self.issuer.overrides["/oauth/token"] = answer(cnf)
+                self.assertFailed(self.sign_in("--dpop"), 6, "bound to another key")
 
-    def test_a_parent_others_can_write_is_refused_unless_sticky(self):
-        # Whoever can write PREFIX/lib can rename the module directory away and put their own in its place.
-        shared = os.path.join(self.prefix, "shared")
-        os.mkdir(shared)
-        os.chmod(shared, 0o777)
-        self.assertFailed(run_main(["--install", os.path.join(shared, "prefix")]), 2,
-                          "%s is writable by group or others" % os.path.realpath(shared))
-        self.assertEqual(os.listdir(shared), [])
-        os.chmod(shared, 0o1777)  # like /tmp: others cannot rename what is ours
-        self.assertEqual(run_main(["--install", os.path.join(shared, "prefix")]).code, 0)
+    def test_a_token_bound_to_another_key_exits_6_or_7_with_verify(self):
+        self.issuer.dpop_misbehave = "other-key"
+        self.assertFailed(self.sign_in("--dpop"), 6, "bound to another key")
+        self.assertFailed(self.sign_in("--dpop", "--verify"), 7, "bound to another key")
 
-    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to give files away")
-    def test_directories_of_other_users_or_groups_are_refused(self):
-        os.chown(self.prefix, 65534, -1)
-        self.assertFailed(run_main(["--install", self.prefix]), 2, "is owned by uid 65534")
-        os.chown(self.prefix, 0, next(g.gr_gid for g in __import__("grp").getgrall() if g.gr_gid != os.getegid()))
-        os.chmod(self.prefix, 0o775)
-        self.assertFailed(run_main(["--install", self.prefix]), 2, "is writable by group or others")
-        self.assertEqual(os.listdir(self.prefix), [])
-        import grp
-        import pwd
-        own = grp.getgrgid(os.getegid())
-        if own.gr_name == pwd.getpwuid(os.geteuid()).pw_name and not own.gr_mem:
-            # A user-private group (like root's here) has nobody else in it...
-            os.chown(self.prefix, 0, own.gr_gid)
-            self.assertEqual(run_main(["--install", self.prefix]).code, 0)
-            # ...unless an ACL names another user; the group bits are then its mask.
-            acl = b"".join([b"\x02\x00\x00\x00", bytes([1, 0, 7, 0]) + b"\xff" * 4,
-                            bytes([2, 0, 7, 0]) + (65534).to_bytes(4, "little"), bytes([4, 0, 5, 0]) + b"\xff" * 4,
-                            bytes([16, 0, 7, 0]) + b"\xff" * 4, bytes([32, 0, 5, 0]) + b"\xff" * 4])
-            try:
-                os.setxattr(self.prefix, "system.posix_acl_access", acl)
-            except OSError:
-                self.skipTest("no POSIX ACLs on this file system")
-            self.assertEqual(os.stat(self.prefix).st_mode & 0o777, 0o775)
-            self.assertFailed(run_main(["--install", self.prefix]), 2, "is writable by group or others")
-
-    def test_file_system_failures_are_one_line_and_exit_2(self):
-        with open(os.path.join(self.prefix, "bin"), "w") as handle:
-            handle.write("a file where a directory belongs")
-        self.assertFailed(run_main(["--install", self.prefix]), 2, "%s/bin: " % self.prefix)
-        os.remove(os.path.join(self.prefix, "bin"))
-        os.makedirs(self.launcher)
-        self.assertFailed(run_main(["--install", self.prefix]), 2, "--install: %s: " % self.launcher)
-        self.assertEqual(os.listdir(os.path.dirname(self.launcher)), ["vouch-device-login"])
-        gone = os.path.join(self.prefix, "gone")
-        os.mkdir(gone)
-        here = os.getcwd()
-        os.chdir(gone)
-        try:
-            os.rmdir(gone)
-            self.assertFailed(run_main(["--install", "relative"]), 2, "--install: relative: ")
-        finally:
-            os.chdir(here)
-
-    def test_piped_from_stdin_there_is_no_file_to_install(self):
-        with open(SCRIPT, "rb") as handle:
-            result = run_cli(["--install", self.prefix], input_bytes=handle.read(), argv0="-")
-        self.assertFailed(result, 2, "was not run from one")
-        self.assertEqual(os.listdir(self.prefix), [])
-
-    def test_install_is_an_action_of_its_own(self):
-        self.assertFailed(run_main(["--install", self.prefix, "--logout", "--client-id", "cli"]), 2, "on its own")
-        self.assertFailed(run_main(["--install="]), 2, "PREFIX is empty")
-        self.assertEqual(os.listdir(self.prefix), [])
-
-    def test_a_file_that_is_not_python_source_is_not_installed(self):
-        compiled = os.path.join(self.prefix, "vouch_device_login.pyc")
-        with open(compiled, "wb") as handle:
-            handle.write(b"\x00\x01binary")
-        with self.assertRaises(vdl.UsageError) as caught:
-            vdl._install(self.prefix, vdl._Terminal(), source_path=compiled)
-        self.assertIn("is not a module this Python can run", str(caught.exception))
-        self.assertEqual(os.listdir(self.prefix), ["vouch_device_login.pyc"])
-
-
-class TerminalPromptTests(IssuerTest):
-    def setUp(self):
-        IssuerTest.setUp(self)
-        self.issuer.approve_after_polls = 1
-        self.args = ["--issuer", self.issuer.issuer, "--client-id", "cli"]
-
-    def test_live_prompt_with_qr_countdown_and_clipboard(self):
-        code, stdout, screen = run_in_pty(self.args + ["--qr", "--copy", "--no-browser"])
-        self.assertEqual(code, 0, screen)
-        self.assertEqual(json.loads(stdout)["access_token"], self.issuer.issued[0])
-        device = next(iter(self.issuer.devices.values()))
-        self.assertIn("\x1b[1m%s\x1b[0m" % device["user_code"], screen)
-        self.assertIn(" ".join(device["user_code"][:4]), screen)
-        osc52 = "\x1b]52;c;%s\x07" % base64.b64encode(device["user_code"].encode()).decode()
-        self.assertIn(osc52, screen)
-        self.assertGreaterEqual(screen.count("\r\x1b[KWaiting for approval... "), 2)
-        self.assertIn("min", screen.split("Waiting for approval... ")[1][:12])
-        last_update = screen.rindex("Waiting for approval... ")
-        self.assertIn("\r\x1b[K", screen[last_update:])
-        qr_lines = [line[len("\x1b[97;40m"):line.index("\x1b[0m")] for line in screen.replace("\r", "").split("\n")
-                    if line.startswith("\x1b[97;40m")]
-        self.assertGreater(len(qr_lines), 10)
-        self.assertTrue(all("\u2588" in line or "\u2580" in line for line in qr_lines))
-        if zxingcpp is not None:
-            self.assertEqual(decoded_text(modules_from_text(qr_lines)), self.issuer.issuer +
-                             "/device?user_code=" + device["user_code"])
-
-    def test_no_color_keeps_the_prompt_plain(self):
-        code, _, screen = run_in_pty(self.args + ["--qr", "--no-browser"], env={"NO_COLOR": "1"})
-        self.assertEqual(code, 0, screen)
-        self.assertNotIn("\x1b[1m", screen)
-        self.assertNotIn("\x1b[97;40m", screen)
-        self.assertIn("\u2588", screen)
-        # NO_COLOR is about colour only: the countdown still runs, uncoloured.
-        self.assertIn("\r\x1b[KWaiting for approval... ", screen)
-
-    def test_a_dumb_terminal_gets_plain_lines_instead_of_the_countdown(self):
-        code, _, screen = run_in_pty(self.args + ["--no-browser"], env={"TERM": "dumb"})
-        self.assertEqual(code, 0, screen)
-        self.assertNotIn("\x1b", screen)
-        self.assertIn("To sign in, open", screen)
-
-    def test_browser_opens_only_where_a_person_can_see_it(self):
-        folder = __import__("tempfile").mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        opened = os.path.join(folder, "opened")
-        recorder = os.path.join(folder, "browser")
-        with open(recorder, "w") as handle:
-            handle.write("#!/bin/sh\nprintf '%%s\\n' \"$1\" >> %s\n" % opened)
-        os.chmod(recorder, 0o755)
-        browser = {"BROWSER": recorder + " %s"}
-        cases = [({"DISPLAY": ":99"}, [], True),
-                 ({"DISPLAY": ":99", "SSH_CONNECTION": "10.0.0.1 5000 10.0.0.2 22"}, [], False),
-                 ({}, [], False),
-                 ({"DISPLAY": ":99"}, ["--no-browser"], False),
-                 ({"SSH_TTY": "/dev/pts/3"}, ["--browser"], True)]
-        for env, flags, expected in cases:
-            with self.subTest(env=env, flags=flags):
-                if os.path.exists(opened):
-                    os.unlink(opened)
-                self.issuer.approve_after_polls = 0
-                code, _, screen = run_in_pty(self.args + flags, env=dict(browser, **env))
-                self.assertEqual(code, 0, screen)
-                if expected:
-                    with open(opened) as handle:
-                        self.assertEqual(handle.read().split(), [self.issuer.issuer + "/device?user_code="
-                                                                 + list(self.issuer.devices.values())[-1]["user_code"]])
-                else:
-                    self.assertFalse(os.path.exists(opened))
-
-    def test_copy_uses_pbcopy_in_a_local_mac_session_and_says_what_it_did(self):
-        folder = __import__("tempfile").mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        copied = os.path.join(folder, "copied")
-        with open(os.path.join(folder, "pbcopy"), "w") as handle:
-            handle.write("#!/bin/sh\ncat > %s\n" % copied)
-        os.chmod(os.path.join(folder, "pbcopy"), 0o755)
-        device = vdl.DeviceAuthorization("d" * 43, "BCDF-GHJK", "https://id.example.com/device", None, 600.0, 5.0, 0.0)
-        cases = [({}, "darwin", True), ({"SSH_CONNECTION": "10.0.0.1 5000 10.0.0.2 22"}, "darwin", False),
-                 ({}, "linux", False)]
-        for env, platform, local in cases:
-            with self.subTest(env=env, platform=platform):
-                if os.path.exists(copied):
-                    os.unlink(copied)
-                err = TtyStream()
-                vdl._copy_presenter(dict(env, PATH=folder), platform)(device, vdl._Terminal(stream=err))
-                self.assertEqual(os.path.exists(copied), local)
-                if local:
-                    with open(copied) as handle:
-                        self.assertEqual(handle.read(), "BCDF-GHJK")
-                    self.assertEqual(err.getvalue(), "vouch_device_login: the code is on the clipboard\n")
-                else:
-                    self.assertIn("\x1b]52;c;", err.getvalue())
-                    # Whether the terminal took it nobody can tell: say what was done.
-                    self.assertIn("the code was sent to the terminal's clipboard", err.getvalue())
-
-    def test_no_browser_when_stderr_is_not_a_terminal(self):
-        self.assertFalse(vdl._browser_visible({"DISPLAY": ":0"}, vdl._Terminal(stream=io.StringIO()), "linux"))
-        err = vdl._Terminal(stream=TtyStream())
-        self.assertTrue(vdl._browser_visible({"DISPLAY": ":0"}, err, "linux"))
-        self.assertTrue(vdl._browser_visible({"WAYLAND_DISPLAY": "wayland-0"}, err, "linux"))
-        self.assertFalse(vdl._browser_visible({}, err, "linux"))
-        self.assertTrue(vdl._browser_visible({}, err, "darwin"))
-        self.assertFalse(vdl._browser_visible({"SSH_CLIENT": "x"}, err, "darwin"))
-        self.assertFalse(vdl._browser_visible({"SSH_TTY": "/dev/pts/3", "DISPLAY": ":0"}, err, "linux"))
-
-
-VOUCH_URL = "https://us.vouch.sh/device?user_code=BCDF-GHJK"
-QR_CHARACTERS = set(" \u2580\u2584\u2588")
-
-
-def serve_vouch_device_answer(issuer):
-    """Vouch's own URLs and code from the device endpoint, then one pending poll and the token."""
-    issuer.overrides["/oauth/device"] = lambda h, b: (200, {
-        "device_code": "d" * 43, "user_code": "BCDF-GHJK", "verification_uri": "https://us.vouch.sh/device",
-        "verification_uri_complete": VOUCH_URL, "expires_in": 600, "interval": 1})
-    issuer.token_script = [(400, {"error": "authorization_pending"}), (200, issuer._tokens("cli", "openid email"))]
-
-
-@unittest.skipUnless(sys.platform.startswith("linux"), "pseudo-terminal tests need Linux")
-class TerminalSizeTests(IssuerTest):
-    """What a person sees on a terminal of a given size (set on the pseudo-terminal with TIOCSWINSZ)."""
-
-    def setUp(self):
-        IssuerTest.setUp(self)
-        self.issuer.approve_after_polls = 2
-        self.args = ["--issuer", self.issuer.issuer, "--client-id", "cli", "--no-browser"]
-
-    def test_the_countdown_never_wraps_or_piles_up_on_a_narrow_terminal(self):
-        for columns in (30, 12, 4):
-            with self.subTest(columns=columns):
-                code, _, screen = run_in_pty(self.args, size=(24, columns))
-                self.assertEqual(code, 0, screen)
-                shown = live_lines(screen)
-                self.assertGreaterEqual(len(shown), 2, screen)
-                self.assertTrue(all(len(text) < columns for text in shown), shown)
-                if columns == 4:
-                    self.assertEqual(set(shown), {""})
-                else:
-                    self.assertIn("min", shown[0])
-                # However long the wait, the live line keeps to one row.
-                first_tick = screen.index("\r\x1b[K")
-                rows = terminal_rows(screen[:first_tick], columns)
-                self.assertEqual(len(screen_while_waiting(screen, columns)), len(rows) + (rows[-1] != ""))
-                self.assertIn(self.issuer.issuer[:columns], "".join(rows))
-
-    def test_the_countdown_follows_a_resize(self):
+    def test_every_poll_carries_a_proof_and_a_nonce_retry_is_not_a_poll(self):
+        # a new nonce after every accepted proof: every poll dances
+        self.issuer.dpop_nonce_uses = 1
         self.issuer.approve_after_polls = 3
-        code, _, screen = run_in_pty(self.args, size=(24, 80), resize=(24, 20))
-        self.assertEqual(code, 0, screen)
-        shown = [text for text in live_lines(screen) if text]
-        self.assertTrue(shown[0].startswith("Waiting for approval... "), shown)
-        self.assertTrue(shown[-1].endswith(" left") and len(shown[-1]) < 20, shown)
-        # A terminal that reflows wrapped the wider line in two: both rows are erased.
-        self.assertRegex(screen, "\r\x1b\\[1A\x1b\\[J[0-9]+ min")
-
-    def test_messages_clear_the_live_line_and_bring_it_back_after(self):
-        code, _, screen = run_in_pty(self.args + ["-v"], size=(24, 200))
-        self.assertEqual(code, 0, screen)
-        rows = screen_while_waiting(screen, 200)
-        debug = [row for row in rows if "debug:" in row]
-        self.assertTrue(any("/oauth/token" in row for row in debug), rows)
-        for row in debug:
-            self.assertTrue(row.startswith("vouch_device_login.py: debug: "), row)
-        self.assertTrue(rows[-1].startswith("Waiting for approval... "), rows)
-
-    def test_a_restart_message_starts_a_line_of_its_own(self):
-        self.issuer.approve_after_polls = None
-        self.issuer.expires_in = 2
-        err = TtyStream()
         clock = FakeClock()
-        with clean_env(), mock.patch.object(vdl, "_monotonic", clock), mock.patch.object(vdl, "_sleep", clock.sleep), \
-                mock.patch.object(sys, "stdout", io.StringIO()), mock.patch.object(sys, "stderr", err):
-            code = vdl.main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--max-restarts", "1"])
-        self.assertEqual(code, 4, err.getvalue())
-        rows = terminal_rows(err.getvalue(), 80)
-        for message in ("the code expired; getting a new one (restart 1 of 1)", "error: the code expired"):
-            row = next(row for row in rows if message in row)
-            self.assertTrue(row.startswith("vouch_device_login: "), rows)
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--dpop", "-q"], clock=clock)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(self.issuer.dpop_refusals, [(400, "use_dpop_nonce")] * 4)
+        self.assertEqual(len(token_requests(self.issuer)), 8)
+        # four polls one interval apart: the retries added no wait and moved no poll
+        self.assertEqual(clock.sleeps, [1.0] * 4)
+        self.assertEqual(len({c["jti"] for c in self.issuer.dpop_proofs}), 4)
 
-    def test_vouchs_url_code_and_a_scannable_qr_code_fit_80x24_at_once(self):
-        serve_vouch_device_answer(self.issuer)
-        code, stdout, screen = run_in_pty(self.args + ["--qr"], size=(24, 80))
-        self.assertEqual(code, 0, screen)
-        self.assertEqual(json.loads(stdout)["access_token"], self.issuer.issued[0])
-        rows = screen_while_waiting(screen, 80)
-        self.assertLessEqual(len(rows), 23, rows)  # the 24th row holds the command that was typed
-        qr = [i for i, row in enumerate(rows) if row.strip() and set(row) <= QR_CHARACTERS]
-        self.assertEqual(qr, list(range(qr[0], qr[-1] + 1)))
-        url = next(i for i, row in enumerate(rows) if row == "To sign in, open:  https://us.vouch.sh/device")
-        code_row = next(i for i, row in enumerate(rows) if "the code:  BCDF-GHJK" in row)
-        self.assertLess(qr[-1], url)
-        self.assertLess(url, code_row)
-        self.assertTrue(rows[-1].startswith("Waiting for approval... "))
-        if zxingcpp is not None:
-            self.assertEqual(decoded_text(modules_from_text([rows[i] for i in qr])), VOUCH_URL)
+    def test_a_second_use_dpop_nonce_for_one_request_is_an_error(self):
+        def always(handler, body):
+            handler.send(400, {"error": "use_dpop_nonce"}, {"DPoP-Nonce": b64url(secrets.token_bytes(8))})
+        self.issuer.overrides["/oauth/token"] = always
+        self.assertFailed(self.sign_in("--dpop"), 6, "use_dpop_nonce")
+        self.assertEqual(len(token_requests(self.issuer)), 2)
 
-    def test_a_qr_code_that_cannot_be_shown_whole_is_not_drawn(self):
-        serve_vouch_device_answer(self.issuer)
-        code, _, screen = run_in_pty(self.args + ["--qr"], size=(20, 60))
-        self.assertEqual(code, 0, screen)
-        rows = screen_while_waiting(screen, 60)
-        self.assertFalse([row for row in rows if set(row) & QR_CHARACTERS - {" "}], rows)
-        self.assertEqual("".join(rows[:2]), "No QR code: with the text below it, it needs a terminal of 33x24 and "
-                                            "this one is 60x20; enlarge it, or use the link.")
-        self.assertIn("To sign in, open:  https://us.vouch.sh/device", rows)
-        self.assertLessEqual(len(rows), 19)
+    def test_a_malformed_nonce_header_is_a_protocol_error(self):
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (400, {"error": "use_dpop_nonce"},
+                                                              {"DPoP-Nonce": 'a"b'})
+        self.assertFailed(self.sign_in("--dpop"), 6, "DPoP-Nonce header is not a valid nonce")
+
+    def test_userinfo_with_a_proof_carrying_ath_and_its_own_nonce_dance(self):
+        self.issuer.dpop_nonce_uses = 1
+        result = self.sign_in("--dpop", "--userinfo")
+        self.assertEqual(result.code, 0, result.stderr)
+        out = result.json()
+        self.assertEqual(out["userinfo"]["sub"], "user-1234")
+        self.assertEqual(self.issuer.dpop_refusals, [(400, "use_dpop_nonce"), (401, "use_dpop_nonce")])
+        request = [r for r in self.issuer.requests if r["path"] == "/oauth/userinfo"][-1]
+        self.assertEqual(request["headers"]["Authorization"], "DPoP " + out["access_token"])
+        claims = proof_parts(request["headers"]["DPoP"])[1]
+        self.assertEqual(claims["ath"], b64url(hashlib.sha256(out["access_token"].encode()).digest()))
+        self.assertEqual((claims["htm"], claims["htu"]), ("GET", self.issuer.issuer + "/oauth/userinfo"))
+
+    def test_the_issuer_refuses_every_bad_proof_at_userinfo(self):
+        result = self.sign_in("--dpop", "--dpop-alg", "EdDSA")
+        self.assertEqual(result.code, 0, result.stderr)
+        key, token = result.json()["dpop"]["key"], result.json()["access_token"]
+        url = self.issuer.issuer + "/oauth/userinfo"
+
+        def claims(**changes):
+            good = {"jti": b64url(secrets.token_bytes(16)), "htm": "GET", "htu": url, "iat": int(time.time()),
+                    "nonce": self.issuer.dpop_nonce, "ath": b64url(hashlib.sha256(token.encode()).digest())}
+            good.update(changes)
+            return {k: v for k, v in good.items() if v is not None}
+
+        public = {k: key[k] for k in ("crv", "kty", "x")}
+        replayed = craft_proof(key, **claims())
+        cases = {
+            "replayed jti": replayed, "short jti": craft_proof(key, **claims(jti="abc")),
+            "iat 2 min old": craft_proof(key, **claims(iat=int(time.time()) - 120)),
+            "iat in the future": craft_proof(key, **claims(iat=int(time.time()) + 120)),
+            "htm": craft_proof(key, **claims(htm="POST")), "htu": craft_proof(key, **claims(htu=url + "x")),
+            "no ath": craft_proof(key, **claims(ath=None)), "wrong ath": craft_proof(key, **claims(ath="AAAA")),
+            "typ": craft_proof(key, {"typ": "JWT", "alg": "EdDSA", "jwk": public}, **claims()),
+            "private jwk": craft_proof(key, {"typ": "dpop+jwt", "alg": "EdDSA", "jwk": key}, **claims()),
+            "signature": replayed[:-10] + ("A" if replayed[-10] != "A" else "B") + replayed[-9:],
+        }
+        self.assertEqual(http_get(url, {"Authorization": "DPoP " + token, "DPoP": replayed}).status, 200)
+        for name, proof in cases.items():
+            with self.subTest(name):
+                answer = http_get(url, {"Authorization": "DPoP " + token, "DPoP": proof})
+                self.assertEqual(answer.status, 401, answer.body)
+                self.assertEqual(self.issuer.dpop_refusals[-1], (401, "invalid_dpop_proof"))
+        stale = craft_proof(key, **claims(nonce="stale"))
+        answer = http_get(url, {"Authorization": "DPoP " + token, "DPoP": stale})
+        self.assertEqual((answer.status, answer.getheader("DPoP-Nonce")), (401, self.issuer.dpop_nonce))
+        self.assertIn('error="use_dpop_nonce"', answer.getheader("WWW-Authenticate"))
+        other = vdl._dpop_generate("EdDSA")
+        answer = http_get(url, {"Authorization": "DPoP " + token, "DPoP": craft_proof(other, **claims())})
+        self.assertEqual((answer.status, self.issuer.dpop_refusals[-1]), (401, (401, "invalid_token")))
+
+    def test_format_token_without_the_cache_exits_2_before_any_request(self):
+        for argv, env in ((["--dpop", "--format", "token"], {}), (["--format", "token"], {"VOUCH_DPOP": "1"}),
+                          (["--dpop-alg", "ES256", "--format", "token"], {})):
+            with self.subTest(argv=argv, env=env):
+                self.assertFailed(self.sign_in(*argv, env=env), 2, "--format token with --dpop needs --cache")
+        self.assertEqual(self.issuer.requests, [])
+
+    def test_the_private_key_never_reaches_a_log(self):
+        result = self.sign_in("--dpop", "-v", "--userinfo")
+        self.assertEqual(result.code, 0, result.stderr)
+        key = result.json()["dpop"]["key"]
+        self.assertIn("DPoP: a new EdDSA key", result.stderr)
+        self.assertNotIn(key["d"], result.stderr)
+        for name in ("key", "key + token"):
+            with self.subTest(name=name):
+                broken = dict(key, d=key["d"][:-2])
+                env = {"VOUCH_DPOP_KEY": json.dumps(broken)}
+                if name == "key + token":
+                    env["VOUCH_ACCESS_TOKEN"] = result.json()["access_token"]
+                line = self.assertFailed(run_main(["--dpop-proof", "GET", "https://api.example/"], env=env), 2)
+                self.assertNotIn(broken["d"], line)
+                self.assertNotIn(key["x"], line)
+
+    def test_shell_output_the_proof_helper_and_curl_reach_userinfo(self):
+        result = self.sign_in("--dpop", "--format", "shell")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIn("export VOUCH_TOKEN_TYPE='DPoP'", result.stdout)
+        userinfo = self.issuer.issuer + "/oauth/userinfo"
+        # the README's recipe, with the nonce the issuer asks for on the first try
+        script = ('eval "$1"; printf "%s\\n" "$VOUCH_DPOP_JKT"; '
+                  '"$2" "$3" --dpop-proof GET "$4"; "$2" "$3" --dpop-proof GET "$4" --dpop-nonce "$5"')
+        proc = subprocess.run(["sh", "-c", script, "sh", result.stdout, sys.executable, SCRIPT, userinfo,
+                               self.issuer.dpop_nonce], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=60, check=False, env=_child_env())
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        jkt, stale, fresh = proc.stdout.decode().splitlines()
+        token = self.issuer.issued[-1]
+        self.assertEqual(jkt, self.issuer.bound[token])
+        for proof, status in ((stale, 401), (fresh, 200)):
+            with self.subTest(status=status):
+                answer = http_get(userinfo, {"Authorization": "DPoP " + token, "DPoP": proof})
+                self.assertEqual(answer.status, status, answer.body)
+        self.assertEqual(self.issuer.dpop_refusals[-1], (401, "use_dpop_nonce"))
+        # a bound token as Bearer, and a replayed proof, are refused
+        self.assertEqual(http_get(userinfo, {"Authorization": "Bearer " + token}).status, 401)
+        self.assertEqual(http_get(userinfo, {"Authorization": "DPoP " + token, "DPoP": fresh}).status, 401)
+        self.assertEqual(self.issuer.dpop_refusals[-1], (401, "invalid_dpop_proof"))
 
 
-class PlainPromptTests(IssuerTest):
-    def test_qr_is_drawn_even_when_stderr_is_a_log(self):
+def craft_proof(key, header=None, **claims):
+    """A DPoP proof with exactly these claims (header defaults from the key), signed with the Ed25519 key."""
+    header = header or {"typ": "dpop+jwt", "alg": "EdDSA", "jwk": {k: key[k] for k in ("crv", "kty", "x")}}
+    signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
+    return signing_input + "." + b64url(vdl._ed25519_sign(b64u(key["d"]), b64u(key["x"]), signing_input.encode()))
+
+
+def http_get(url, headers):
+    import http.client
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("GET", parts.path, headers=headers)
+        response = conn.getresponse()
+        response.body = response.read()
+        return response
+    finally:
+        conn.close()
+
+
+class DPoPRealTimeTests(IssuerTest):
+    issuer_options = {"dpop": True, "interval": 1, "enforce_interval": True}
+
+    def test_nonce_retries_cause_no_slow_down(self):
+        # The issuer answers slow_down to polls less than a whole interval apart in real time;
+        # every poll here is preceded by a use_dpop_nonce answer and its immediate retry.
+        self.issuer.dpop_nonce_uses = 1
+        self.issuer.approve_after_polls = 2
+        clock = RecordingRealClock()
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--dpop", "-q", "-v"], clock=clock)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertNotIn("slow_down", result.stderr)
+        self.assertEqual(self.issuer.dpop_refusals, [(400, "use_dpop_nonce")] * 3)
+        self.assertEqual(next(iter(self.issuer.devices.values()))["polls"], 3)
+
+
+class DPoPCacheTests(CacheFixture):
+    issuer_options = {"rate_limit": False, "dpop": True, "enforce_interval": False, "refresh_tokens": True}
+
+    def cached(self, *extra, **kwargs):
+        env = dict(self.env, **kwargs.pop("env", {}))
+        return self.sign_in("--cache", *extra, env=env, **kwargs)
+
+    def test_the_cache_keeps_the_key_and_a_refresh_uses_it(self):
+        first = self.cached("--dpop")
+        self.assertEqual(first.code, 0, first.stderr)
+        key = first.json()["dpop"]["key"]
+        again = self.cached("--dpop", "--userinfo")
+        self.assertEqual(again.code, 0, again.stderr)
+        self.assertTrue(again.json()["cached"])
+        self.assertEqual(again.json()["dpop"]["key"], key)
+        self.assertEqual(again.json()["userinfo"]["sub"], "user-1234")
+        # a token with less than --min-ttl left is refreshed, with a proof of the same key
+        refreshed = self.cached("--dpop", "--min-ttl", "999999")
+        self.assertEqual(refreshed.code, 0, refreshed.stderr)
+        out = refreshed.json()
+        self.assertFalse(out["cached"])
+        self.assertEqual(out["dpop"]["key"], key)
+        self.assertEqual(out["claims"]["cnf"]["jkt"], reference_thumbprint(key))
+        refresh = [r for r in token_requests(self.issuer) if b"refresh_token" in r["body"]][-1]
+        self.assertEqual(proof_parts(refresh["headers"]["DPoP"])[0]["jwk"]["x"], key["x"])
+        self.assertEqual(len([d for d in self.issuer.devices]), 1)
+
+    def test_format_token_with_the_cache_then_the_proof_helper_reads_the_cache(self):
+        result = self.cached("--dpop", "--format", "token")
+        self.assertEqual(result.code, 0, result.stderr)
+        token = result.stdout.strip()
+        helper = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--dpop-proof", "GET",
+                           "https://api.example/v1/x?y=1#z", "--dpop-nonce", "n-1"], env=self.env)
+        self.assertEqual(helper.code, 0, helper.stderr)
+        header, claims = proof_parts(helper.stdout.strip())
+        path = next(os.path.join(self.directory, name) for name in os.listdir(self.directory)
+                    if name.endswith(".json"))
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        with open(path) as handle:
+            entry = json.load(handle)
+        self.assertEqual(header["jwk"]["x"], entry["result"]["dpop"]["key"]["x"])
+        self.assertEqual(claims["ath"], b64url(hashlib.sha256(token.encode()).digest()))
+        self.assertEqual((claims["htu"], claims["nonce"]), ("https://api.example/v1/x", "n-1"))
+
+    def test_bearer_and_dpop_entries_do_not_stand_in_for_each_other(self):
+        self.assertEqual(self.cached().code, 0)
+        dpop = self.cached("--dpop")
+        self.assertFalse(dpop.json()["cached"])
+        self.assertEqual(dpop.json()["token_type"], "DPoP")
+        bearer = self.cached()
+        self.assertFalse(bearer.json()["cached"])
+        self.assertNotIn("dpop", bearer.json())
+        self.assertEqual(len(self.issuer.devices), 3)
+        self.assertEqual(self.cached("--dpop", "--dpop-alg", "EdDSA").json()["cached"], False)
+        self.assertEqual(self.cached("--dpop").json()["cached"], True)
+        self.assertEqual(self.cached("--dpop", "--dpop-alg", "ES256").json()["cached"], False)
+
+
+class DPoPProofHelperTests(unittest.TestCase):
+    URL = "https://api.example/v1/items?page=2#top"
+
+    def setUp(self):
+        self.key = vdl._dpop_generate("ES256")
+        self.token = "eyJhbGciOiJFUzI1NiJ9.e30.c2ln"
+        self.env = {"VOUCH_DPOP_KEY": json.dumps(self.key, separators=(",", ":")), "VOUCH_ACCESS_TOKEN": self.token}
+
+    def test_one_proof_line_for_the_request(self):
+        result = run_main(["--dpop-proof", "POST", self.URL], env=self.env)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(result.stderr, "")
+        proof = result.stdout
+        self.assertTrue(proof.endswith("\n") and proof.count("\n") == 1)
+        header, claims = proof_parts(proof.strip())
+        self.assertEqual(header, {"typ": "dpop+jwt", "alg": "ES256",
+                                  "jwk": {k: v for k, v in self.key.items() if k != "d"}})
+        self.assertEqual(sorted(claims), ["ath", "htm", "htu", "iat", "jti"])
+        self.assertEqual((claims["htm"], claims["htu"]), ("POST", "https://api.example/v1/items"))
+        self.assertEqual(claims["ath"], b64url(hashlib.sha256(self.token.encode()).digest()))
+        self.assertLessEqual(abs(claims["iat"] - time.time()), 5)
+        vdl.verify_jws(proof.strip(), header["jwk"], ["ES256"])
+        nonce = run_main(["--dpop-proof", "GET", self.URL, "--dpop-nonce", "abc-123"], env=self.env)
+        self.assertEqual(proof_parts(nonce.stdout.strip())[1]["nonce"], "abc-123")
+        # the same through argparse, with other flags around it
+        argparsed = run_main(["--dpop-nonce", "abc-123", "-q", "--dpop-proof", "GET", self.URL], env=self.env)
+        self.assertEqual(argparsed.code, 0, argparsed.stderr)
+        self.assertEqual(proof_parts(argparsed.stdout.strip())[1]["nonce"], "abc-123")
+
+    @unittest.skipUnless(HAVE_CRYPTO, "cryptography is not installed")
+    def test_pyjwt_accepts_the_proofs(self):
+        try:
+            import jwt
+        except ImportError:
+            self.skipTest("PyJWT is not installed")
+        for alg in vdl.DPOP_ALGORITHMS:
+            with self.subTest(alg=alg):
+                key = vdl._dpop_generate(alg)
+                env = dict(self.env, VOUCH_DPOP_KEY=json.dumps(key))
+                proof = run_main(["--dpop-proof", "GET", self.URL], env=env).stdout.strip()
+                public = jwt.PyJWK(proof_parts(proof)[0]["jwk"], algorithm=alg).key
+                payload = jwt.PyJWS().decode(proof, public, algorithms=[alg])
+                self.assertEqual(json.loads(payload)["htm"], "GET")
+
+    def test_bad_input_is_exit_2_with_one_line(self):
+        cases = (
+            ([], {}, "no DPoP key"),
+            (["--client-id", "cli"], {"XDG_CACHE_HOME": "/nonexistent/vdl"}, "no DPoP key"),
+            ([], {"VOUCH_DPOP_KEY": self.env["VOUCH_DPOP_KEY"]}, "VOUCH_ACCESS_TOKEN is not"),
+            ([], dict(self.env, VOUCH_DPOP_KEY='{"kty": "EC"}'), "not an Ed25519"),
+            ([], dict(self.env, VOUCH_DPOP_KEY="not json"), "not a JSON object"),
+            ([], dict(self.env, VOUCH_DPOP_KEY='{"kty": ["EC"]}'), "not a JSON object of strings"),
+        )
+        for extra, env, fragment in cases:
+            with self.subTest(env=env):
+                result = run_main(extra + ["--dpop-proof", "GET", self.URL], env=env)
+                self.assertEqual((result.code, result.stdout), (2, ""), result.stderr)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn(fragment, result.stderr)
+        for method, url in (("GET", "/relative"), ("GET", "ftp://host/x"), ("GET", "https://"),
+                            ("GET", "https://host/a b"), ("G T", self.URL), ("", self.URL), ("GET", "http:/x")):
+            with self.subTest(method=method, url=url):
+                result = run_main(["--dpop-proof", method, url], env=self.env)
+                self.assertEqual((result.code, result.stdout), (2, ""), result.stderr)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        for nonce in ('a"b', "", "x" * 2000):
+            result = run_main(["--dpop-proof", "GET", self.URL, "--dpop-nonce", nonce], env=self.env)
+            self.assertEqual((result.code, result.stdout), (2, ""), result.stderr)
+        result = run_main(["--dpop-nonce", "n", "--client-id", "cli"], env=self.env)
+        self.assertEqual(result.code, 2)
+        self.assertIn("--dpop-nonce goes with --dpop-proof", result.stderr)
+
+    def test_the_proof_helper_imports_neither_argparse_nor_json_nor_urllib(self):
+        # only what main() imports counts; hashlib is allowed (and on PyPy imports re and base64 itself)
+        code = ("import sys, hashlib, vouch_device_login as v; before = set(sys.modules); "
+                "code = v.main(sys.argv[1:]); "
+                "sys.stderr.write(repr(sorted(m for m in ('argparse', 'json', 'urllib.parse', 're', 'base64', "
+                "'hmac') if m in set(sys.modules) - before))); sys.exit(code)")
+        for alg in vdl.DPOP_ALGORITHMS:
+            with self.subTest(alg=alg):
+                env = dict(_child_env(), VOUCH_DPOP_KEY=json.dumps(vdl._dpop_generate(alg), separators=(",", ":")),
+                           VOUCH_ACCESS_TOKEN=self.token)
+                proc = subprocess.run([sys.executable, "-E", "-c", code, "--dpop-proof", "GET", self.URL],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=HERE,
+                                      timeout=60, check=False)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+                self.assertEqual(proc.stderr.decode(), "[]")
+
+
+# ============================================================================
+# Output on stdout: json, shell or the bare token; nothing at all on failure
+# ============================================================================
+
+class ShellSafetyTests(IssuerTest):
+    issuer_options = {"rate_limit": False}
+    HOSTILE = [
+        "o'brien", "'\\''", "\"$(touch /tmp/pwned-vdl)\"", "`touch /tmp/pwned-vdl`", "$(touch /tmp/pwned-vdl)",
+        "${IFS}; touch /tmp/pwned-vdl && echo | cat", "line1\nline2\r\n\ttab\n\n", "back\\slash \\n \\0 \\x41 %s %n",
+        "-n", "\u00fc\u65e5\u672c\U0001F511 \u202egnp.exe \u200f", "'" * 50 + "x'y" * 5000, "",
+    ]
+
+    def test_eval_restores_every_value_byte_for_byte_in_every_shell(self):
+        clear_pwned()
+        shells = [s for s in ("sh", "dash", "bash", "zsh") if shutil.which(s)]
+        self.assertIn("sh", shells)
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        script = ('eval "$(cat "$1")"; printf %s "$VOUCH_EMAIL"; printf "\\0"; printf %s "$VOUCH_SUBJECT";'
+                  'printf "\\0"; printf %s "$VOUCH_TOKEN_TYPE"; printf "\\0"; printf %s "$VOUCH_HARDWARE_VERIFIED"')
+        for number, value in enumerate(self.HOSTILE):
+            self.issuer.user.update(email=value, sub=value[::-1])
+            self.issuer.overrides["/oauth/token"] = lambda h, b, value=value: (200, {
+                "access_token": self.issuer.access_token("cli", "openid"), "token_type": value[:64] or "Bearer"})
+            result = self.sign_in("--format", "shell")
+            self.assertEqual(result.code, 0, result.stderr)
+            path = os.path.join(folder, "out%d" % number)
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(result.stdout)
+            for shell in shells:
+                with self.subTest(value=value[:30], shell=shell):
+                    proc = subprocess.run([shell, "-c", script, "sh", path], stdout=subprocess.PIPE,
+                                          timeout=30, check=True)
+                    self.assertEqual(proc.stdout.decode("utf-8").split("\0"),
+                                     [value, value[::-1], value[:64] or "Bearer", "true"])
+                    self.assertFalse(os.path.exists(PWNED))
+
+    def test_a_value_no_shell_variable_can_hold_is_refused(self):
+        self.issuer.user["email"] = "a\u0000b"
+        self.assertFailed(self.sign_in("--format", "shell"), 6, "NUL")
+        self.assertEqual(self.sign_in().json()["email"], "a\u0000b")
+
+
+# ============================================================================
+# Cache (--cache): one 0600 file per sign-in configuration in a 0700 directory
+# ============================================================================
+
+class CacheTests(CacheFixture):
+    def cached_sign_in(self, *extra, **kwargs):
+        return self.sign_in("--cache", *extra, env=dict(self.env, **kwargs.pop("env", {})), **kwargs)
+
+    def cache_files(self):
+        return sorted(os.listdir(self.directory))
+
+    def test_second_run_reuses_the_token_without_any_network(self):
+        first = self.cached_sign_in()
+        self.assertEqual(first.code, 0, first.stderr)
+        self.assertIs(first.json()["cached"], False)
+        requests = len(self.issuer.requests)
+        second = self.cached_sign_in()
+        self.assertEqual(second.code, 0, second.stderr)
+        self.assertIs(second.json()["cached"], True)
+        self.assertEqual(second.json()["access_token"], first.json()["access_token"])
+        self.assertEqual(len(self.issuer.requests), requests)
+        self.assertIn("using the cached token", second.stderr)
+
+    def test_files_are_private_and_written_atomically(self):
+        self.cached_sign_in(env={"VOUCH_CACHE": "1"})
+        self.assertEqual(os.stat(self.directory).st_mode & 0o777, 0o700)
+        files = self.cache_files()
+        self.assertEqual([f.rsplit(".", 1)[1] for f in files], ["answers", "json", "lock"])
+        for name in files:
+            self.assertEqual(os.stat(os.path.join(self.directory, name)).st_mode & 0o777, 0o600, name)
+
+    def test_insecure_or_foreign_cache_files_are_refused(self):
+        self.cached_sign_in()
+        entry = os.path.join(self.directory, next(f for f in self.cache_files() if f.endswith(".json")))
+        for mode in (0o644, 0o604, 0o640, 0o602):
+            os.chmod(entry, mode)
+            with self.subTest(mode=oct(mode)):
+                line = self.assertFailed(self.cached_sign_in(), 2, "readable by group or others")
+                self.assertIn("chmod 600 " + entry, line)
+        os.chmod(entry, 0o600)
+        for mode in (0o755, 0o705, 0o750):
+            os.chmod(self.directory, mode)
+            with self.subTest(mode=oct(mode)):
+                self.assertFailed(self.cached_sign_in(), 2, "chmod 700 " + self.directory)
+        os.chmod(self.directory, 0o700)
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "only root can plant a file of another owner")
+    def test_a_cache_file_of_another_owner_is_refused(self):
+        self.cached_sign_in()
+        entry = os.path.join(self.directory, next(f for f in self.cache_files() if f.endswith(".json")))
+        os.chown(entry, 4242, -1)
+        self.assertFailed(self.cached_sign_in(), 2, "owned by uid 4242")
+
+    def test_min_ttl_decides_when_a_cached_token_is_too_old(self):
+        self.cached_sign_in()
+        result = self.cached_sign_in("--min-ttl", "30000")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIs(result.json()["cached"], False)
+        self.assertEqual(len(self.issuer.devices), 2)
+
+    def test_a_refresh_token_is_used_before_a_new_device_sign_in(self):
+        self.issuer.refresh_tokens = True
+        first = self.cached_sign_in().json()
+        result = self.cached_sign_in("--min-ttl", "30000", approve=False)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(len(self.issuer.devices), 1)
+        out = result.json()
+        self.assertNotEqual(out["access_token"], first["access_token"])
+        self.assertNotEqual(out["refresh_token"], first["refresh_token"])
+        refresh = [dict(parse_qsl(r["body"].decode())) for r in self.issuer.requests
+                   if b"grant_type=refresh_token" in r["body"]]
+        self.assertEqual(refresh, [{"grant_type": "refresh_token", "refresh_token": first["refresh_token"],
+                                    "client_id": "cli"}])
+
+    def test_a_refused_refresh_token_falls_back_to_the_device_flow(self):
+        self.issuer.refresh_tokens = True
+        self.cached_sign_in()
+        self.issuer.refresh_issued.clear()
+        result = self.cached_sign_in("--min-ttl", "30000")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(len(self.issuer.devices), 2)
+        self.assertIn("refresh token was not accepted", result.stderr)
+
+    def test_logout_revokes_and_removes_and_is_idempotent(self):
+        self.issuer.refresh_tokens = True
+        out = self.cached_sign_in().json()
+        result = self.sign_in("--logout", env=self.env)
+        self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
+        self.assertEqual(self.issuer.revoked, [
+            {"token": out["refresh_token"], "token_type_hint": "refresh_token", "client_id": "cli"},
+            {"token": out["access_token"], "token_type_hint": "access_token", "client_id": "cli"}])
+        self.assertEqual([f for f in self.cache_files() if f.endswith(".json")], [])
+        result = self.sign_in("--logout", "--cache", env=self.env)
+        self.assertEqual((result.code, result.stdout), (0, ""))
+        self.assertIn("no cached sign-in", result.stderr)
+
+    def test_logout_signs_out_of_every_cached_sign_in_of_the_client(self):
+        self.issuer.clients.add("other")
+        tokens = [self.cached_sign_in(*extra).json()["access_token"]
+                  for extra in ([], ["--scope", "openid"], ["--resource", "https://api.example.com/"])]
         self.issuer.approve_after_polls = 0
-        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"],
-                         env={"PYTHONIOENCODING": "utf-8"})
-        self.assertEqual(result.code, 0, result.stderr)
-        lines = [line for line in result.stderr.splitlines() if set(line) & set("\u2580\u2584\u2588")]
-        self.assertGreater(len(lines), 10)
-        self.assertNotIn("\x1b", result.stderr)
-        if zxingcpp is not None:
-            device = next(iter(self.issuer.devices.values()))
-            self.assertEqual(decoded_text(modules_from_text(lines)),
-                             self.issuer.issuer + "/device?user_code=" + device["user_code"])
+        other = run_main(["--issuer", self.issuer.issuer, "--client-id", "other", "--cache"], env=self.env)
+        self.assertEqual(other.code, 0, other.stderr)
+        # Each sign-in: its entry, its lock and the answers a cached kubectl run reads.
+        self.assertEqual(len(self.cache_files()), 12)
+        kept = []
+        for name in self.cache_files():
+            with open(os.path.join(self.directory, name)) as handle:
+                if name.endswith(".json") and '"client_id": "other"' in handle.read():
+                    kept = [name.replace(".json", extension) for extension in (".answers", ".json", ".lock")]
+        result = self.sign_in("--logout", env=self.env)
+        self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
+        self.assertIn("signed out: 3 cached sign-ins revoked and removed", result.stderr)
+        self.assertEqual(sorted(r["token"] for r in self.issuer.revoked), sorted(tokens))
+        # Only the other client's sign-in is left, and no lock file of the removed ones.
+        self.assertEqual(self.cache_files(), sorted(kept))
+        again = self.sign_in("--logout", env=self.env)
+        self.assertIn("no cached sign-in of client cli at %s to remove" % self.issuer.issuer, again.stderr)
+        self.assertEqual(self.cache_files(), sorted(kept))
 
-    def test_ascii_fallback_when_stderr_cannot_show_half_blocks(self):
+    def test_two_processes_at_once_sign_in_only_once(self):
+        self.issuer.approve_after_polls = 1
+        args = ["--issuer", self.issuer.issuer, "--client-id", "cli", "--cache", "--format", "token"]
+        environment = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
+        environment.update(self.env)
+        procs = [subprocess.Popen([sys.executable, SCRIPT] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL, env=environment) for _ in range(2)]
+        outputs = [p.communicate(timeout=60) for p in procs]
+        self.assertEqual([p.returncode for p in procs], [0, 0], outputs)
+        self.assertEqual(len(self.issuer.devices), 1)
+        self.assertEqual(outputs[0][0], outputs[1][0])
+        self.assertTrue(any(b"another vouch_device_login is signing in" in err for _, err in outputs), outputs)
+
+
+class CacheHardeningTests(CacheFixture):
+    def entry_path(self, suffix=".json"):
+        return next(os.path.join(self.directory, f) for f in os.listdir(self.directory) if f.endswith(suffix))
+
+    def test_a_permissive_umask_never_opens_the_cache_or_its_parents(self):
+        old = os.umask(0)
+        try:
+            result = self.sign_in("--cache", env=self.env)
+        finally:
+            os.umask(old)
+        self.assertEqual(result.code, 0, result.stderr)
+        for path in (os.path.join(self.home, "cache"), self.directory):
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o700, path)
+        for name in os.listdir(self.directory):
+            self.assertEqual(os.stat(os.path.join(self.directory, name)).st_mode & 0o777, 0o600, name)
+
+    def test_symlinks_and_odd_files_are_refused_cleanly(self):
+        self.sign_in("--cache", env=self.env)
+        entry, lock = self.entry_path(), self.entry_path(".lock")
+        for path in (entry, lock):
+            os.rename(path, path + ".real")
+            os.symlink(path + ".real", path)
+            with self.subTest(path=os.path.basename(path)):
+                self.assertFailed(self.sign_in("--cache", "--min-ttl", "30000", env=self.env), 2, "remove it")
+            os.unlink(path)
+            os.rename(path + ".real", path)
+        os.unlink(entry)
+        os.mkdir(entry, 0o700)
+        self.assertFailed(self.sign_in("--cache", env=self.env), 2, "remove it")
+        os.rmdir(entry)
+        os.rename(self.directory, self.directory + ".real")
+        os.symlink(self.directory + ".real", self.directory)
+        self.assertFailed(self.sign_in("--cache", env=self.env), 2, "not a directory")
+
+    def test_corrupted_entries_are_ignored_and_replaced(self):
+        self.sign_in("--cache", env=self.env)
+        with open(self.entry_path(), "wb") as handle:
+            handle.write(b'{"format": 1, "result": [')
+        result = self.sign_in("--cache", env=self.env)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIs(result.json()["cached"], False)
+
+    def test_a_cache_that_cannot_be_written_still_prints_the_token(self):
+        self.sign_in("--cache", env=self.env)
+        with mock.patch("os.replace", side_effect=OSError(28, "No space left on device")):
+            result = self.sign_in("--cache", "--min-ttl", "30000", env=self.env)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIn("the token was not cached", result.stderr)
+        self.assertIn("No space left on device", result.stderr)
+        self.assertEqual([f for f in os.listdir(self.directory) if f.endswith(".tmp")], [])
+
+    def test_a_cache_hit_discovers_what_explicit_endpoints_left_out(self):
+        explicit = ["--device-authorization-endpoint", self.issuer.issuer + "/oauth/device",
+                    "--token-endpoint", self.issuer.issuer + "/oauth/token"]
+        self.assertEqual(self.sign_in("--cache", *explicit, env=self.env).code, 0)
+        for flag in ("--userinfo", "--verify"):
+            with self.subTest(flag=flag):
+                result = self.sign_in("--cache", flag, env=self.env)
+                self.assertEqual(result.code, 0, result.stderr)
+                self.assertIs(result.json()["cached"], True)
+
+    def test_a_cached_refresh_token_is_masked_in_logs(self):
+        self.issuer.refresh_tokens = True
+        first = self.sign_in("--cache", env=self.env).json()
+        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error(
+            "invalid_grant", "refresh token %s was revoked" % dict(parse_qsl(b.decode())).get("refresh_token"))
+        result = self.sign_in("--cache", "--min-ttl", "30000", "-v", approve=False, env=self.env)
+        self.assertIn("was revoked", result.stderr)
+        self.assertIn("the refresh token was not accepted", result.stderr)
+        self.assertNotIn(first["refresh_token"], result.stderr)
+
+
+# ============================================================================
+# Sign-in: endpoints, device code, prompt, polling, restarts
+# ============================================================================
+
+class SignInTests(IssuerTest):
+    def test_json_output_has_every_key_of_the_contract(self):
+        result = self.sign_in()
+        self.assertEqual(result.code, 0, result.stderr)
+        out = result.json()
+        for key in ("issuer", "client_id", "access_token", "token_type", "expires_in", "expires_at", "scope",
+                    "email", "hardware_verified", "hardware_aaguid", "claims", "verified"):
+            self.assertIn(key, out)
+        self.assertEqual(out["issuer"], self.issuer.issuer)
+        self.assertEqual(out["client_id"], "cli")
+        self.assertEqual(out["access_token"], self.issuer.issued[0])
+        self.assertEqual(out["token_type"], "Bearer")
+        self.assertEqual(out["expires_in"], 28800)
+        self.assertTrue(abs(out["expires_at"] - (time.time() + 28800)) < 60)
+        self.assertEqual(out["scope"], "openid email")
+        self.assertEqual(out["email"], "ada@example.com")
+        self.assertIs(out["hardware_verified"], True)
+        self.assertIsNone(out["hardware_aaguid"])
+        self.assertEqual(out["claims"]["amr"], ["hwk", "pin", "user"])
+        self.assertEqual(out["claims"]["acr"], "urn:nist:authentication:assurance-level:aal3")
+        self.assertIs(out["verified"], False)
+        for absent in ("id_token", "id_token_claims", "refresh_token", "userinfo"):
+            self.assertNotIn(absent, out)
+        self.assertEqual(result.stdout.count("\n"), 1)
+
+    def test_prompt_goes_to_stderr(self):
+        result = self.sign_in()
+        device = next(iter(self.issuer.devices.values()))
+        self.assertIn(self.issuer.issuer + "/device", result.stderr)
+        self.assertIn(device["user_code"], result.stderr)
+        self.assertIn("user_code=" + device["user_code"], result.stderr)
+        self.assertIn("expires in 10 min.", result.stderr)
+        self.assertNotIn(device["user_code"], result.stdout)
+
+    def test_a_sign_in_ends_with_one_line_saying_who_and_for_how_long(self):
+        result = self.sign_in()
+        self.assertRegex(result.stderr.splitlines()[-1],
+                         r"^vouch_device_login: signed in as ada@example\.com, hardware-verified, for (8 h|7 h 59 min)$")
+        self.issuer.user = {"sub": "user-9", "email": "bob@example.com", "hardware_verified": False}
+        self.assertIn(": signed in as bob@example.com, not hardware-verified, for ", self.sign_in().stderr)
+        quiet = self.sign_in("-q")
+        self.assertEqual(quiet.code, 0, quiet.stderr)
+        self.assertNotIn("signed in", quiet.stderr)
+        # -q: the prompt and nothing of its own, not even a blank line.
+        self.assertTrue(quiet.stderr.startswith("To sign in, open:  "), quiet.stderr)
+        self.assertNotIn("", quiet.stderr.splitlines())
+
+    def test_durations_read_as_people_say_them(self):
+        for seconds, text in ((0, "0 s"), (45, "45 s"), (597, "9 min 57 s"), (600, "10 min"), (3660, "1 h 1 min"),
+                              (28740, "7 h 59 min"), (28799, "8 h"), (28800, "8 h"), (90061, "1 d 1 h"),
+                              (86399, "1 d")):
+            self.assertEqual(vdl._format_duration(seconds), text)
+
+    def test_environment_variables_configure_the_sign_in(self):
         self.issuer.approve_after_polls = 0
-        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"],
-                         env={"PYTHONIOENCODING": "ascii"})
+        result = run_main([], env={"VOUCH_ISSUER": self.issuer.issuer, "VOUCH_CLIENT_ID": "cli",
+                                   "VOUCH_SCOPE": "openid"})
         self.assertEqual(result.code, 0, result.stderr)
-        lines = [line for line in result.stderr.splitlines() if line.startswith("####")]
-        self.assertGreater(len(lines), 20)
-        if zxingcpp is not None:
-            device = next(iter(self.issuer.devices.values()))
-            self.assertEqual(decoded_text(modules_from_text(lines, unicode=False)),
-                             self.issuer.issuer + "/device?user_code=" + device["user_code"])
+        self.assertEqual(next(iter(self.issuer.devices.values()))["form"], {"client_id": "cli", "scope": "openid"})
 
-    def test_the_ascii_fallback_fits_80_columns_for_vouchs_urls(self):
-        serve_vouch_device_answer(self.issuer)
-        # The captured stderr has no encoding, so it is taken for ASCII, as under LANG=C.
-        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"])
+    def test_flags_win_over_environment(self):
+        self.issuer.approve_after_polls = 0
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--scope", "email"],
+                          env={"VOUCH_ISSUER": "https://elsewhere.invalid", "VOUCH_CLIENT_ID": "other",
+                               "VOUCH_SCOPE": "openid"})
         self.assertEqual(result.code, 0, result.stderr)
-        lines = result.stderr.splitlines()
-        qr = [line for line in lines if line.startswith("####")]
-        self.assertGreater(len(qr), 20)
-        self.assertLessEqual(max(len(line) for line in lines), 80)
-        self.assertLess(lines.index(qr[-1]), lines.index("To sign in, open:  https://us.vouch.sh/device"))
-        if zxingcpp is not None:
-            self.assertEqual(decoded_text(modules_from_text(qr, unicode=False)), VOUCH_URL)
+        self.assertEqual(next(iter(self.issuer.devices.values()))["form"], {"client_id": "cli", "scope": "email"})
 
-    def test_a_plain_line_now_and_then_while_waiting_in_a_log(self):
-        self.issuer.approve_after_polls = 30
+    def test_shell_and_token_formats(self):
+        result = self.sign_in("--format", "token")
+        self.assertEqual(result.stdout, self.issuer.issued[0] + "\n")
+        result = self.sign_in("--format", "shell")
+        lines = result.stdout.splitlines()
+        self.assertEqual([line.split("=")[0] for line in lines], [
+            "export VOUCH_ACCESS_TOKEN", "export VOUCH_TOKEN_TYPE", "export VOUCH_EXPIRES_AT",
+            "export VOUCH_HARDWARE_VERIFIED", "export VOUCH_HARDWARE_AAGUID", "export VOUCH_EMAIL",
+            "export VOUCH_SUBJECT", "export VOUCH_DPOP_KEY", "export VOUCH_DPOP_JKT"])
+        self.assertIn("export VOUCH_HARDWARE_VERIFIED='true'", lines)
+        self.assertIn("export VOUCH_HARDWARE_AAGUID=''", lines)
+        self.assertIn("export VOUCH_SUBJECT='user-1234'", lines)
+
+    def test_every_request_asks_for_json_and_the_device_code_goes_only_to_the_token_endpoint(self):
+        result = self.sign_in()
+        self.assertEqual(result.code, 0, result.stderr)
+        device_code = next(iter(self.issuer.devices))
+        for request in self.issuer.requests:
+            self.assertEqual(request["headers"].get("Accept"), "application/json")
+            if device_code.encode() in request["body"] or device_code in str(request["headers"]):
+                self.assertEqual(request["path"], "/oauth/token")
+
+    def test_one_connection_for_the_whole_sign_in(self):
+        self.issuer.approve_after_polls = 3
         self.issuer.enforce_interval = False
-        self.issuer.rate_limit = False
-        self.issuer.interval = 5
         result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli"])
         self.assertEqual(result.code, 0, result.stderr)
-        waiting = [line for line in result.stderr.splitlines() if "still waiting for approval" in line]
-        self.assertEqual(len(waiting), 2)
-        self.assertIn("min", waiting[0])
-        self.assertNotIn("\r", result.stderr)
-        self.assertNotIn("still waiting", self.sign_in("-q").stderr)
+        self.assertGreaterEqual(len(self.issuer.requests), 6)
+        self.assertEqual(self.issuer.connections, 1)
+
+    def test_missing_client_id_names_the_flag_and_the_variable(self):
+        result = run_main(["--issuer", self.issuer.issuer])
+        line = self.assertFailed(result, 2)
+        self.assertIn("--client-id", line)
+        self.assertIn("VOUCH_CLIENT_ID", line)
+        self.assertEqual(self.issuer.requests, [])
+
+    def test_usage_errors_exit_2_with_one_line(self):
+        for argv in (["--bogus"], ["--format", "xml"], ["--timeout", "soon"], ["--client-id", "x", "--timeout", "0"],
+                     ["--client-id", "x", "--issuer", "http://id.example.com"],
+                     ["--client-id", "x", "--issuer", "not a url"],
+                     ["--client-id", "x", "--max-restarts", "-1"], ["--client-id", "x", "--cacert", "/nonexistent"]):
+            with self.subTest(argv=argv):
+                self.assertFailed(run_main(argv), 2)
+
+    def test_help_and_version(self):
+        result = run_main(["--help"])
+        self.assertEqual(result.code, 0)
+        for text in ("--client-id", "VOUCH_CLIENT_ID", "eval", "Exit codes"):
+            self.assertIn(text, result.stdout)
+        result = run_main(["--version"])
+        self.assertEqual((result.code, result.stdout), (0, "vouch_device_login %s\n" % vdl.__version__))
+
+    def test_help_puts_the_common_case_first_and_fits_80_columns(self):
+        result = run_main(["--help"], env={"COLUMNS": "80"})
+        self.assertEqual(result.code, 0)
+        lines = result.stdout.splitlines()
+        self.assertLessEqual(max(len(line) for line in lines), 80)
+        self.assertLessEqual(len(lines), 80)
+        # One synopsis line, a wrapped description, then the commonest invocations, all before any option.
+        self.assertTrue(lines[0].startswith("usage: vouch_device_login ") and lines[1] == "", lines[:2])
+        self.assertIn("(RFC 8628)", result.stdout)
+        first_group = next(i for i, line in enumerate(lines) if line.endswith(":") and not line.startswith(" "))
+        self.assertLessEqual(first_group, 12)
+        examples = [line for line in lines[:first_group] if line.startswith("  ")]
+        self.assertEqual(examples[:3], [
+            "  python3 vouch_device_login.py --client-id ID",
+            '  eval "$(python3 vouch_device_login.py --client-id ID --format shell)"',
+            '  eval "$(python3 vouch_device_login.py --client-id ID --cache --format shell)"'])
+        self.assertEqual([line for line in lines if line.endswith(":") and not line.startswith(" ")],
+                         ["sign-in:", "output:", "AWS credentials:", "sessions:", "verification and policy:",
+                          "requests:", "DPoP:", "this command:"])
+        self.assertLess(result.stdout.index("--client-id ID  "), result.stdout.index("--timeout SECONDS"))
+
+    def test_the_tool_names_itself_as_it_was_run(self):
+        result = run_cli(["--version"])
+        self.assertEqual(result.stdout, "vouch_device_login.py %s\n" % vdl.__version__)
+        self.assertFailed(run_cli(["--bogus"]), 2)
+        self.assertTrue(run_cli(["--bogus"]).stderr.startswith("vouch_device_login.py: error: "))
+        with open(SCRIPT, "rb") as handle:
+            piped = run_cli(["--help"], input_bytes=handle.read(), argv0="-", env={"COLUMNS": "80"})
+        self.assertIn("\n  python3 vouch_device_login.py --install ", piped.stdout)
+        self.assertTrue(piped.stdout.startswith("usage: vouch_device_login.py "))
+
+    def test_rfc8414_discovery_with_path_insertion(self):
+        issuer = LocalIssuer(discovery="oauth", path="/tenant/acme")
+        with issuer:
+            issuer.approve_after_polls = 0
+            result = run_main(["--issuer", issuer.issuer, "--client-id", "cli"])
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(result.json()["issuer"], issuer.base + "/tenant/acme")
+        paths = [r["path"] for r in issuer.requests]
+        self.assertEqual(paths[:2], ["/tenant/acme/.well-known/openid-configuration",
+                                     "/.well-known/oauth-authorization-server/tenant/acme"])
+
+    def test_issuer_trailing_slash_is_tolerated_but_a_mix_up_is_not(self):
+        self.issuer.approve_after_polls = 0
+        result = run_main(["--issuer", self.issuer.issuer + "/", "--client-id", "cli"])
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(result.json()["issuer"], self.issuer.issuer)
+        self.issuer.overrides["/.well-known/openid-configuration"] = lambda h, b: (
+            200, dict(self.issuer.metadata(), issuer="https://evil.example"))
+        line = self.assertFailed(self.sign_in(), 6, "issuer mix-up")
+        self.assertIn("https://evil.example", line)
+
+    def test_missing_discovery_document(self):
+        self.issuer.discovery = "none"
+        self.assertFailed(self.sign_in(), 6, "no discovery document")
+
+    def test_explicit_endpoints_skip_discovery(self):
+        self.issuer.discovery = "none"
+        result = self.sign_in("--device-authorization-endpoint", self.issuer.issuer + "/oauth/device",
+                              "--token-endpoint", self.issuer.issuer + "/oauth/token")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertNotIn(".well-known", str([r["path"] for r in self.issuer.requests]))
+
+    def test_device_endpoint_falls_back_to_the_vouch_path(self):
+        metadata = self.issuer.metadata()
+        del metadata["device_authorization_endpoint"]
+        self.issuer.overrides["/.well-known/openid-configuration"] = lambda h, b: (200, metadata)
+        result = self.sign_in()
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIn("/oauth/device", [r["path"] for r in self.issuer.requests])
+
+    def test_redirects_are_not_followed(self):
+        self.issuer.overrides["/.well-known/openid-configuration"] = lambda h, b: (
+            301, b"", {"Location": "https://evil.example/.well-known/openid-configuration"}, "text/plain")
+        self.assertFailed(self.sign_in(), 6, "redirect to https://evil.example/")
+        self.assertEqual(len(self.issuer.requests), 1)
+
+    def test_denied_exits_3(self):
+        clock = FakeClock()
+        original = clock.sleep
+
+        def deny_then_sleep(seconds):
+            self.issuer.deny()
+            original(seconds)
+
+        clock.sleep = deny_then_sleep
+        self.assertFailed(self.sign_in(approve=False, clock=clock), 3, "denied")
+
+    def test_expired_code_exits_4_and_restarts_fetch_new_codes(self):
+        self.issuer.expires_in = 5
+        self.issuer.enforce_interval = False
+        self.issuer.overrides["/oauth/token"] = lambda h, b: oauth_error("expired_token")
+        self.assertFailed(self.sign_in(approve=False), 4, "expired")
+        self.assertEqual(len(self.issuer.devices), 1)
+        result = self.sign_in("--max-restarts", "2", approve=False)
+        self.assertFailed(result, 4, "after 2 restarts")
+        self.assertEqual(len(self.issuer.devices), 1 + 3)
+        self.assertEqual(result.stderr.count("To sign in, open"), 3)
+
+    def test_a_restart_can_succeed(self):
+        expired = []
+
+        def first_code_expires(handler, body):
+            if not expired:
+                expired.append(True)
+                return oauth_error("expired_token")
+            del self.issuer.overrides["/oauth/token"]
+            self.issuer.approve()
+            return self.issuer._token(handler, dict(parse_qsl(body.decode())))
+
+        self.issuer.overrides["/oauth/token"] = first_code_expires
+        result = self.sign_in("--max-restarts", "1", approve=False)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIn("restart 1 of 1", result.stderr)
+
+    def test_network_failure_exits_5(self):
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            port = unused.getsockname()[1]
+        result = run_main(["--issuer", "http://127.0.0.1:%d" % port, "--client-id", "cli"])
+        self.assertFailed(result, 5, "127.0.0.1:%d" % port)
+
+    def test_unknown_client_exits_6_quoting_the_server(self):
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "stranger"])
+        self.assertFailed(result, 6, "invalid_client: unknown client")
+
+    def test_interrupt_exits_130_with_one_line(self):
+        clock = FakeClock()
+
+        def interrupt(seconds):
+            raise KeyboardInterrupt
+
+        clock.sleep = interrupt
+        result = self.sign_in(approve=False, clock=clock)
+        self.assertEqual((result.code, result.stdout), (130, ""))
+        self.assertTrue(result.stderr.endswith("vouch_device_login: interrupted\n"))
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_a_bug_exits_1_with_one_line_and_the_traceback_only_with_v(self):
+        with mock.patch.object(vdl, "token_result", side_effect=RuntimeError("boom")):
+            result = self.sign_in()
+            self.assertFailed(result, 1, "internal error")
+            result = self.sign_in("-v")
+        self.assertEqual(result.code, 1)
+        self.assertIn("Traceback", result.stderr)
+
+    def test_opaque_access_token_has_null_claims(self):
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": "opaque-abc.def",
+                                                                    "token_type": "Bearer"})
+        out = self.sign_in().json()
+        self.assertIsNone(out["claims"])
+        self.assertIsNone(out["hardware_verified"])
+        self.assertIsNone(out["expires_in"])
+        self.assertIsNone(out["expires_at"])
+
+    def test_other_providers_fields_pass_through(self):
+        id_token = make_jwt(self.issuer.key("ES256"), {"iss": self.issuer.issuer, "aud": "cli", "sub": "s",
+                                                  "exp": int(time.time()) + 60, "hardware_verified": True,
+                                                  "hardware_aaguid": "CB69481E-8FF7-4039-93EC-0A2729A154A8"},
+                            {"typ": "JWT"})
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {
+            "access_token": "opaque", "token_type": "Bearer", "expires_in": "3600", "scope": "openid",
+            "id_token": id_token, "refresh_token": "refresh-secret"})
+        out = self.sign_in().json()
+        self.assertEqual(out["id_token"], id_token)
+        self.assertEqual(out["id_token_claims"]["sub"], "s")
+        self.assertEqual(out["refresh_token"], "refresh-secret")
+        self.assertEqual(out["scope"], "openid")
+        self.assertEqual(out["expires_in"], 3600)
+        self.assertIs(out["hardware_verified"], True)
+        self.assertEqual(out["hardware_aaguid"], "cb69481e-8ff7-4039-93ec-0a2729a154a8")
+
+    def test_only_a_json_boolean_counts_as_hardware_verified(self):
+        self.issuer.user["hardware_verified"] = "true"
+        result = self.sign_in()
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIsNone(result.json()["hardware_verified"])
+        self.assertIn("not a boolean", result.stderr)
+
+
+class UserinfoAndPolicyTests(IssuerTest):
+    def test_userinfo_is_added_and_feeds_the_hardware_claims(self):
+        self.issuer.user["hardware_aaguid"] = "CB69481E-8FF7-4039-93EC-0A2729A154A8"
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": "opaque-123",
+                                                                    "token_type": "Bearer"})
+        self.issuer.issued.append("opaque-123")
+        result = self.sign_in("--userinfo")
+        self.assertEqual(result.code, 0, result.stderr)
+        out = result.json()
+        self.assertEqual(out["userinfo"]["email"], "ada@example.com")
+        self.assertIsNone(out["claims"])
+        self.assertIs(out["hardware_verified"], True)
+        self.assertEqual(out["hardware_aaguid"], "cb69481e-8ff7-4039-93ec-0a2729a154a8")
+
+    def test_userinfo_for_another_subject_is_refused(self):
+        self.issuer.overrides["/oauth/userinfo"] = lambda h, b: (200, {"sub": "someone-else"})
+        self.assertFailed(self.sign_in("--userinfo"), 6, "does not match")
+
+    def test_require_hardware(self):
+        self.assertEqual(self.sign_in("--require-hardware").code, 0)
+        self.issuer.user["hardware_verified"] = False
+        self.assertFailed(self.sign_in("--require-hardware"), 8, "hardware_verified is false, not true")
+        del self.issuer.user["hardware_verified"]
+        self.assertFailed(self.sign_in("--require-hardware"), 8, "hardware_verified is null")
+
+    def test_require_aaguid_is_repeatable_and_case_insensitive(self):
+        yubikey = "cb69481e-8ff7-4039-93ec-0a2729a154a8"
+        other = "ee882879-721c-4913-9775-3dfcce97072a"
+        self.issuer.user["hardware_aaguid"] = yubikey
+        result = self.sign_in("--require-aaguid", other, "--require-aaguid", yubikey.upper())
+        self.assertEqual(result.code, 0, result.stderr)
+        line = self.assertFailed(self.sign_in("--require-aaguid", other), 8, "hardware_aaguid is \"%s\"" % yubikey)
+        self.assertIn(other, line)
+        self.assertFailed(self.sign_in("--require-aaguid", "not-a-uuid"), 2, "not a UUID")
+
+
+class AuthorizationDetailsTests(IssuerTest):
+    DETAILS = [{"type": "payment_initiation", "amount": "1.00"}, {"type": "account_information"}]
+
+    def test_details_and_resources_are_sent_and_passed_through(self):
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {
+            "access_token": "opaque", "token_type": "Bearer", "authorization_details": self.DETAILS})
+        result = self.sign_in("--authorization-details", json.dumps(self.DETAILS),
+                              "--resource", "https://api.example.com/", "--resource", "urn:example:ledger")
+        self.assertEqual(result.code, 0, result.stderr)
+        device = next(r for r in self.issuer.requests if r["path"] == "/oauth/device")
+        form = parse_qsl(device["body"].decode())
+        self.assertEqual(json.loads(dict(form)["authorization_details"]), self.DETAILS)
+        self.assertEqual([v for k, v in form if k == "resource"], ["https://api.example.com/", "urn:example:ledger"])
+        self.assertEqual(result.json()["authorization_details"], self.DETAILS)
+
+    def test_details_from_a_file(self):
+        path = os.path.join(__import__("tempfile").mkdtemp(), "details.json")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        with open(path, "w") as handle:
+            json.dump(self.DETAILS, handle)
+        self.assertEqual(self.sign_in("--authorization-details", "@" + path).code, 0)
+        self.assertFailed(self.sign_in("--authorization-details", "@" + path + ".missing"), 2, "cannot read")
+
+    def test_bad_details_or_resources_fail_before_any_request(self):
+        for value in ("{}", "[]", "[1]", '[{"type": 5}]', '[{"kind": "x"}]', "not json", '[{"type": "a", "type": "b"}]',
+                      json.dumps([{"type": "x", "pad": "y" * 9000}])):
+            with self.subTest(value=value[:30]):
+                self.assertFailed(self.sign_in("--authorization-details", value), 2)
+        for value in ("relative/path", "https://api.example.com/#frag", "https://a b/"):
+            with self.subTest(value=value):
+                self.assertFailed(self.sign_in("--resource", value), 2)
+        self.assertEqual(self.issuer.requests, [])
+
+
+class ContractTests(IssuerTest):
+    issuer_options = {"rate_limit": False}
+
+    def test_server_errors_are_network_failures_at_every_endpoint(self):
+        for path, flags in (("/.well-known/openid-configuration", []), ("/oauth/device", []),
+                            ("/oauth/jwks", ["--verify"]), ("/oauth/userinfo", ["--userinfo"])):
+            for status in (500, 502, 503):
+                self.issuer.overrides[path] = lambda h, b, status=status: (status, b"down", {}, "text/plain")
+                with self.subTest(path=path, status=status):
+                    self.assertFailed(self.sign_in(*flags), 5, str(status))
+            del self.issuer.overrides[path]
+
+    def test_required_fields_of_the_wrong_type_are_protocol_errors(self):
+        good_device = {"device_code": "d" * 43, "user_code": "BCDF-GHJK",
+                       "verification_uri": self.issuer.issuer + "/device"}
+        for field in good_device:
+            for value in (None, 12, [], {}, True):
+                device = dict(good_device, **{field: value})
+                self.issuer.overrides["/oauth/device"] = lambda h, b, d=device: (200, d)
+                with self.subTest(field=field, value=value):
+                    self.assertFailed(self.sign_in(), 6, field)
+        del self.issuer.overrides["/oauth/device"]
+        for field in ("access_token", "token_type"):
+            for value in (None, 12, [], {}, True, ""):
+                answer = {"access_token": "opaque-token-1234", "token_type": "Bearer", field: value}
+                self.issuer.overrides["/oauth/token"] = lambda h, b, a=answer: (200, a)
+                with self.subTest(field=field, value=value):
+                    self.assertFailed(self.sign_in(), 6, field)
+
+    def test_a_mix_up_is_caught_on_the_rfc8414_path_too(self):
+        issuer = LocalIssuer(discovery="oauth", path="/t")
+        with issuer:
+            issuer.overrides["/.well-known/oauth-authorization-server/t"] = lambda h, b: (
+                200, dict(issuer.metadata(), issuer=issuer.base + "/other"))
+            self.assertFailed(run_main(["--issuer", issuer.issuer, "--client-id", "cli"]), 6, "issuer mix-up")
+
+    def test_every_redirect_status_is_named_and_not_followed(self):
+        for status in (300, 301, 302, 303, 304, 305, 307, 308):
+            self.issuer.overrides["/oauth/device"] = lambda h, b, s=status: (
+                s, b"", {"Location": "https://evil.example/%d" % s}, "text/plain")
+            with self.subTest(status=status):
+                self.assertFailed(self.sign_in(), 6, "HTTP %d redirect to https://evil.example/%d" % (status, status))
+
+    def test_hardware_claims_come_from_the_access_token_then_id_token_then_userinfo(self):
+        def run(access, id_claims, userinfo):
+            claims = vdl.decode_jwt(self.issuer.access_token("cli", "openid"))[1]
+            claims.pop("hardware_verified", None)
+            claims.update(access)
+            id_token = self.issuer.id_token("cli", **id_claims)
+            token = make_jwt(self.issuer.key("ES256"), claims)
+            self.issuer.issued.append(token)
+            self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": token, "token_type": "Bearer",
+                                                                        "id_token": id_token})
+            self.issuer.overrides["/oauth/userinfo"] = lambda h, b: (200, dict(userinfo, sub="user-1234"))
+            out = self.sign_in("--userinfo").json()
+            return out["hardware_verified"], out["hardware_aaguid"]
+
+        a, b, c = ("aaaaaaaa-0000-0000-0000-000000000001", "bbbbbbbb-0000-0000-0000-000000000002",
+                   "cccccccc-0000-0000-0000-000000000003")
+        full = [({"hardware_verified": False, "hardware_aaguid": a}), ({"hardware_verified": True, "hardware_aaguid": b}),
+                ({"hardware_verified": True, "hardware_aaguid": c})]
+        self.assertEqual(run(*full), (False, a))
+        self.assertEqual(run({}, full[1], full[2]), (True, b))
+        self.assertEqual(run({}, {}, {"hardware_verified": False, "hardware_aaguid": c}), (False, c))
+
+    def test_device_endpoint_429_honours_retry_after(self):
+        answers = [(429, b"slow down", {"Retry-After": "7"}, "text/plain")]
+        self.issuer.overrides["/oauth/device"] = lambda h, b: answers.pop() if answers else self.issuer._device(
+            h, dict(parse_qsl(b.decode())))
+        clock = FakeClock()
+        self.issuer.approve_after_polls = 0
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli"], clock=clock)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(clock.sleeps[0], 7)
+
+    def test_backoff_never_polls_sooner_than_the_interval_and_has_jitter(self):
+        self.issuer.token_script = [(503, b"", {}, "text/plain")] * 6 + [
+            (200, {"access_token": "opaque-token-1234", "token_type": "Bearer"})]
+        clock = FakeClock()
+        device = vdl.DeviceAuthorization("dc-" + "y" * 40, "BCDF-GHJK", self.issuer.issuer + "/device", None,
+                                         600.0, 5.0, clock())
+        http = vdl._HttpClient(timeout=5)
+        self.addCleanup(http.close)
+        vdl.poll_for_token(http, self.issuer.issuer + "/oauth/token", "cli", device, clock=clock, sleep=clock.sleep,
+                           rng=random.Random(1))
+        backoffs = clock.sleeps[1:]
+        self.assertEqual(len(backoffs), 6)
+        self.assertTrue(all(delay >= 5 for delay in backoffs), backoffs)
+        self.assertGreater(backoffs[-1], 16)
+        self.assertTrue(any(delay not in (5, 8, 16, 32, 60) for delay in backoffs), backoffs)
+
+    def test_a_poll_that_times_out_backs_off_and_keeps_the_code(self):
+        calls = []
+
+        def slow_then_fine(handler, body):
+            calls.append(dict(parse_qsl(body.decode()))["device_code"])
+            if len(calls) == 1:
+                time.sleep(4)
+            return 200, {"access_token": "opaque-token-1234", "token_type": "Bearer"}
+
+        self.issuer.overrides["/oauth/token"] = slow_then_fine
+        clock = FakeClock()
+        device = vdl.DeviceAuthorization("dc-" + "z" * 40, "BCDF-GHJK", self.issuer.issuer + "/device", None,
+                                         600.0, 1.0, clock())
+        # A generous limit, so that only the first, stalled answer can exceed it on a loaded machine.
+        http = vdl._HttpClient(timeout=2)
+        self.addCleanup(http.close)
+        outcome = vdl.poll_for_token(http, self.issuer.issuer + "/oauth/token", "cli", device, clock=clock,
+                                     sleep=clock.sleep, rng=random.Random(1))
+        self.assertEqual(outcome["access_token"], "opaque-token-1234")
+        self.assertEqual(calls, ["dc-" + "z" * 40] * 2)
+        self.assertTrue(1 <= clock.sleeps[1] <= 2, clock.sleeps)
+
+    def test_max_restarts_defaults_to_two_on_a_terminal_and_zero_elsewhere(self):
+        args = vdl._argument_parser().parse_args(["--client-id", "cli"])
+        for stream, expected in ((TtyStream(), 2), (io.StringIO(), 0)):
+            config = vdl._config_from_args(args, {}, vdl._Terminal(stream=stream))
+            self.assertEqual(config.max_restarts, expected)
+
+    def test_shell_variables_carry_false_and_the_expiry_time(self):
+        self.issuer.user["hardware_verified"] = False
+        out = self.sign_in().json()
+        lines = self.sign_in("--format", "shell").stdout.splitlines()
+        self.assertIn("export VOUCH_HARDWARE_VERIFIED='false'", lines)
+        expires_at = next(line for line in lines if line.startswith("export VOUCH_EXPIRES_AT="))
+        self.assertTrue(abs(int(expires_at.split("'")[1]) - out["expires_at"]) <= 2, expires_at)
+        self.assertNotEqual(int(expires_at.split("'")[1]), out["expires_in"])
+
+    def test_cache_defaults_environment_and_keys(self):
+        home = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, home)
+        env = {"XDG_CACHE_HOME": home, "VOUCH_CACHE": "1"}
+        self.assertIs(self.sign_in(env=env).json()["cached"], False)
+        self.assertIs(self.sign_in(env=env).json()["cached"], True)
+        self.assertIs(self.sign_in("--scope", "openid", env=env).json()["cached"], False)
+        self.assertEqual(len([f for f in os.listdir(os.path.join(home, "vouch-device-login")) if f.endswith(".json")]), 2)
+        self.assertNotIn("cached", self.sign_in(env={"XDG_CACHE_HOME": home}).json())
+        with clean_env(HOME=home):
+            self.assertEqual(vdl._cache_directory({"HOME": home}),
+                             os.path.join(os.path.expanduser("~"), ".cache", "vouch-device-login"))
+        folder = os.path.join(home, "vouch-device-login")
+
+        def scope_of(name):
+            with open(os.path.join(folder, name)) as handle:
+                return json.load(handle)["result"]["scope"]
+
+        path = next(os.path.join(folder, f) for f in os.listdir(folder)
+                    if f.endswith(".json") and scope_of(f) == "openid email")
+        for left, cached in ((299, False), (301, True)):
+            with open(path) as handle:
+                entry = json.load(handle)
+            entry["result"]["expires_at"] = int(time.time()) + left
+            with open(path, "w") as handle:
+                json.dump(entry, handle)
+            with self.subTest(left=left):
+                self.assertIs(self.sign_in(env=env).json()["cached"], cached)
+
+    def test_verify_defaults_leeway_and_audiences(self):
+        for ago, code in ((-30, 0), (30, 0), (90, 7)):
+            token = self.issuer.access_token("cli", "openid", exp=int(time.time()) - ago)
+            self.issuer.overrides["/oauth/token"] = lambda h, b, token=token: (
+                200, {"access_token": token, "token_type": "Bearer"})
+            with self.subTest(expired_seconds_ago=ago):
+                self.assertEqual(self.sign_in("--verify").code, code)
+        token = self.issuer.access_token("api", "openid")
+        self.issuer.overrides["/oauth/token"] = lambda h, b: (200, {"access_token": token, "token_type": "Bearer",
+                                                                    "id_token": self.issuer.id_token("cli")})
+        result = self.sign_in("--verify", "--audience", "api")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIs(result.json()["verified"], True)
+
+    def test_jwks_uri_flag_and_one_refetch_in_all(self):
+        fetches = []
+        self.issuer.overrides["/keys-elsewhere"] = lambda h, b: (fetches.append(1), (200, self.issuer.jwks()))[1]
+        self.issuer.overrides["/oauth/jwks"] = lambda h, b: (500, b"not here", {}, "text/plain")
+        result = self.sign_in("--verify", "--jwks-uri", self.issuer.base + "/keys-elsewhere")
+        self.assertEqual((result.code, len(fetches)), (0, 1), result.stderr)
+        # The first JWKS lags a rotation, the second lacks the ID token's key: one refetch in all.
+        self.issuer.id_tokens = True
+        self.issuer.overrides["/oauth/jwks"] = lambda h, b: (fetches.append(1), (200, {"keys": [
+            k.jwk() for k in self.issuer.keys if len(fetches) > 1 and k.alg == "ES256"]}))[1]
+        fetches.clear()
+        self.assertFailed(self.sign_in("--verify"), 7, "ID token")
+        self.assertEqual(len(fetches), 2)
+
+    def test_accept_json_on_every_request(self):
+        self.issuer.refresh_tokens = True
+        home = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, home)
+        env = {"XDG_CACHE_HOME": home}
+        self.sign_in("--cache", "--verify", "--userinfo", env=env)
+        self.sign_in("--cache", "--min-ttl", "30000", env=env)
+        self.sign_in("--logout", env=env)
+        paths = {r["path"] for r in self.issuer.requests}
+        self.assertTrue({"/oauth/jwks", "/oauth/userinfo", "/oauth/revoke", "/oauth/token"} <= paths, paths)
+        self.assertEqual({r["headers"].get("Accept") for r in self.issuer.requests}, {"application/json"})
+
+    def test_logout_without_a_revocation_endpoint_or_with_a_failing_one(self):
+        home = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, home)
+        env = {"XDG_CACHE_HOME": home}
+        self.sign_in("--cache", env=env)
+        self.issuer.overrides["/oauth/revoke"] = lambda h, b: (503, b"down", {}, "text/plain")
+        self.assertFailed(self.sign_in("--logout", env=env), 5, "revocation failed")
+        self.assertIn("no cached sign-in", self.sign_in("--logout", env=env).stderr)
+        metadata = self.issuer.metadata()
+        del metadata["revocation_endpoint"]
+        self.issuer.overrides["/.well-known/openid-configuration"] = lambda h, b: (200, metadata)
+        self.sign_in("--cache", env=env)
+        result = self.sign_in("--logout", env=env)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIn("removing the tokens locally only", result.stderr)
+        self.assertEqual([f for f in os.listdir(os.path.join(home, "vouch-device-login")) if f.endswith(".json")], [])
+
+    def test_clipboard_and_browser_manners(self):
+        self.assertNotIn("\x1b]52", self.sign_in("--copy").stderr)
+        device = vdl.DeviceAuthorization("d" * 43, "BCDF-GHJK", "https://id.example.com/device", None, 600.0, 5.0, 0.0)
+        release, finished = threading.Event(), threading.Event()
+        calls = []
+
+        def blocking_open(url, new=0):
+            calls.append(url)
+            release.wait(2)
+            finished.set()
+            return True
+
+        err = io.StringIO()
+        with mock.patch("webbrowser.open", blocking_open):
+            vdl._browser_presenter(device, vdl._Terminal(stream=err))
+            returned_while_the_browser_was_busy = not finished.is_set()
+            release.set()
+            finished.wait(5)
+        self.assertTrue(returned_while_the_browser_was_busy)
+        self.assertEqual(calls, ["https://id.example.com/device"])
+        for verbose in (False, True):
+            err = io.StringIO()
+            done = threading.Event()
+
+            def failing_open(url, new=0, done=done):
+                done.set()
+                raise OSError("no browser here")
+
+            with mock.patch("webbrowser.open", failing_open):
+                vdl._browser_presenter(device, vdl._Terminal(stream=err, verbose=verbose))
+                done.wait(10)
+                time.sleep(0.1)
+            self.assertEqual("no browser here" in err.getvalue(), verbose, err.getvalue())
+
+
+class EndToEndTests(IssuerTest):
+    def test_a_person_approves_after_a_few_polls(self):
+        self.issuer.approve_after_polls = 1
+        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli"])
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(result.json()["access_token"], self.issuer.issued[0])
+        self.assertIn("To sign in, open", result.stderr)
+        device = next(iter(self.issuer.devices.values()))
+        self.assertEqual(device["polls"], 2)
+        polls = [r for r in self.issuer.requests if r["path"] == "/oauth/token"]
+        self.assertEqual(len(polls), 2)
+
+    def test_rate_limited_polls_wait_for_retry_after(self):
+        self.issuer.burst = 2
+        self.issuer.approve_after_polls = 2
+        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "token"])
+        self.assertEqual(result.code, 0, result.stderr)
+        # One 429 and no second one: the client came back only after Retry-After.
+        self.assertEqual(self.issuer.rate_limited, 1)
+
+    def test_piped_into_python_with_stdin_as_the_script(self):
+        self.issuer.approve_after_polls = 0
+        with open(SCRIPT, "rb") as handle:
+            source = handle.read()
+        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "token"],
+                         input_bytes=source, argv0="-")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(result.stdout, self.issuer.issued[0] + "\n")
+
+    def test_runs_with_stdin_closed_altogether(self):
+        self.issuer.approve_after_polls = 0
+        code = ("import os, sys, runpy; os.close(0); sys.stdin = None; sys.argv = sys.argv[1:]; "
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
+        proc = subprocess.run([sys.executable, "-c", code, SCRIPT, "--issuer", self.issuer.issuer,
+                               "--client-id", "cli", "--format", "token"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=60, check=False)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.stdout.decode(), self.issuer.issued[0] + "\n")
+
+    def test_shell_output_round_trips_through_eval(self):
+        clear_pwned()
+        self.issuer.user.update(email="o'brien \"$(touch /tmp/pwned-vdl)\" `id` \\ $HOME\nline2 ü",
+                                sub="x';touch /tmp/pwned-vdl;'")
+        self.issuer.approve_after_polls = 0
+        shells = [s for s in ("sh", "dash", "bash", "zsh") if shutil.which(s)]
+        self.assertIn("sh", shells)
+        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "shell"])
+        self.assertEqual(result.code, 0, result.stderr)
+        for shell in shells:
+            with self.subTest(shell=shell):
+                script = ('eval "$1"; printf %s "$VOUCH_EMAIL"; printf "\\0";'
+                          'printf %s "$VOUCH_SUBJECT"; printf "\\0"; printf %s "$VOUCH_ACCESS_TOKEN"')
+                proc = subprocess.run([shell, "-c", script, "sh", result.stdout], stdout=subprocess.PIPE,
+                                      timeout=30, check=True)
+                email, subject, token = proc.stdout.decode("utf-8").split("\0")
+                self.assertEqual(email, self.issuer.user["email"])
+                self.assertEqual(subject, self.issuer.user["sub"])
+                self.assertEqual(token, self.issuer.issued[0])
+                self.assertFalse(os.path.exists(PWNED))
 
 
 # ============================================================================
-# Credentials for other tools (issue 13): a fake STS, kubectl's exec plugin
+# Credentials for other tools: kubectl's exec plugin (client-go ExecCredential)
+# and AWS STS AssumeRoleWithWebIdentity (for credential_process)
 # ============================================================================
 
 STS_NS = "https://sts.amazonaws.com/doc/2011-06-15/"
@@ -7656,417 +7667,412 @@ class KubectlTests(CacheFixture):
 
 
 # ============================================================================
-# DPoP (RFC 9449): bound tokens against the local issuer, the proof helper
+# Installation (--install): a launcher that runs the module from bytecode
 # ============================================================================
 
-class RecordingRealClock:
-    """The real monotonic clock and sleep, for tests whose server judges real time."""
+class TtyStream(io.StringIO):
+    """A captured stream that says it is a terminal."""
 
-    def __init__(self):
-        self.sleeps = []
-
-    def __call__(self):
-        return time.monotonic()
-
-    def sleep(self, seconds):
-        self.sleeps.append(seconds)
-        time.sleep(max(0.0, seconds))
+    def isatty(self):
+        return True
 
 
-def proof_parts(proof):
-    """(header, claims) of a DPoP proof, decoded with nothing but json and base64."""
-    header, claims, _ = proof.split(".")
-    return json.loads(b64u(header)), json.loads(b64u(claims))
+def set_pty_size(fd, rows, columns):
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
 
 
-def token_requests(issuer):
-    return [r for r in issuer.requests if r["path"].endswith("/oauth/token")]
+def run_in_pty(args, env=None, timeout=60, size=None, resize=None):
+    """Run the script with stderr on a pseudo-terminal; returns (code, stdout, terminal text).
+
+    size: (rows, columns) of the terminal; resize: the size it takes once the
+    countdown is first shown, the way a person drags a window narrower.
+    """
+    import pty
+    import select
+    master, slave = pty.openpty()
+    if size:
+        set_pty_size(slave, *size)
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in _ENV_KEYS + ("DISPLAY", "WAYLAND_DISPLAY", "SSH_CONNECTION", "SSH_TTY",
+                                            "SSH_CLIENT", "BROWSER")}
+    environment.update(TERM="xterm-256color", PYTHONIOENCODING="utf-8")
+    environment.update(env or {})
+    proc = subprocess.Popen([sys.executable, SCRIPT] + list(args), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=slave, env=environment)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+            if resize and b"Waiting for approval" in b"".join(chunks):
+                set_pty_size(master, *resize)
+                resize = None
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    stdout = proc.stdout.read()
+    proc.stdout.close()
+    proc.wait(timeout=10)
+    return proc.returncode, stdout.decode(), b"".join(chunks).decode("utf-8", "replace")
 
 
-class DPoPSignInTests(IssuerTest):
-    issuer_options = {"dpop": True, "enforce_interval": False, "rate_limit": False}
+def terminal_rows(text, columns):
+    """Every row (scrollback included) a terminal this wide shows for text.
 
-    def test_a_bound_token_after_the_nonce_dance(self):
-        result = self.sign_in("--dpop")
-        self.assertEqual(result.code, 0, result.stderr)
-        out = result.json()
-        self.assertEqual(out["token_type"], "DPoP")
-        self.assertEqual(sorted(out["dpop"]), ["alg", "jkt", "key"])
-        # EdDSA comes first of ours in Vouch's ["ES256", "PS256", "EdDSA"]
-        self.assertEqual(out["dpop"]["alg"], "EdDSA")
-        self.assertEqual(out["dpop"]["key"]["kty"], "OKP")
-        self.assertEqual(out["dpop"]["jkt"], reference_thumbprint(out["dpop"]["key"]))
-        self.assertEqual(out["claims"]["cnf"], {"jkt": out["dpop"]["jkt"]})
-        self.assertEqual(self.issuer.dpop_refusals, [(400, "use_dpop_nonce")])
-        first, second = [proof_parts(r["headers"]["DPoP"]) for r in token_requests(self.issuer)]
-        self.assertNotIn("nonce", first[1])
-        self.assertEqual(second[1]["nonce"], self.issuer.dpop_proofs[0]["nonce"])
-        header, claims = second
-        self.assertEqual(header["typ"], "dpop+jwt")
-        self.assertEqual(header["jwk"], {k: v for k, v in out["dpop"]["key"].items() if k != "d"})
-        self.assertEqual((claims["htm"], claims["htu"]), ("POST", self.issuer.issuer + "/oauth/token"))
-        self.assertGreaterEqual(len(b64u(claims["jti"])), 12)
-        self.assertNotEqual(first[1]["jti"], claims["jti"])
-        self.assertNotIn("ath", claims)
-
-    def test_the_variable_asks_for_dpop_too(self):
-        result = self.sign_in(env={"VOUCH_DPOP": "1"})
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(result.json()["token_type"], "DPoP")
-
-    def test_the_algorithm_follows_the_flag_then_the_metadata(self):
-        for algs, flag, wanted in ((["ES256", "PS256", "EdDSA"], "ES256", "ES256"), (["ES256"], None, "ES256"),
-                                   (None, None, "ES256"), (None, "EdDSA", "EdDSA"), (["EdDSA"], None, "EdDSA")):
-            with self.subTest(algs=algs, flag=flag):
-                self.issuer.dpop_algs = algs
-                result = self.sign_in("--dpop", *(["--dpop-alg", flag] if flag else []))
-                self.assertEqual(result.code, 0, result.stderr)
-                out = result.json()
-                self.assertEqual(out["dpop"]["alg"], wanted)
-                self.assertEqual(out["dpop"]["key"]["kty"], "EC" if wanted == "ES256" else "OKP")
-                self.assertEqual(out["claims"]["cnf"]["jkt"], reference_thumbprint(out["dpop"]["key"]))
-
-    def test_an_issuer_without_our_algorithms_exits_6_before_the_device_request(self):
-        for algs, extra, fragment in ((["PS256", "RS256"], [], "PS256, RS256"),
-                                      (["ES256"], ["--dpop-alg", "EdDSA"], "only with ES256"),
-                                      ([], [], "nothing"), ("ES256", [], "not a list")):
-            with self.subTest(algs=algs, extra=extra):
-                self.issuer.requests.clear()
-                self.issuer.dpop_algs = algs
-                self.assertFailed(self.sign_in("--dpop", *extra), 6, fragment)
-                self.assertFalse([r for r in self.issuer.requests if r["path"] == "/oauth/device"])
-
-    def test_a_bearer_answer_is_never_accepted(self):
-        self.issuer.dpop_misbehave = "bearer"
-        self.assertFailed(self.sign_in("--dpop"), 6, "the issuer ignored DPoP: token_type is Bearer")
-
-    def test_token_type_is_case_insensitive_and_cnf_must_name_our_key(self):
-        def answer(cnf, token_type="dpop"):
-            def respond(handler, body):
-                claims = {} if cnf is None else {"cnf": cnf}
-                token = self.issuer.access_token("cli", "openid email", **claims)
-                handler.send(200, {"access_token": token, "token_type": token_type, "expires_in": 60})
-            return respond
-        self.issuer.overrides["/oauth/token"] = answer(None)
-        self.assertEqual(self.sign_in("--dpop").code, 0)
-        self.issuer.overrides["/oauth/token"] = answer({"x5t#S256": "abc"}, "DPOP")
-        self.assertEqual(self.sign_in("--dpop").code, 0)
-        for cnf in ("jkt", {"jkt": 7}, {"jkt": "AAAA"}, ["x"]):
-            with self.subTest(cnf=cnf):
-                self.issuer.overrides["/oauth/token"] = answer(cnf)
-                self.assertFailed(self.sign_in("--dpop"), 6, "bound to another key")
-
-    def test_a_token_bound_to_another_key_exits_6_or_7_with_verify(self):
-        self.issuer.dpop_misbehave = "other-key"
-        self.assertFailed(self.sign_in("--dpop"), 6, "bound to another key")
-        self.assertFailed(self.sign_in("--dpop", "--verify"), 7, "bound to another key")
-
-    def test_every_poll_carries_a_proof_and_a_nonce_retry_is_not_a_poll(self):
-        # a new nonce after every accepted proof: every poll dances
-        self.issuer.dpop_nonce_uses = 1
-        self.issuer.approve_after_polls = 3
-        clock = FakeClock()
-        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--dpop", "-q"], clock=clock)
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(self.issuer.dpop_refusals, [(400, "use_dpop_nonce")] * 4)
-        self.assertEqual(len(token_requests(self.issuer)), 8)
-        # four polls one interval apart: the retries added no wait and moved no poll
-        self.assertEqual(clock.sleeps, [1.0] * 4)
-        self.assertEqual(len({c["jti"] for c in self.issuer.dpop_proofs}), 4)
-
-    def test_a_second_use_dpop_nonce_for_one_request_is_an_error(self):
-        def always(handler, body):
-            handler.send(400, {"error": "use_dpop_nonce"}, {"DPoP-Nonce": b64url(secrets.token_bytes(8))})
-        self.issuer.overrides["/oauth/token"] = always
-        self.assertFailed(self.sign_in("--dpop"), 6, "use_dpop_nonce")
-        self.assertEqual(len(token_requests(self.issuer)), 2)
-
-    def test_a_malformed_nonce_header_is_a_protocol_error(self):
-        self.issuer.overrides["/oauth/token"] = lambda h, b: (400, {"error": "use_dpop_nonce"},
-                                                              {"DPoP-Nonce": 'a"b'})
-        self.assertFailed(self.sign_in("--dpop"), 6, "DPoP-Nonce header is not a valid nonce")
-
-    def test_userinfo_with_a_proof_carrying_ath_and_its_own_nonce_dance(self):
-        self.issuer.dpop_nonce_uses = 1
-        result = self.sign_in("--dpop", "--userinfo")
-        self.assertEqual(result.code, 0, result.stderr)
-        out = result.json()
-        self.assertEqual(out["userinfo"]["sub"], "user-1234")
-        self.assertEqual(self.issuer.dpop_refusals, [(400, "use_dpop_nonce"), (401, "use_dpop_nonce")])
-        request = [r for r in self.issuer.requests if r["path"] == "/oauth/userinfo"][-1]
-        self.assertEqual(request["headers"]["Authorization"], "DPoP " + out["access_token"])
-        claims = proof_parts(request["headers"]["DPoP"])[1]
-        self.assertEqual(claims["ath"], b64url(hashlib.sha256(out["access_token"].encode()).digest()))
-        self.assertEqual((claims["htm"], claims["htu"]), ("GET", self.issuer.issuer + "/oauth/userinfo"))
-
-    def test_the_issuer_refuses_every_bad_proof_at_userinfo(self):
-        result = self.sign_in("--dpop", "--dpop-alg", "EdDSA")
-        self.assertEqual(result.code, 0, result.stderr)
-        key, token = result.json()["dpop"]["key"], result.json()["access_token"]
-        url = self.issuer.issuer + "/oauth/userinfo"
-
-        def claims(**changes):
-            good = {"jti": b64url(secrets.token_bytes(16)), "htm": "GET", "htu": url, "iat": int(time.time()),
-                    "nonce": self.issuer.dpop_nonce, "ath": b64url(hashlib.sha256(token.encode()).digest())}
-            good.update(changes)
-            return {k: v for k, v in good.items() if v is not None}
-
-        public = {k: key[k] for k in ("crv", "kty", "x")}
-        replayed = craft_proof(key, **claims())
-        cases = {
-            "replayed jti": replayed, "short jti": craft_proof(key, **claims(jti="abc")),
-            "iat 2 min old": craft_proof(key, **claims(iat=int(time.time()) - 120)),
-            "iat in the future": craft_proof(key, **claims(iat=int(time.time()) + 120)),
-            "htm": craft_proof(key, **claims(htm="POST")), "htu": craft_proof(key, **claims(htu=url + "x")),
-            "no ath": craft_proof(key, **claims(ath=None)), "wrong ath": craft_proof(key, **claims(ath="AAAA")),
-            "typ": craft_proof(key, {"typ": "JWT", "alg": "EdDSA", "jwk": public}, **claims()),
-            "private jwk": craft_proof(key, {"typ": "dpop+jwt", "alg": "EdDSA", "jwk": key}, **claims()),
-            "signature": replayed[:-10] + ("A" if replayed[-10] != "A" else "B") + replayed[-9:],
-        }
-        self.assertEqual(http_get(url, {"Authorization": "DPoP " + token, "DPoP": replayed}).status, 200)
-        for name, proof in cases.items():
-            with self.subTest(name):
-                answer = http_get(url, {"Authorization": "DPoP " + token, "DPoP": proof})
-                self.assertEqual(answer.status, 401, answer.body)
-                self.assertEqual(self.issuer.dpop_refusals[-1], (401, "invalid_dpop_proof"))
-        stale = craft_proof(key, **claims(nonce="stale"))
-        answer = http_get(url, {"Authorization": "DPoP " + token, "DPoP": stale})
-        self.assertEqual((answer.status, answer.getheader("DPoP-Nonce")), (401, self.issuer.dpop_nonce))
-        self.assertIn('error="use_dpop_nonce"', answer.getheader("WWW-Authenticate"))
-        other = vdl._dpop_generate("EdDSA")
-        answer = http_get(url, {"Authorization": "DPoP " + token, "DPoP": craft_proof(other, **claims())})
-        self.assertEqual((answer.status, self.issuer.dpop_refusals[-1]), (401, (401, "invalid_token")))
-
-    def test_format_token_without_the_cache_exits_2_before_any_request(self):
-        for argv, env in ((["--dpop", "--format", "token"], {}), (["--format", "token"], {"VOUCH_DPOP": "1"}),
-                          (["--dpop-alg", "ES256", "--format", "token"], {})):
-            with self.subTest(argv=argv, env=env):
-                self.assertFailed(self.sign_in(*argv, env=env), 2, "--format token with --dpop needs --cache")
-        self.assertEqual(self.issuer.requests, [])
-
-    def test_the_private_key_never_reaches_a_log(self):
-        result = self.sign_in("--dpop", "-v", "--userinfo")
-        self.assertEqual(result.code, 0, result.stderr)
-        key = result.json()["dpop"]["key"]
-        self.assertIn("DPoP: a new EdDSA key", result.stderr)
-        self.assertNotIn(key["d"], result.stderr)
-        for name in ("key", "key + token"):
-            with self.subTest(name=name):
-                broken = dict(key, d=key["d"][:-2])
-                env = {"VOUCH_DPOP_KEY": json.dumps(broken)}
-                if name == "key + token":
-                    env["VOUCH_ACCESS_TOKEN"] = result.json()["access_token"]
-                line = self.assertFailed(run_main(["--dpop-proof", "GET", "https://api.example/"], env=env), 2)
-                self.assertNotIn(broken["d"], line)
-                self.assertNotIn(key["x"], line)
-
-    def test_shell_output_the_proof_helper_and_curl_reach_userinfo(self):
-        result = self.sign_in("--dpop", "--format", "shell")
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertIn("export VOUCH_TOKEN_TYPE='DPoP'", result.stdout)
-        userinfo = self.issuer.issuer + "/oauth/userinfo"
-        # the README's recipe, with the nonce the issuer asks for on the first try
-        script = ('eval "$1"; printf "%s\\n" "$VOUCH_DPOP_JKT"; '
-                  '"$2" "$3" --dpop-proof GET "$4"; "$2" "$3" --dpop-proof GET "$4" --dpop-nonce "$5"')
-        proc = subprocess.run(["sh", "-c", script, "sh", result.stdout, sys.executable, SCRIPT, userinfo,
-                               self.issuer.dpop_nonce], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              timeout=60, check=False, env=_child_env())
-        self.assertEqual(proc.returncode, 0, proc.stderr)
-        jkt, stale, fresh = proc.stdout.decode().splitlines()
-        token = self.issuer.issued[-1]
-        self.assertEqual(jkt, self.issuer.bound[token])
-        for proof, status in ((stale, 401), (fresh, 200)):
-            with self.subTest(status=status):
-                answer = http_get(userinfo, {"Authorization": "DPoP " + token, "DPoP": proof})
-                self.assertEqual(answer.status, status, answer.body)
-        self.assertEqual(self.issuer.dpop_refusals[-1], (401, "use_dpop_nonce"))
-        # a bound token as Bearer, and a replayed proof, are refused
-        self.assertEqual(http_get(userinfo, {"Authorization": "Bearer " + token}).status, 401)
-        self.assertEqual(http_get(userinfo, {"Authorization": "DPoP " + token, "DPoP": fresh}).status, 401)
-        self.assertEqual(self.issuer.dpop_refusals[-1], (401, "invalid_dpop_proof"))
+    The VT100 subset the tool uses: printable characters with xterm's
+    delayed wrap at the last column, CR, LF, cursor up (CSI A), erase to the
+    end of the line (CSI K) or screen (CSI J); other CSI and OSC sequences
+    take no room.
+    """
+    import re
+    rows, row, column, wrap_next = [[]], 0, 0, False
+    position = 0
+    while position < len(text):
+        sequence = re.match("\x1b\\[[0-9;?]*([@-~])|\x1b\\][^\x07]*\x07", text[position:])
+        if sequence:
+            if sequence.group(1) in ("K", "J"):
+                del rows[row][column:]
+            if sequence.group(1) == "J":
+                del rows[row + 1:]
+            elif sequence.group(1) == "A":
+                row = max(0, row - int(sequence.group(0)[2:-1] or 1))
+            position += len(sequence.group(0))
+            continue
+        char = text[position]
+        position += 1
+        if char == "\r":
+            column, wrap_next = 0, False
+        elif char == "\n" or wrap_next:
+            row, wrap_next = row + 1, False
+            if row == len(rows):
+                rows.append([])
+            if char == "\n":
+                continue
+            column = 0
+        if char not in "\r\n":
+            line = rows[row]
+            line.extend(" " * (column + 1 - len(line)))
+            line[column] = char
+            if column == columns - 1:
+                wrap_next = True
+            else:
+                column += 1
+    return ["".join(r) for r in rows]
 
 
-def craft_proof(key, header=None, **claims):
-    """A DPoP proof with exactly these claims (header defaults from the key), signed with the Ed25519 key."""
-    header = header or {"typ": "dpop+jwt", "alg": "EdDSA", "jwk": {k: key[k] for k in ("crv", "kty", "x")}}
-    signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
-    return signing_input + "." + b64url(vdl._ed25519_sign(b64u(key["d"]), b64u(key["x"]), signing_input.encode()))
+def screen_while_waiting(screen, columns):
+    """The terminal's rows at the countdown's last update, before the sign-in ended it."""
+    return terminal_rows(screen[:screen.rindex("\r\x1b[K")], columns)
 
 
-def http_get(url, headers):
-    import http.client
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        conn.request("GET", parts.path, headers=headers)
-        response = conn.getresponse()
-        response.body = response.read()
-        return response
-    finally:
-        conn.close()
+def live_lines(screen):
+    """Each text the live line showed, in order ("" where it was cleared).
+
+    A message line is written as clear, the message, a newline, the live line again.
+    """
+    import re
+    return [piece.split("\n")[-1].split("\r")[0]
+            for piece in re.split("\r\x1b\\[(?:K|[0-9]+A\x1b\\[J)", screen)[1:]]
 
 
-class DPoPRealTimeTests(IssuerTest):
-    issuer_options = {"dpop": True, "interval": 1, "enforce_interval": True}
-
-    def test_nonce_retries_cause_no_slow_down(self):
-        # The issuer answers slow_down to polls less than a whole interval apart in real time;
-        # every poll here is preceded by a use_dpop_nonce answer and its immediate retry.
-        self.issuer.dpop_nonce_uses = 1
-        self.issuer.approve_after_polls = 2
-        clock = RecordingRealClock()
-        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--dpop", "-q", "-v"], clock=clock)
-        self.assertEqual(result.code, 0, result.stderr)
-        self.assertNotIn("slow_down", result.stderr)
-        self.assertEqual(self.issuer.dpop_refusals, [(400, "use_dpop_nonce")] * 3)
-        self.assertEqual(next(iter(self.issuer.devices.values()))["polls"], 3)
+def modules_from_text(lines, unicode=True):
+    """Turn rendered QR text (ink = light modules) back into a dark/light matrix."""
+    rows = []
+    for line in lines:
+        if unicode:
+            top = [ch in "\u2580\u2588" for ch in line]
+            bottom = [ch in "\u2584\u2588" for ch in line]
+            rows += [top, bottom]
+        else:
+            rows.append([line[i:i + 2] == "##" for i in range(0, len(line), 2)])
+    width = max(len(r) for r in rows)
+    return [[not ink for ink in r + [False] * (width - len(r))] for r in rows]
 
 
-class DPoPCacheTests(CacheFixture):
-    issuer_options = {"rate_limit": False, "dpop": True, "enforce_interval": False, "refresh_tokens": True}
-
-    def cached(self, *extra, **kwargs):
-        env = dict(self.env, **kwargs.pop("env", {}))
-        return self.sign_in("--cache", *extra, env=env, **kwargs)
-
-    def test_the_cache_keeps_the_key_and_a_refresh_uses_it(self):
-        first = self.cached("--dpop")
-        self.assertEqual(first.code, 0, first.stderr)
-        key = first.json()["dpop"]["key"]
-        again = self.cached("--dpop", "--userinfo")
-        self.assertEqual(again.code, 0, again.stderr)
-        self.assertTrue(again.json()["cached"])
-        self.assertEqual(again.json()["dpop"]["key"], key)
-        self.assertEqual(again.json()["userinfo"]["sub"], "user-1234")
-        # a token with less than --min-ttl left is refreshed, with a proof of the same key
-        refreshed = self.cached("--dpop", "--min-ttl", "999999")
-        self.assertEqual(refreshed.code, 0, refreshed.stderr)
-        out = refreshed.json()
-        self.assertFalse(out["cached"])
-        self.assertEqual(out["dpop"]["key"], key)
-        self.assertEqual(out["claims"]["cnf"]["jkt"], reference_thumbprint(key))
-        refresh = [r for r in token_requests(self.issuer) if b"refresh_token" in r["body"]][-1]
-        self.assertEqual(proof_parts(refresh["headers"]["DPoP"])[0]["jwk"]["x"], key["x"])
-        self.assertEqual(len([d for d in self.issuer.devices]), 1)
-
-    def test_format_token_with_the_cache_then_the_proof_helper_reads_the_cache(self):
-        result = self.cached("--dpop", "--format", "token")
-        self.assertEqual(result.code, 0, result.stderr)
-        token = result.stdout.strip()
-        helper = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--dpop-proof", "GET",
-                           "https://api.example/v1/x?y=1#z", "--dpop-nonce", "n-1"], env=self.env)
-        self.assertEqual(helper.code, 0, helper.stderr)
-        header, claims = proof_parts(helper.stdout.strip())
-        path = next(os.path.join(self.directory, name) for name in os.listdir(self.directory)
-                    if name.endswith(".json"))
-        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
-        with open(path) as handle:
-            entry = json.load(handle)
-        self.assertEqual(header["jwk"]["x"], entry["result"]["dpop"]["key"]["x"])
-        self.assertEqual(claims["ath"], b64url(hashlib.sha256(token.encode()).digest()))
-        self.assertEqual((claims["htu"], claims["nonce"]), ("https://api.example/v1/x", "n-1"))
-
-    def test_bearer_and_dpop_entries_do_not_stand_in_for_each_other(self):
-        self.assertEqual(self.cached().code, 0)
-        dpop = self.cached("--dpop")
-        self.assertFalse(dpop.json()["cached"])
-        self.assertEqual(dpop.json()["token_type"], "DPoP")
-        bearer = self.cached()
-        self.assertFalse(bearer.json()["cached"])
-        self.assertNotIn("dpop", bearer.json())
-        self.assertEqual(len(self.issuer.devices), 3)
-        self.assertEqual(self.cached("--dpop", "--dpop-alg", "EdDSA").json()["cached"], False)
-        self.assertEqual(self.cached("--dpop").json()["cached"], True)
-        self.assertEqual(self.cached("--dpop", "--dpop-alg", "ES256").json()["cached"], False)
+def decoded_text(grid):
+    """What zxing-cpp reads in a dark-module grid, or None."""
+    found = decode(grid, scale=4)
+    return found.text if found else None
 
 
-class DPoPProofHelperTests(unittest.TestCase):
-    URL = "https://api.example/v1/items?page=2#top"
+@unittest.skipUnless(sys.platform.startswith("linux"), "pseudo-terminal tests need Linux")
+class InstallTests(IssuerTest):
+    """--install: the module and its bytecode in PREFIX/lib, a launcher in PREFIX/bin."""
 
     def setUp(self):
-        self.key = vdl._dpop_generate("ES256")
-        self.token = "eyJhbGciOiJFUzI1NiJ9.e30.c2ln"
-        self.env = {"VOUCH_DPOP_KEY": json.dumps(self.key, separators=(",", ":")), "VOUCH_ACCESS_TOKEN": self.token}
+        super().setUp()
+        import tempfile
+        self.prefix = os.path.realpath(tempfile.mkdtemp(prefix="vdl-install-"))
+        self.addCleanup(shutil.rmtree, self.prefix)
+        self.launcher = os.path.join(self.prefix, "bin", "vouch-device-login")
+        self.module = os.path.join(self.prefix, "lib", "vouch_device_login", "vouch_device_login.py")
 
-    def test_one_proof_line_for_the_request(self):
-        result = run_main(["--dpop-proof", "POST", self.URL], env=self.env)
+    def run_launcher(self, args, cwd=HERE, env=None):
+        environment = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
+        environment.update(env or {})
+        proc = subprocess.run([self.launcher] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, env=environment, cwd=cwd, timeout=60, check=False)
+        return Result(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
+
+    def offline_inspect_args(self):
+        issuer = "https://issuer.example.com"
+        now = int(time.time())
+        key = EcKey("k")
+        token = make_jwt(key, {"iss": issuer, "sub": "user-1", "aud": "cli", "exp": now + 600, "iat": now})
+        jwks = os.path.join(self.prefix, "jwks.json")
+        with open(jwks, "w") as handle:
+            json.dump({"keys": [key.jwk()]}, handle)
+        return ["--inspect", token, "--verify", "--jwks", jwks, "--issuer", issuer, "--client-id", "cli"]
+
+    def test_the_launcher_runs_the_module_from_its_bytecode(self):
+        # Neither may move or change the bytecode: PYTHONPYCACHEPREFIX would put
+        # it where the launcher never looks, SOURCE_DATE_EPOCH would make it
+        # hash-checked against the source on every start.
+        result = run_cli(["--install", self.prefix], env={
+            "PYTHONPYCACHEPREFIX": os.path.join(self.prefix, "elsewhere"), "SOURCE_DATE_EPOCH": "1"})
+        self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
+        self.assertIn("installed %s (%s, for %s)" % (self.launcher, vdl.__version__, sys.executable), result.stderr)
+        with open(self.launcher) as handle:
+            self.assertEqual(handle.readline(), "#!%s -I\n" % sys.executable)
+        self.assertTrue(os.access(self.launcher, os.X_OK))
+        with open(SCRIPT, "rb") as original, open(self.module, "rb") as copy:
+            self.assertEqual(original.read(), copy.read())
+        # Overwrite the installed source with the same size and mtime: only
+        # the bytecode compiled at install time can still answer.
+        stat_result = os.stat(self.module)
+        with open(self.module, "wb") as handle:
+            handle.write(b"raise SystemExit('compiled from source')\n".ljust(stat_result.st_size, b"#"))
+        os.utime(self.module, ns=(stat_result.st_atime_ns, stat_result.st_mtime_ns))
+        version = self.run_launcher(["--version"])
+        self.assertEqual((version.code, version.stdout), (0, "vouch-device-login %s\n" % vdl.__version__),
+                         version.stderr)
+        inspected = self.run_launcher(self.offline_inspect_args())
+        self.assertEqual(inspected.code, 0, inspected.stderr)
+        self.assertIs(json.loads(inspected.stdout)["verified"], True)
+
+    def test_the_installed_command_names_itself_and_shows_itself_in_its_help(self):
+        self.assertEqual(run_main(["--install", self.prefix]).code, 0)
+        result = self.run_launcher(["--help"], env={"COLUMNS": "80"})
         self.assertEqual(result.code, 0, result.stderr)
-        self.assertEqual(result.stderr, "")
-        proof = result.stdout
-        self.assertTrue(proof.endswith("\n") and proof.count("\n") == 1)
-        header, claims = proof_parts(proof.strip())
-        self.assertEqual(header, {"typ": "dpop+jwt", "alg": "ES256",
-                                  "jwk": {k: v for k, v in self.key.items() if k != "d"}})
-        self.assertEqual(sorted(claims), ["ath", "htm", "htu", "iat", "jti"])
-        self.assertEqual((claims["htm"], claims["htu"]), ("POST", "https://api.example/v1/items"))
-        self.assertEqual(claims["ath"], b64url(hashlib.sha256(self.token.encode()).digest()))
-        self.assertLessEqual(abs(claims["iat"] - time.time()), 5)
-        vdl.verify_jws(proof.strip(), header["jwk"], ["ES256"])
-        nonce = run_main(["--dpop-proof", "GET", self.URL, "--dpop-nonce", "abc-123"], env=self.env)
-        self.assertEqual(proof_parts(nonce.stdout.strip())[1]["nonce"], "abc-123")
-        # the same through argparse, with other flags around it
-        argparsed = run_main(["--dpop-nonce", "abc-123", "-q", "--dpop-proof", "GET", self.URL], env=self.env)
-        self.assertEqual(argparsed.code, 0, argparsed.stderr)
-        self.assertEqual(proof_parts(argparsed.stdout.strip())[1]["nonce"], "abc-123")
+        self.assertTrue(result.stdout.startswith("usage: vouch-device-login "))
+        self.assertIn("\n  vouch-device-login --client-id ID\n", result.stdout)
+        self.assertNotIn("vouch_device_login", result.stdout)
+        self.assertNotIn("python3", result.stdout)
+        failed = self.run_launcher(["--timeout", "0", "--client-id", "cli"])
+        self.assertTrue(failed.stderr.startswith("vouch-device-login: error: "), failed.stderr)
 
-    @unittest.skipUnless(HAVE_CRYPTO, "cryptography is not installed")
-    def test_pyjwt_accepts_the_proofs(self):
+    def test_the_launcher_signs_in_and_reinstalls_itself(self):
+        self.assertEqual(run_main(["--install", self.prefix]).code, 0)
+        self.issuer.approve_after_polls = 0
+        result = self.run_launcher(["--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "token"])
+        self.assertEqual((result.code, result.stdout), (0, self.issuer.issued[0] + "\n"), result.stderr)
+        again = self.run_launcher(["--install", self.prefix])
+        self.assertEqual(again.code, 0, again.stderr)
+        self.assertEqual(self.run_launcher(["--version"]).code, 0)
+
+    def test_the_launcher_imports_nothing_from_the_working_directory_or_pythonpath(self):
+        self.assertEqual(run_main(["--install", self.prefix]).code, 0)
+        planted = os.path.join(self.prefix, "planted")
+        os.mkdir(planted)
+        marker = os.path.join(self.prefix, "pwned")
+        for folder in (planted, os.path.dirname(self.launcher)):
+            for name in ("vouch_device_login", "json", "argparse", "hashlib"):
+                with open(os.path.join(folder, name + ".py"), "w") as handle:
+                    handle.write("open(%r, 'a').write(%r)\n" % (marker, name))
+        result = self.run_launcher(self.offline_inspect_args(), cwd=planted, env={"PYTHONPATH": planted})
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIs(json.loads(result.stdout)["verified"], True)
+        self.assertFalse(os.path.exists(marker))
+
+    def test_files_and_directories_get_the_same_modes_under_any_umask(self):
+        for umask in (0o000, 0o002, 0o077):
+            prefix = os.path.join(self.prefix, "umask-%03o" % umask)
+            old_umask = os.umask(umask)
+            try:
+                result = run_main(["--install", prefix])
+            finally:
+                os.umask(old_umask)
+            self.assertEqual(result.code, 0, result.stderr)
+            library = os.path.join(prefix, "lib", "vouch_device_login")
+            paths = [prefix, os.path.dirname(library), library, library + "/__pycache__", prefix + "/bin"]
+            bytecode = os.listdir(paths[3])
+            self.assertEqual(len(bytecode), 1)
+            files = [os.path.join(paths[3], bytecode[0]), library + "/vouch_device_login.py",
+                     prefix + "/bin/vouch-device-login"]
+            self.assertEqual([os.stat(path).st_mode & 0o7777 for path in paths + files],
+                             [0o755] * 5 + [0o644, 0o644, 0o755], "umask %03o" % umask)
+
+    def test_a_prefix_reached_through_a_symlink_is_installed_under_its_real_path(self):
+        # The link sits in a directory anyone can write: anyone could later
+        # point it elsewhere, so neither the checks nor the launcher use it.
+        shared, real = os.path.join(self.prefix, "shared"), os.path.join(self.prefix, "real")
+        os.mkdir(shared)
+        os.chmod(shared, 0o777)
+        os.mkdir(real)
+        os.symlink(real, os.path.join(shared, "link"))
+        result = run_main(["--install", os.path.join(shared, "link")])
+        self.assertEqual(result.code, 0, result.stderr)
+        launcher = os.path.join(os.path.realpath(real), "bin", "vouch-device-login")
+        with open(launcher) as handle:
+            text = handle.read()
+        self.assertIn(repr(os.path.join(os.path.realpath(real), "lib", "vouch_device_login")), text)
+        self.assertNotIn("shared", text)
+        self.assertIn("installed %s " % launcher, result.stderr)
+
+    def test_a_symlink_at_the_launcher_path_is_replaced_not_followed(self):
+        victim = os.path.join(self.prefix, "victim")
+        with open(victim, "w") as handle:
+            handle.write("untouched")
+        os.mkdir(os.path.join(self.prefix, "bin"))
+        os.symlink(victim, self.launcher)
+        self.assertEqual(run_main(["--install", self.prefix]).code, 0)
+        self.assertFalse(os.path.islink(self.launcher))
+        with open(victim) as handle:
+            self.assertEqual(handle.read(), "untouched")
+
+    def test_a_module_directory_others_can_write_is_refused(self):
+        library = os.path.dirname(self.module)
+        os.makedirs(library)
+        os.chmod(library, 0o777)
+        self.assertFailed(run_main(["--install", self.prefix]), 2, "writable by group or others")
+        self.assertEqual(os.listdir(library), [])
+        self.assertFalse(os.path.exists(self.launcher))
+
+    def test_a_parent_others_can_write_is_refused_unless_sticky(self):
+        # Whoever can write PREFIX/lib can rename the module directory away and put their own in its place.
+        shared = os.path.join(self.prefix, "shared")
+        os.mkdir(shared)
+        os.chmod(shared, 0o777)
+        self.assertFailed(run_main(["--install", os.path.join(shared, "prefix")]), 2,
+                          "%s is writable by group or others" % os.path.realpath(shared))
+        self.assertEqual(os.listdir(shared), [])
+        os.chmod(shared, 0o1777)  # like /tmp: others cannot rename what is ours
+        self.assertEqual(run_main(["--install", os.path.join(shared, "prefix")]).code, 0)
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to give files away")
+    def test_directories_of_other_users_or_groups_are_refused(self):
+        os.chown(self.prefix, 65534, -1)
+        self.assertFailed(run_main(["--install", self.prefix]), 2, "is owned by uid 65534")
+        os.chown(self.prefix, 0, next(g.gr_gid for g in __import__("grp").getgrall() if g.gr_gid != os.getegid()))
+        os.chmod(self.prefix, 0o775)
+        self.assertFailed(run_main(["--install", self.prefix]), 2, "is writable by group or others")
+        self.assertEqual(os.listdir(self.prefix), [])
+        import grp
+        import pwd
+        own = grp.getgrgid(os.getegid())
+        if own.gr_name == pwd.getpwuid(os.geteuid()).pw_name and not own.gr_mem:
+            # A user-private group (like root's here) has nobody else in it...
+            os.chown(self.prefix, 0, own.gr_gid)
+            self.assertEqual(run_main(["--install", self.prefix]).code, 0)
+            # ...unless an ACL names another user; the group bits are then its mask.
+            acl = b"".join([b"\x02\x00\x00\x00", bytes([1, 0, 7, 0]) + b"\xff" * 4,
+                            bytes([2, 0, 7, 0]) + (65534).to_bytes(4, "little"), bytes([4, 0, 5, 0]) + b"\xff" * 4,
+                            bytes([16, 0, 7, 0]) + b"\xff" * 4, bytes([32, 0, 5, 0]) + b"\xff" * 4])
+            try:
+                os.setxattr(self.prefix, "system.posix_acl_access", acl)
+            except OSError:
+                self.skipTest("no POSIX ACLs on this file system")
+            self.assertEqual(os.stat(self.prefix).st_mode & 0o777, 0o775)
+            self.assertFailed(run_main(["--install", self.prefix]), 2, "is writable by group or others")
+
+    def test_file_system_failures_are_one_line_and_exit_2(self):
+        with open(os.path.join(self.prefix, "bin"), "w") as handle:
+            handle.write("a file where a directory belongs")
+        self.assertFailed(run_main(["--install", self.prefix]), 2, "%s/bin: " % self.prefix)
+        os.remove(os.path.join(self.prefix, "bin"))
+        os.makedirs(self.launcher)
+        self.assertFailed(run_main(["--install", self.prefix]), 2, "--install: %s: " % self.launcher)
+        self.assertEqual(os.listdir(os.path.dirname(self.launcher)), ["vouch-device-login"])
+        gone = os.path.join(self.prefix, "gone")
+        os.mkdir(gone)
+        here = os.getcwd()
+        os.chdir(gone)
         try:
-            import jwt
-        except ImportError:
-            self.skipTest("PyJWT is not installed")
-        for alg in vdl.DPOP_ALGORITHMS:
-            with self.subTest(alg=alg):
-                key = vdl._dpop_generate(alg)
-                env = dict(self.env, VOUCH_DPOP_KEY=json.dumps(key))
-                proof = run_main(["--dpop-proof", "GET", self.URL], env=env).stdout.strip()
-                public = jwt.PyJWK(proof_parts(proof)[0]["jwk"], algorithm=alg).key
-                payload = jwt.PyJWS().decode(proof, public, algorithms=[alg])
-                self.assertEqual(json.loads(payload)["htm"], "GET")
+            os.rmdir(gone)
+            self.assertFailed(run_main(["--install", "relative"]), 2, "--install: relative: ")
+        finally:
+            os.chdir(here)
 
-    def test_bad_input_is_exit_2_with_one_line(self):
-        cases = (
-            ([], {}, "no DPoP key"),
-            (["--client-id", "cli"], {"XDG_CACHE_HOME": "/nonexistent/vdl"}, "no DPoP key"),
-            ([], {"VOUCH_DPOP_KEY": self.env["VOUCH_DPOP_KEY"]}, "VOUCH_ACCESS_TOKEN is not"),
-            ([], dict(self.env, VOUCH_DPOP_KEY='{"kty": "EC"}'), "not an Ed25519"),
-            ([], dict(self.env, VOUCH_DPOP_KEY="not json"), "not a JSON object"),
-            ([], dict(self.env, VOUCH_DPOP_KEY='{"kty": ["EC"]}'), "not a JSON object of strings"),
-        )
-        for extra, env, fragment in cases:
-            with self.subTest(env=env):
-                result = run_main(extra + ["--dpop-proof", "GET", self.URL], env=env)
-                self.assertEqual((result.code, result.stdout), (2, ""), result.stderr)
-                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
-                self.assertIn(fragment, result.stderr)
-        for method, url in (("GET", "/relative"), ("GET", "ftp://host/x"), ("GET", "https://"),
-                            ("GET", "https://host/a b"), ("G T", self.URL), ("", self.URL), ("GET", "http:/x")):
-            with self.subTest(method=method, url=url):
-                result = run_main(["--dpop-proof", method, url], env=self.env)
-                self.assertEqual((result.code, result.stdout), (2, ""), result.stderr)
-                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
-        for nonce in ('a"b', "", "x" * 2000):
-            result = run_main(["--dpop-proof", "GET", self.URL, "--dpop-nonce", nonce], env=self.env)
-            self.assertEqual((result.code, result.stdout), (2, ""), result.stderr)
-        result = run_main(["--dpop-nonce", "n", "--client-id", "cli"], env=self.env)
-        self.assertEqual(result.code, 2)
-        self.assertIn("--dpop-nonce goes with --dpop-proof", result.stderr)
+    def test_piped_from_stdin_there_is_no_file_to_install(self):
+        with open(SCRIPT, "rb") as handle:
+            result = run_cli(["--install", self.prefix], input_bytes=handle.read(), argv0="-")
+        self.assertFailed(result, 2, "was not run from one")
+        self.assertEqual(os.listdir(self.prefix), [])
 
-    def test_the_proof_helper_imports_neither_argparse_nor_json_nor_urllib(self):
-        # only what main() imports counts; hashlib is allowed (and on PyPy imports re and base64 itself)
-        code = ("import sys, hashlib, vouch_device_login as v; before = set(sys.modules); "
-                "code = v.main(sys.argv[1:]); "
-                "sys.stderr.write(repr(sorted(m for m in ('argparse', 'json', 'urllib.parse', 're', 'base64', "
-                "'hmac') if m in set(sys.modules) - before))); sys.exit(code)")
-        for alg in vdl.DPOP_ALGORITHMS:
-            with self.subTest(alg=alg):
-                env = dict(_child_env(), VOUCH_DPOP_KEY=json.dumps(vdl._dpop_generate(alg), separators=(",", ":")),
-                           VOUCH_ACCESS_TOKEN=self.token)
-                proc = subprocess.run([sys.executable, "-E", "-c", code, "--dpop-proof", "GET", self.URL],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=HERE,
-                                      timeout=60, check=False)
-                self.assertEqual(proc.returncode, 0, proc.stderr)
-                self.assertEqual(proc.stderr.decode(), "[]")
+    def test_install_is_an_action_of_its_own(self):
+        self.assertFailed(run_main(["--install", self.prefix, "--logout", "--client-id", "cli"]), 2, "on its own")
+        self.assertFailed(run_main(["--install="]), 2, "PREFIX is empty")
+        self.assertEqual(os.listdir(self.prefix), [])
+
+    def test_a_file_that_is_not_python_source_is_not_installed(self):
+        compiled = os.path.join(self.prefix, "vouch_device_login.pyc")
+        with open(compiled, "wb") as handle:
+            handle.write(b"\x00\x01binary")
+        with self.assertRaises(vdl.UsageError) as caught:
+            vdl._install(self.prefix, vdl._Terminal(), source_path=compiled)
+        self.assertIn("is not a module this Python can run", str(caught.exception))
+        self.assertEqual(os.listdir(self.prefix), ["vouch_device_login.pyc"])
+
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+class ReadmeTests(unittest.TestCase):
+    """The README is the first thing a person reads: what the tool is and how to run it come first."""
+
+    def setUp(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+            self.readme = handle.read()
+
+    def test_the_first_screen_says_what_the_tool_is_and_how_to_run_it(self):
+        first_screen = "\n".join(self.readme.splitlines()[:24])
+        commands = [line for line in first_screen.splitlines() if line.startswith("make ")]
+        self.assertEqual([line.split()[1] for line in commands], ["demo", "test"])
+        for text in ("Device Authorization Grant", "standard library only", "python3 vouch_device_login.py --client-id"):
+            self.assertIn(text, first_screen)
+        # Reference material comes after the how-to.
+        for reference in ("## Options", "## Verification", "## Installing the command", "## Development"):
+            self.assertLess(self.readme.index("## Recipes"), self.readme.index(reference))
+
+    def test_the_piped_recipe_says_where_the_file_comes_from(self):
+        line = next(line for line in self.readme.splitlines() if "| python3 -" in line)
+        explained = self.readme[:self.readme.index(line)].rsplit("\n\n", 2)[-2]
+        self.assertIn("URL", line)
+        self.assertIn("`URL` is where you published `vouch_device_login.py`", explained)
+
+    @unittest.skipUnless(os.path.exists("/bin/sh"), "needs a POSIX shell")
+    def test_the_expiry_recipe_works_with_gnu_and_bsd_date(self):
+        recipe = next(line for line in self.readme.splitlines() if "$VOUCH_EXPIRES_AT" in line and "date" in line)
+        expression = recipe[recipe.index("$(date"):recipe.rindex(")") + 1]
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        # macOS and the BSDs: no -d @EPOCH, but -r EPOCH.
+        with open(os.path.join(folder, "date"), "w") as handle:
+            handle.write('#!/bin/sh\n[ "$1" = -r ] && echo "BSD $2" && exit 0\necho "date: illegal option" >&2; exit 1\n')
+        os.chmod(os.path.join(folder, "date"), 0o755)
+        for path, expected in ((folder, "BSD 1700000000"), (os.environ.get("PATH", ""), None)):
+            with self.subTest(bsd=expected is not None):
+                proc = subprocess.run(["/bin/sh", "-c", "echo " + expression], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env={"PATH": path, "VOUCH_EXPIRES_AT": "1700000000",
+                                                                   "TZ": "UTC", "LC_ALL": "C"}, check=False)
+                self.assertEqual(proc.stderr, b"")
+                if expected is not None:
+                    self.assertEqual(proc.stdout.decode().strip(), expected)
+                else:
+                    # GNU date here; 1700000000 is 14 November 2023.
+                    self.assertIn("Nov 14", proc.stdout.decode())
 
 
 # ============================================================================
