@@ -1800,6 +1800,22 @@ class TransportDeadlineTests(unittest.TestCase):
                 self.assertIn("https://vouch.test", line)
                 self.assertIn("proxy 127.0.0.1:%d" % proxy.port, line)
 
+    def test_a_resolver_that_never_answers_is_cut_off_too(self):
+        released = threading.Event()
+        self.addCleanup(released.set)
+        real = socket.getaddrinfo
+
+        def stalled(host, *args, **kwargs):
+            if host == "vouch.test":
+                released.wait(HANG_GUARD)
+            return real(host, *args, **kwargs)
+
+        with mock.patch("socket.getaddrinfo", stalled):
+            result = run_main_guarded(self, ["--issuer", "https://vouch.test", "--client-id", "cli",
+                                             "--timeout", str(STALL_TIMEOUT)])
+        line = IssuerTest.assertFailed(self, result, 5, TIMED_OUT)
+        self.assertIn("https://vouch.test", line)
+
     def test_interim_answers_are_skipped_before_the_real_one(self):
         def interim_then_metadata(handler, body):
             handler.wfile.write(b"HTTP/1.1 102 Processing\r\n\r\n" * 3

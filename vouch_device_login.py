@@ -698,13 +698,13 @@ class _HttpClient:
         import errno
         import socket
         last = None
-        for family, kind, proto, _name, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        for family, kind, proto, _name, address in self._resolve(host, port, deadline):
             sock = socket.socket(family, kind, proto)
             try:
                 sock.setblocking(False)
                 code = sock.connect_ex(address)
                 if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-                    self._await(sock, True, deadline)
+                    self._await_socket(sock, True, deadline)
                     code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code:
                     raise OSError(code, os.strerror(code))
@@ -715,6 +715,29 @@ class _HttpClient:
                     raise
                 last = exc
         raise last or OSError("no address for %s" % host)
+
+    def _resolve(self, host, port, deadline):
+        """getaddrinfo within the deadline: a resolver that never answers is a stall like any other.
+
+        The standard library has no resolver with a time limit, so it runs on
+        a daemon thread that is left behind if the deadline comes first.
+        """
+        import socket
+        import threading
+        answer = []
+
+        def resolve():
+            try:
+                answer.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+            except OSError as exc:
+                answer.append(exc)
+
+        worker = threading.Thread(target=resolve, daemon=True)
+        worker.start()
+        self._await(lambda timeout: worker.join(timeout) or bool(answer), deadline)
+        if isinstance(answer[0], OSError):
+            raise answer[0]
+        return answer[0]
 
     def _tunnel(self, conn, host, port, proxy, url, deadline):
         """Ask the proxy for a tunnel to host:port (RFC 9110 §9.3.6)."""
@@ -744,14 +767,18 @@ class _HttpClient:
                     conn.sock.do_handshake()
                     return
                 except conn.want_read:
-                    self._await(conn.sock, False, deadline)
+                    self._await_socket(conn.sock, False, deadline)
                 except conn.want_write:
-                    self._await(conn.sock, True, deadline)
+                    self._await_socket(conn.sock, True, deadline)
         except OSError as exc:
             raise self._network_error(exc, url, deadline, None, handshake=True)
 
-    def _await(self, sock, writable, deadline):
+    def _await_socket(self, sock, writable, deadline):
         """Wait until sock can be read (or written), at most until the deadline."""
+        self._await(lambda timeout: _ready(sock, writable, timeout), deadline)
+
+    def _await(self, ready, deadline):
+        """Call ready(timeout) until it says True; socket.timeout at the deadline."""
         import socket
         import time
         while True:
@@ -764,7 +791,7 @@ class _HttpClient:
                 if now >= until:
                     self._show_notice()
                     continue
-            if _ready(sock, writable, until - now):
+            if ready(until - now):
                 return
 
     def _show_notice(self):
@@ -780,9 +807,9 @@ class _HttpClient:
             try:
                 view = view[conn.sock.send(view):]
             except conn.want_read:
-                self._await(conn.sock, False, deadline)
+                self._await_socket(conn.sock, False, deadline)
             except conn.want_write:
-                self._await(conn.sock, True, deadline)
+                self._await_socket(conn.sock, True, deadline)
 
     def _fill(self, conn, deadline):
         """Read what the peer has sent next into the buffer; False at end of stream."""
@@ -790,10 +817,10 @@ class _HttpClient:
             try:
                 data = conn.sock.recv(65536)
             except conn.want_read:
-                self._await(conn.sock, False, deadline)
+                self._await_socket(conn.sock, False, deadline)
                 continue
             except conn.want_write:
-                self._await(conn.sock, True, deadline)
+                self._await_socket(conn.sock, True, deadline)
                 continue
             if data:
                 conn.answered = True
