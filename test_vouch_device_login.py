@@ -1709,7 +1709,7 @@ class StallServer:
 
 # A case must end in its --timeout; this hang guard is what fails one that does not.
 STALL_TIMEOUT = 0.5
-HANG_GUARD = 30
+HANG_GUARD = 15
 
 
 def run_main_guarded(test, argv, env=None):
