@@ -1662,16 +1662,16 @@ class StallServer:
     sets `stopped` and closes every socket, so nothing it serves outlives a test.
     """
 
-    def __init__(self, case, tls=False):
+    def __init__(self, case, tls=False, host="127.0.0.1"):
         self.case = case
         self.tls = tls
         self.stopped = threading.Event()
         self.sockets = []
         self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind((host, 0))
         self.listener.listen(32)
         self.port = self.listener.getsockname()[1]
-        self.base = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
+        self.base = "%s://%s:%d" % ("https" if tls else "http", host, self.port)
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -1708,8 +1708,11 @@ class StallServer:
 
 
 # A case must end in its --timeout; this hang guard is what fails one that does not.
-STALL_TIMEOUT = 0.5
+STALL_TIMEOUT = 1
 HANG_GUARD = 15
+# Stall cases run this many at a time, each on its own thread: the waiting
+# is the cost, and every case waits for its own peer.
+STALL_BATCH = 16
 
 
 def run_main_guarded(test, argv, env=None):
@@ -1723,35 +1726,102 @@ def run_main_guarded(test, argv, env=None):
     return box[0]
 
 
+class PerThread:
+    """Stands in for a process-wide object (sys.stdout, the poller's clock) and
+    forwards every use to the calling thread's own, or to `fallback`."""
+
+    def __init__(self, fallback):
+        self.fallback = fallback
+        self.own = {}
+
+    def current(self):
+        return self.own.get(threading.get_ident(), self.fallback)
+
+    def __getattr__(self, name):
+        return getattr(self.current(), name)
+
+    def __call__(self, *args):
+        return self.current()(*args)
+
+
+def run_jobs_at_once(jobs):
+    """Call each job(main) on a thread of its own, STALL_BATCH at a time.
+
+    `main(argv)` runs vouch_device_login.main with this thread's own stdout,
+    stderr and FakeClock, and returns a Result. Returns one entry per job:
+    what it returned, the exception it raised, or None when it was still
+    running HANG_GUARD s after its batch began.
+    """
+    routes = {name: PerThread(fallback) for name, fallback in (
+        ("stdout", sys.stdout), ("stderr", sys.stderr), ("clock", vdl._monotonic), ("sleep", vdl._sleep))}
+
+    def main(argv):
+        ident = threading.get_ident()
+        out, err, clock = io.StringIO(), io.StringIO(), FakeClock()
+        for name, value in (("stdout", out), ("stderr", err), ("clock", clock), ("sleep", clock.sleep)):
+            routes[name].own[ident] = value
+        try:
+            code = vdl.main(argv)
+        finally:
+            for route in routes.values():
+                route.own.pop(ident, None)
+        return Result(code, out.getvalue(), err.getvalue())
+
+    def run(index, job):
+        try:
+            outcomes[index] = job(main)
+        except Exception as exc:  # noqa: BLE001 - reported by the test, with the case it belongs to
+            outcomes[index] = exc
+
+    outcomes = [None] * len(jobs)
+    with mock.patch.object(sys, "stdout", routes["stdout"]), mock.patch.object(sys, "stderr", routes["stderr"]), \
+            mock.patch.object(vdl, "_monotonic", routes["clock"]), mock.patch.object(vdl, "_sleep", routes["sleep"]):
+        for first in range(0, len(jobs), STALL_BATCH):
+            threads = [threading.Thread(target=run, args=(index, jobs[index]), daemon=True)
+                       for index in range(first, min(first + STALL_BATCH, len(jobs)))]
+            began = time.monotonic()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(max(0, began + HANG_GUARD - time.monotonic()))
+    return outcomes
+
+
 class TransportDeadlineTests(unittest.TestCase):
     """Every request ends within --timeout with exit 5 and one line, whatever the peer does."""
 
     endpoints = ("discovery", "device", "token", "jwks", "userinfo", "revocation", "refresh")
 
-    def run_endpoint(self, endpoint, server, tls):
-        """Sign in (or log out) with `endpoint` served by the stall server; the result."""
+    def setUp(self):
+        # One cache for every case: each case has an issuer (and a port) of its own.
+        home = os.path.realpath(__import__("tempfile").mkdtemp())
+        self.addCleanup(shutil.rmtree, home, True)
+        environment = clean_env(XDG_CACHE_HOME=home)
+        environment.__enter__()
+        self.addCleanup(environment.__exit__, None, None, None)
+
+    @staticmethod
+    def run_endpoint(endpoint, server, tls, main):
+        """Sign in (or log out) with `endpoint` served by the stall server: (result, first sign-in or None)."""
         options = {"rate_limit": False, "enforce_interval": False, "approve_after_polls": 0,
                    "refresh_tokens": True, "tls": True if tls else None}
         with LocalIssuer(**options) as issuer:
-            home = os.path.realpath(__import__("tempfile").mkdtemp())
-            self.addCleanup(shutil.rmtree, home, True)
-            env = {"XDG_CACHE_HOME": home}
             common = ["--client-id", "cli", "--timeout", str(STALL_TIMEOUT), "--max-restarts", "0",
                       "--cacert", pem_file("ca.pem", TEST_CA_PEM)]
             if endpoint == "discovery":
-                return run_main_guarded(self, ["--issuer", server.base] + common, env)
+                return main(["--issuer", server.base] + common), None
             metadata = issuer.metadata()
             name = {"device": "device_authorization_endpoint", "token": "token_endpoint", "jwks": "jwks_uri",
                     "userinfo": "userinfo_endpoint", "revocation": "revocation_endpoint",
                     "refresh": "token_endpoint"}[endpoint]
+            first = None
             if endpoint in ("revocation", "refresh"):
                 # The cache keeps the revocation endpoint it signed in with.
                 if endpoint == "revocation":
                     metadata[name] = server.base + "/" + endpoint
                 for path in issuer._discovery_paths():
                     issuer.overrides[path] = lambda handler, body: (200, metadata)
-                first = run_main(["--issuer", issuer.issuer, "--cache"] + common, env=env)
-                self.assertEqual(first.code, 0, first.stderr)
+                first = main(["--issuer", issuer.issuer, "--cache"] + common)
             metadata[name] = server.base + "/" + endpoint
             for path in issuer._discovery_paths():
                 issuer.overrides[path] = lambda handler, body: (200, metadata)
@@ -1760,29 +1830,39 @@ class TransportDeadlineTests(unittest.TestCase):
             issuer.expires_in = 2
             flags = {"jwks": ["--verify"], "userinfo": ["--userinfo"], "revocation": ["--logout"],
                      "refresh": ["--cache", "--min-ttl", "30000"]}.get(endpoint, [])
-            return run_main_guarded(self, ["--issuer", issuer.issuer] + common + flags, env)
+            return main(["--issuer", issuer.issuer] + common + flags), first
 
-    def check(self, endpoint, case, tls):
-        function, fragment = STALL_CASES.get(case, case)
-        server = StallServer(function, tls=tls)
-        try:
-            result = self.run_endpoint(endpoint, server, tls)
-        finally:
-            server.close()
-        line = IssuerTest.assertFailed(self, result, 5, fragment)
-        self.assertIn(server.base, line)
+    def check_all(self, cases, tls):
+        """Every (endpoint, case name, (stall, fragment)) at once; each must end in exit 5 naming the peer."""
+        def job(endpoint, stall):
+            def run(main):
+                server = StallServer(stall, tls=tls)
+                try:
+                    return self.run_endpoint(endpoint, server, tls, main) + (server.base,)
+                finally:
+                    server.close()
+            return run
+
+        outcomes = run_jobs_at_once([job(endpoint, stall) for endpoint, _name, (stall, _fragment) in cases])
+        for (endpoint, name, (_stall, fragment)), outcome in zip(cases, outcomes):
+            with self.subTest(endpoint=endpoint, case=name):
+                if outcome is None:
+                    self.fail("still running after %d s: the time limit did not end it" % HANG_GUARD)
+                if isinstance(outcome, Exception):
+                    raise outcome
+                result, first, origin = outcome
+                if first is not None:
+                    self.assertEqual(first.code, 0, first.stderr)
+                line = IssuerTest.assertFailed(self, result, 5, fragment)
+                self.assertIn(origin, line)
 
     def test_every_stall_at_every_endpoint_ends_in_time(self):
-        for endpoint in self.endpoints:
-            for case in STALL_CASES:
-                with self.subTest(endpoint=endpoint, case=case):
-                    self.check(endpoint, case, tls=False)
+        self.check_all([(endpoint, name, case) for endpoint in self.endpoints
+                        for name, case in STALL_CASES.items()], tls=False)
 
     def test_over_tls_too_including_a_handshake_that_never_comes(self):
-        for endpoint in self.endpoints:
-            for case in TLS_STALL_CASES + ((stall_handshake, TIMED_OUT),):
-                with self.subTest(endpoint=endpoint, case=case if isinstance(case, str) else "handshake"):
-                    self.check(endpoint, case, tls=True)
+        cases = [(name, STALL_CASES[name]) for name in TLS_STALL_CASES] + [("handshake", (stall_handshake, TIMED_OUT))]
+        self.check_all([(endpoint, name, case) for endpoint in self.endpoints for name, case in cases], tls=True)
 
     def test_a_stalling_https_proxy_is_cut_off_too(self):
         for name, case in (("CONNECT never answered", stall_proxy_silent),
@@ -1864,6 +1944,176 @@ class TransportDeadlineTests(unittest.TestCase):
         line = IssuerTest.assertFailed(self, result, 5, "no complete answer within 2 s")
         self.assertIn(server.base, line)
         self.assertNotIn("Warning", result.stderr)
+
+
+def answer_json(sock, body=b"{}", extra=b""):
+    """One complete keep-alive answer."""
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+                 % (len(body), extra, body))
+
+
+class TransportHardeningTests(unittest.TestCase):
+    """What a review of the HTTP client found, each case against a raw peer, plain and over TLS."""
+
+    def client(self, timeout=5):
+        client = vdl._HttpClient(timeout=timeout, cafile=pem_file("ca.pem", TEST_CA_PEM))
+        self.addCleanup(client.close)
+        return client
+
+    def serve(self, case, tls=False, **options):
+        server = StallServer(case, tls=tls, **options)
+        self.addCleanup(server.close)
+        return server
+
+    # A peer in a process of its own, so that it writes as fast as the client reads.
+    FLOOD_PEER = """
+import socket, ssl, sys
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+print(listener.getsockname()[1], flush=True)
+sock = listener.accept()[0]
+if sys.argv[1] == "tls":
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[3], sys.argv[4])
+    sock = context.wrap_socket(sock, server_side=True)
+data = b""
+while b"\\r\\n\\r\\n" not in data:
+    data += sock.recv(4096)
+head, piece = {
+    "interim": (b"", b"HTTP/1.1 100 Continue\\r\\n\\r\\n" * 1000),
+    "extensions": (b"HTTP/1.1 200 OK\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n",
+                   (b"1;" + b"e" * 8000 + b"\\r\\n \\r\\n") * 8),
+}[sys.argv[2]]
+sock.sendall(head)
+try:
+    while True:
+        sock.sendall(piece)
+except OSError:
+    pass
+"""
+
+    def test_a_peer_that_never_pauses_is_cut_off_at_the_deadline_too(self):
+        """Each read finds data, so no wait ever comes; the deadline still ends the request."""
+        for tls in (False, True):
+            for flood in ("interim", "extensions"):
+                with self.subTest(tls=tls, flood=flood):
+                    peer = subprocess.Popen(
+                        [sys.executable, "-c", self.FLOOD_PEER, "tls" if tls else "plain", flood,
+                         pem_file("server.pem", TEST_SERVER_CERT_PEM), pem_file("server.key", TEST_SERVER_KEY_PEM)],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                    self.addCleanup(peer.wait)
+                    self.addCleanup(peer.kill)
+                    port = int(peer.stdout.readline())
+                    url = "%s://127.0.0.1:%d/x" % ("https" if tls else "http", port)
+                    box = []
+
+                    def get(url=url, box=box):
+                        try:
+                            self.client(timeout=STALL_TIMEOUT).get(url, "discovery")
+                        except vdl.VouchError as exc:
+                            box.append(exc)
+
+                    thread = threading.Thread(target=get, daemon=True)
+                    thread.start()
+                    thread.join(HANG_GUARD)
+                    peer.kill()
+                    self.assertFalse(thread.is_alive(), "still running after %d s" % HANG_GUARD)
+                    self.assertIsInstance(box[0], vdl._TimeLimitError)
+
+    def test_a_certificate_for_another_host_is_a_tls_failure_on_every_python(self):
+        """Python 3.6 raises CertificateError, a ValueError, from the handshake itself."""
+        server = self.serve(stall_silent, tls=True, host="127.0.0.2")
+        result = run_main(["--issuer", server.base, "--client-id", "cli", "--cacert", pem_file("ca.pem", TEST_CA_PEM)])
+        line = IssuerTest.assertFailed(self, result, 5, "TLS certificate verification failed")
+        self.assertIn("subject CN=127.0.0.1", line)
+
+    def test_host_names_no_resolver_or_tls_can_take_are_refused(self):
+        for host in ("a" * 64 + ".example", "a..example"):
+            with self.subTest(host=host), self.assertRaises(vdl.ProtocolError) as caught:
+                self.client().get("https://%s/x" % host, "discovery")
+            self.assertIn("invalid host name", str(caught.exception))
+        with LocalIssuer(approve_after_polls=0) as issuer:
+            metadata = dict(issuer.metadata(), token_endpoint="https://" + "a" * 64 + ".example/oauth/token")
+            for path in issuer._discovery_paths():
+                issuer.overrides[path] = lambda handler, body: (200, metadata)
+            IssuerTest.assertFailed(self, run_main(["--issuer", issuer.issuer, "--client-id", "cli"]), 6,
+                                    "invalid host name")
+
+    def test_a_kept_alive_connection_closed_while_idle_is_replaced(self):
+        """HAProxy and Node answer 408 as they close an idle connection; others just close it."""
+        def idle_close(how):
+            def case(server, sock):
+                _read_request_head(sock)
+                answer_json(sock)
+                time.sleep(0.2)
+                if how == "408":
+                    sock.sendall(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                elif how == "reset":
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                elif how == "close_notify" and hasattr(sock, "unwrap"):
+                    sock = sock.unwrap()
+                sock.close()
+            return case
+
+        for tls in (False, True):
+            for how in ("408", "FIN", "reset", "close_notify"):
+                with self.subTest(tls=tls, how=how):
+                    server = self.serve(idle_close(how), tls)
+                    client = self.client()
+                    self.assertEqual(client.get(server.base + "/a", "discovery").status, 200)
+                    time.sleep(0.5)
+                    second = client.get(server.base + "/b", "discovery")
+                    self.assertEqual((second.status, second.body, client.connections), (200, b"{}", 2))
+
+    @unittest.skipIf(sys.implementation.name == "pypy", "PyPy's ssl does not report a missing close_notify")
+    def test_a_close_delimited_tls_body_needs_close_notify(self):
+        """RFC 9112 §9.8: without close_notify, a body that ends with the connection may have been cut."""
+        def close_delimited(cut):
+            def case(server, sock):
+                _read_request_head(sock)
+                sock.sendall(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"keys": []}')
+                if cut:
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                else:
+                    sock.unwrap().close()
+            return case
+
+        whole = self.client().get(self.serve(close_delimited(False), True).base + "/x", "JWKS")
+        self.assertEqual(whole.body, b'{"keys": []}')
+        with self.assertRaises(vdl.NetworkError) as caught:
+            self.client().get(self.serve(close_delimited(True), True).base + "/x", "JWKS")
+        self.assertIn("cut off: the connection closed without TLS close_notify", str(caught.exception))
+
+    def test_an_unasked_for_101_is_refused(self):
+        def switching(server, sock):
+            _read_request_head(sock)
+            sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            server.stopped.wait()
+
+        with self.assertRaises(vdl.NetworkError) as caught:
+            self.client().get(self.serve(switching).base + "/x", "discovery")
+        self.assertIn("101 Switching Protocols", str(caught.exception))
+
+    @unittest.skipIf(sys.implementation.name == "pypy", "tracemalloc is CPython's")
+    def test_a_body_of_tiny_chunks_holds_no_more_than_a_few_times_the_cap(self):
+        import tracemalloc
+
+        # Made before tracing starts: the server is in this process too.
+        answer = CHUNKED_HEAD + b"\r\n" + b"1\r\nx\r\n" * (1 << 20) + b"0\r\n\r\n"
+
+        def tiny_chunks(server, sock):
+            _read_request_head(sock)
+            sock.sendall(answer)
+            server.stopped.wait()
+
+        server = self.serve(tiny_chunks)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        response = self.client(timeout=60).get(server.base + "/x", "JWKS")
+        peak = tracemalloc.get_traced_memory()[1]
+        self.assertEqual(len(response.body), 1 << 20)
+        self.assertLess(peak, 8 * vdl.MAX_BODY_BYTES)
 
 
 class TransportAdviceTests(unittest.TestCase):

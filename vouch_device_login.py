@@ -418,6 +418,11 @@ def _parse_url(url, what):
     host = parts.hostname
     if scheme not in ("https", "http") or not host:
         raise ProtocolError("%s must be an absolute https URL: %s" % (what, _sanitize(url)))
+    try:
+        # What the resolver and TLS (SNI) will need; "a..b" or a 64-byte label cannot be sent.
+        host.encode("idna")
+    except UnicodeError:
+        raise ProtocolError("%s has an invalid host name: %s" % (what, _sanitize(host)))
     if parts.username is not None or parts.password is not None:
         raise ProtocolError("%s must not carry credentials: %s" % (what, _sanitize(url.split("@")[-1])))
     if scheme == "http" and not _is_loopback_host(host):
@@ -452,6 +457,9 @@ def _proxy_for(scheme, host, port, environ, platform=None):
         if urllib.request.proxy_bypass(host):
             return None
         proxy = urllib.request.getproxies().get(scheme)
+        # Python before 3.9 reads a Windows "host:port" setting as https://host:port.
+        if proxy and proxy.lower().startswith("https://"):
+            proxy = "http://" + proxy[8:]
     if not proxy:
         return None
     no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
@@ -538,8 +546,30 @@ class _Connection:
         # or to write (TLS may need either, whichever way data flows).
         self.want_read = want_read
         self.want_write = want_write
+        # TLS errors, which at the end of a close-delimited body mean it was cut.
+        self.tls_errors = ()
         self.buffer = bytearray()
         self.answered = False
+
+    def idle_and_open(self):
+        """Whether a kept-alive connection is fit for the next request: nothing came while it was idle.
+
+        A server closing an idle connection may first send an answer nobody
+        asked for (HAProxy and Node send 408), which would be taken for the
+        answer to the next request; a close shows as readable too.
+        """
+        if self.buffer:
+            return False
+        if not _ready(self.sock, False, 0):
+            return True
+        try:
+            self.sock.recv(1)
+        except self.want_read:
+            # TLS: a record without data (a TLS 1.3 session ticket) was all there was.
+            return True
+        except OSError:
+            pass
+        return False
 
     def close(self):
         """Close the socket (and the TLS layer over it)."""
@@ -620,7 +650,7 @@ class _HttpClient:
             while True:
                 conn, reused = self._connection(key, url, deadline)
                 try:
-                    response, reusable = self._exchange(conn, method, message, url, deadline)
+                    response, reusable = self._exchange(conn, reused, method, message, url, deadline)
                 except _StaleConnection:
                     self._drop(key)
                     if reused:
@@ -659,7 +689,10 @@ class _HttpClient:
     def _connection(self, key, url, deadline):
         conn = self._connections.get(key)
         if conn is not None:
-            return conn, True
+            if conn.idle_and_open():
+                return conn, True
+            self.terminal.debug("kept-alive connection to %s was closed while idle; reconnecting" % key[1])
+            self._drop(key)
         scheme, host, port = key
         conn = self._open(scheme, host, port, url, deadline, self._context() if scheme == "https" else None)
         self._connections[key] = conn
@@ -699,8 +732,9 @@ class _HttpClient:
         import socket
         last = None
         for family, kind, proto, _name, address in self._resolve(host, port, deadline):
-            sock = socket.socket(family, kind, proto)
+            sock = None
             try:
+                sock = socket.socket(family, kind, proto)
                 sock.setblocking(False)
                 code = sock.connect_ex(address)
                 if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
@@ -710,7 +744,8 @@ class _HttpClient:
                     raise OSError(code, os.strerror(code))
                 return sock
             except BaseException as exc:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 if not isinstance(exc, OSError) or isinstance(exc, socket.timeout):
                     raise
                 last = exc
@@ -729,13 +764,13 @@ class _HttpClient:
         def resolve():
             try:
                 answer.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
-            except OSError as exc:
+            except (OSError, UnicodeError) as exc:
                 answer.append(exc)
 
         worker = threading.Thread(target=resolve, daemon=True)
         worker.start()
         self._await(lambda timeout: worker.join(timeout) or bool(answer), deadline)
-        if isinstance(answer[0], OSError):
+        if isinstance(answer[0], Exception):
             raise answer[0]
         return answer[0]
 
@@ -759,9 +794,13 @@ class _HttpClient:
     def _handshake(self, conn, context, host, url, deadline):
         import ssl
         try:
-            conn.sock = context.wrap_socket(conn.sock, server_hostname=host, do_handshake_on_connect=False)
+            # A body that ends when the connection does is complete only after
+            # close_notify (RFC 9112 §9.8): a bare FIN may be an attacker's cut.
+            conn.sock = context.wrap_socket(conn.sock, server_hostname=host, do_handshake_on_connect=False,
+                                            suppress_ragged_eofs=False)
             conn.want_read = (ssl.SSLWantReadError, BlockingIOError)
             conn.want_write = (ssl.SSLWantWriteError,)
+            conn.tls_errors = (ssl.SSLError,)
             while True:
                 try:
                     conn.sock.do_handshake()
@@ -770,7 +809,8 @@ class _HttpClient:
                     self._await_socket(conn.sock, False, deadline)
                 except conn.want_write:
                     self._await_socket(conn.sock, True, deadline)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            # Python 3.6 checks the host name itself and raises CertificateError, a ValueError.
             raise self._network_error(exc, url, deadline, None, handshake=True)
 
     def _await_socket(self, sock, writable, deadline):
@@ -802,18 +842,27 @@ class _HttpClient:
             scheme, host, port, " through the proxy %s:%d" % proxy[:2] if proxy else "", self.timeout))
 
     def _send(self, conn, data, deadline):
+        import socket
+        import time
         view = memoryview(data)
         while view:
+            if time.monotonic() >= deadline:
+                raise socket.timeout()
             try:
                 view = view[conn.sock.send(view):]
-            except conn.want_read:
-                self._await_socket(conn.sock, False, deadline)
             except conn.want_write:
                 self._await_socket(conn.sock, True, deadline)
+            except conn.want_read:
+                self._await_socket(conn.sock, False, deadline)
 
     def _fill(self, conn, deadline):
         """Read what the peer has sent next into the buffer; False at end of stream."""
+        import socket
+        import time
         while True:
+            # A peer that never pauses never makes us wait, so the clock is read here too.
+            if time.monotonic() >= deadline:
+                raise socket.timeout()
             try:
                 data = conn.sock.recv(65536)
             except conn.want_read:
@@ -888,7 +937,9 @@ class _HttpClient:
             status = int(status)
             # Interim answers (RFC 9110 §15.2) come before the real one, in any
             # number; 101 would switch protocols, which was never asked for.
-            if 100 <= status < 200 and status != 101:
+            if status == 101:
+                raise _BadAnswer("an unasked-for 101 Switching Protocols")
+            if 100 <= status < 200:
                 continue
             return status, reason.decode("latin-1"), version, fields
 
@@ -904,7 +955,7 @@ class _HttpClient:
         length = fields.get("content-length")
         if length is None:
             return self._read_to_close(conn, deadline), False
-        values = {value.strip() for value in length.split(",")}
+        values = {value.strip(" \t") for value in length.split(",")}
         if len(values) != 1 or not _is_ascii_digits(next(iter(values)), 19):
             raise _BadAnswer("a malformed Content-Length: %s" % _sanitize(length, 40))
         length = int(values.pop())
@@ -913,8 +964,7 @@ class _HttpClient:
         return self._read_exactly(conn, length, deadline), True
 
     def _read_chunked(self, conn, deadline):
-        chunks = []
-        total = 0
+        body = bytearray()
         while True:
             line = self._read_line(conn, deadline)
             size = line.partition(b";")[0].strip(b" \t")
@@ -924,31 +974,39 @@ class _HttpClient:
             size = int(size, 16)
             if size == 0:
                 self._read_fields(conn, deadline)
-                return b"".join(chunks)
-            total += size
-            if total > MAX_BODY_BYTES:
+                return bytes(body)
+            if len(body) + size > MAX_BODY_BYTES:
                 raise _BodyTooLarge()
-            chunks.append(self._read_exactly(conn, size, deadline))
+            body += self._read_exactly(conn, size, deadline)
             if self._read_exactly(conn, 2, deadline) != b"\r\n":
                 raise _BadAnswer("a chunk longer than its size line says")
 
     def _read_to_close(self, conn, deadline):
-        while self._fill(conn, deadline):
-            if len(conn.buffer) > MAX_BODY_BYTES:
-                raise _BodyTooLarge()
+        try:
+            while self._fill(conn, deadline):
+                if len(conn.buffer) > MAX_BODY_BYTES:
+                    raise _BodyTooLarge()
+        except conn.tls_errors as exc:
+            raise _BadAnswer("the body was cut off: the connection closed without TLS close_notify (%s)"
+                             % _sanitize(str(exc), 80))
         body = bytes(conn.buffer)
         conn.buffer.clear()
         return body
 
-    def _exchange(self, conn, method, message, url, deadline):
+    def _exchange(self, conn, reused, method, message, url, deadline):
         """Send one request and read its whole answer: (_Response, reusable)."""
+        import socket
         conn.answered = False
         try:
             try:
                 self._send(conn, message, deadline)
                 status, reason, version, fields = self._read_head(conn, deadline)
-            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, _BadAnswer):
-                if not conn.answered:
+            except (OSError, _BadAnswer) as exc:
+                # Closed before a byte of the answer: on a kept-alive connection,
+                # whichever way it shows (TLS reports EOF in several), the server
+                # had closed it; a fresh one may only have been closed or reset.
+                closed = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, _BadAnswer)
+                if not conn.answered and not isinstance(exc, socket.timeout) and (reused or isinstance(exc, closed)):
                     raise _StaleConnection()
                 raise
             body, framed = self._read_body(conn, method, status, fields, deadline)
@@ -1046,8 +1104,10 @@ def _ready(sock, writable, timeout):
         poller = select.poll()
         poller.register(sock, select.POLLOUT if writable else select.POLLIN)
         return bool(poller.poll(max(0, int(timeout * 1000 + 1))))
-    readable, written, _ = select.select([] if writable else [sock], [sock] if writable else [], [], max(0, timeout))
-    return bool(readable or written)
+    # Windows reports a failed non-blocking connect only in the exception set.
+    readable, written, failed = select.select([] if writable else [sock], [sock] if writable else [],
+                                              [sock] if writable else [], max(0, timeout))
+    return bool(readable or written or failed)
 
 
 
