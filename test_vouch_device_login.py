@@ -2002,6 +2002,7 @@ except OSError:
                         [sys.executable, "-c", self.FLOOD_PEER, "tls" if tls else "plain", flood,
                          pem_file("server.pem", TEST_SERVER_CERT_PEM), pem_file("server.key", TEST_SERVER_KEY_PEM)],
                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                    self.addCleanup(peer.stdout.close)
                     self.addCleanup(peer.wait)
                     self.addCleanup(peer.kill)
                     port = int(peer.stdout.readline())

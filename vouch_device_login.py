@@ -683,6 +683,9 @@ class _HttpClient:
                 context.minimum_version = ssl.TLSVersion.TLSv1_2
             else:
                 context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+            # Python 3.8 and 3.9 built with OpenSSL 3 take a bare FIN for close_notify,
+            # which would let a cut close-delimited body pass as whole (RFC 9112 §9.8).
+            context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
             self._ssl_context = context
         return self._ssl_context
 
