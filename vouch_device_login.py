@@ -3366,9 +3366,16 @@ def _ed25519_verify(public_key, message, signature):
     schedule = _straus_schedule(
         S, _ed_base_table(), _ED_B_WINDOW, k, a_table, _ED_A_WINDOW
     )
+    # compare encodings: R needs no decoding, and a non-canonical R can never match
+    return _ed_sum_encoded(schedule) == r_bytes
+
+
+def _ed_sum_encoded(schedule):
+    # The point a Straus or comb schedule adds up, encoded (RFC 8032 §5.1.2)
+    p = _ED_P
     X, Y, Z = 0, 1, 1
-    # _ed_double and _ed_add inlined (this loop is nearly all of the verify time);
-    # T = E*H is only formed when an addition needs it
+    # _ed_double and _ed_add inlined (this loop is nearly all of a verify's or a
+    # signature's time); T = E*H is only formed when an addition needs it
     for points in schedule:
         A = X * X % p
         B = Y * Y % p
@@ -3392,11 +3399,9 @@ def _ed25519_verify(public_key, message, signature):
             X = E * F % p
             Y = G * H % p
             Z = F * G % p
-    # compare encodings: R needs no decoding, and a non-canonical R can never match
     zi = _inv(Z, p)
     x = X * zi % p
-    y = Y * zi % p
-    return (y | (x & 1) << 255).to_bytes(32, "little") == r_bytes
+    return (Y * zi % p | (x & 1) << 255).to_bytes(32, "little")
 
 
 # Signing (the DPoP proofs of RFC 9449) reuses the formulas above.  Unlike
@@ -3563,35 +3568,7 @@ def _ed_comb_table():
 
 def _ed_mul_base(k):
     # [k]B encoded (RFC 8032 §5.1.2)
-    p = _ED_P
-    X, Y, Z = 0, 1, 1
-    # _ed_double and _ed_add inlined as in _ed25519_verify; both tables' z2 is 2
-    for points in _base_schedule("Ed25519", k, _ed_comb_table, _ed_base_table, _ED_B_WINDOW):
-        A = X * X % p
-        B = Y * Y % p
-        C = 2 * Z * Z % p
-        H = A + B
-        E = H - (X + Y) * (X + Y) % p
-        G = A - B
-        F = C + G
-        X = E * F % p
-        Y = G * H % p
-        Z = F * G % p
-        for yp, ym, t2d, _ in points:
-            A = (Y - X) * ym % p
-            B = (Y + X) * yp % p
-            C = E * H % p * t2d % p
-            D = 2 * Z
-            E = B - A
-            F = D - C
-            G = D + C
-            H = B + A
-            X = E * F % p
-            Y = G * H % p
-            Z = F * G % p
-    zi = _inv(Z, p)
-    x = X * zi % p
-    return (Y * zi % p | (x & 1) << 255).to_bytes(32, "little")
+    return _ed_sum_encoded(_base_schedule("Ed25519", k, _ed_comb_table, _ed_base_table, _ED_B_WINDOW))
 
 
 def _ed_expand(seed):
@@ -4244,18 +4221,24 @@ class _Cache:
             raise
         return fd
 
-    def load(self):
-        """The stored entry as a dict, or None when there is none."""
+    def _read(self, path):
+        """A private file's bytes (at most one more than the cap), or None when there is none."""
         try:
-            fd = self._open_private(self.path, os.O_RDONLY)
+            fd = self._open_private(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         with os.fdopen(fd, "rb") as handle:
             self._check_directory()
             try:
-                data = handle.read(MAX_BODY_BYTES + 1)
+                return handle.read(MAX_BODY_BYTES + 1)
             except OSError as exc:
-                raise UsageError("cannot read the cache file %s: %s" % (self.path, exc.strerror or exc))
+                raise UsageError("cannot read the cache file %s: %s" % (path, exc.strerror or exc))
+
+    def load(self):
+        """The stored entry as a dict, or None when there is none."""
+        data = self._read(self.path)
+        if data is None:
+            return None
         try:
             entry = _loads_json(data)
         except ValueError:
@@ -4299,16 +4282,11 @@ class _Cache:
 
     def load_answers(self):
         """The text _fast_answers wrote, or None when there is none."""
+        data = self._read(self.answers_path)
         try:
-            fd = self._open_private(self.answers_path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        with os.fdopen(fd, "rb") as handle:
-            self._check_directory()
-            try:
-                return handle.read(MAX_BODY_BYTES).decode("utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise UsageError("cannot read the cache file %s: %s" % (self.answers_path, exc))
+            return None if data is None else data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError("cannot read the cache file %s: %s" % (self.answers_path, exc))
 
     def acquire(self, terminal, wait=CACHE_LOCK_WAIT):
         """Take the entry's lock, waiting (bounded) for another run holding it."""
