@@ -267,18 +267,26 @@ YuC5UPjIPqeyR+ww8JKw1zaNJblmPiw7ArfGNVwfGno0kYp8ywyHPSVA
 
 
 def pem_file(name, text):
-    """Write PEM text to a file under a per-process temporary folder; returns its path."""
+    """Write PEM text to a file under a per-process temporary folder; returns its path.
+
+    Tests that run cases on many threads at once call this from each: the
+    lock keeps one from reading a file another is still writing.
+    """
     import tempfile
-    folder = getattr(pem_file, "folder", None)
-    if folder is None:
-        folder = pem_file.folder = tempfile.mkdtemp(prefix="vdl-tls-")
-        import atexit
-        atexit.register(shutil.rmtree, folder, True)
-    path = os.path.join(folder, name)
-    if not os.path.exists(path):
-        with open(path, "w") as handle:
-            handle.write(text)
+    with pem_file.lock:
+        folder = getattr(pem_file, "folder", None)
+        if folder is None:
+            folder = pem_file.folder = tempfile.mkdtemp(prefix="vdl-tls-")
+            import atexit
+            atexit.register(shutil.rmtree, folder, True)
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            with open(path, "w") as handle:
+                handle.write(text)
     return path
+
+
+pem_file.lock = threading.Lock()
 
 
 # ============================================================================
@@ -1720,7 +1728,7 @@ STALL_TIMEOUT = 1
 HANG_GUARD = 15
 # Stall cases run this many at a time, each on its own thread: the waiting
 # is the cost, and every case waits for its own peer.
-STALL_BATCH = 40
+STALL_BATCH = 24
 
 
 def run_main_guarded(test, argv, env=None):
