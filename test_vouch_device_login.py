@@ -1675,7 +1675,10 @@ class StallServer:
 
     `case(server, sock)` runs on a thread per accepted connection, after the TLS
     handshake when tls is set (except for stall_handshake). Closing the server
-    sets `stopped` and closes every socket, so nothing it serves outlives a test.
+    sets `stopped` and shuts every connection down, so nothing it serves
+    outlives a test; each thread closes its own socket. (Closing it from here
+    could free its descriptor while TLS on that thread still writes to it, into
+    whatever connection of another test gets the number next.)
     """
 
     def __init__(self, case, tls=False, host="127.0.0.1"):
@@ -1712,15 +1715,18 @@ class StallServer:
             self.case(self, sock)
         except (OSError, ValueError):
             pass
+        finally:
+            sock.close()
 
     def close(self):
         self.stopped.set()
-        self.listener.close()
-        for sock in self.sockets:
+        for sock in [self.listener] + self.sockets:
             try:
-                sock.close()
+                # On the descriptor itself, beneath TLS: a thread blocked on it wakes up.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
+        self.listener.close()
 
 
 # A case must end in its --timeout; this hang guard is what fails one that does not.
