@@ -8099,7 +8099,7 @@ class InstallTests(IssuerTest):
         self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
         self.assertIn("installed %s (%s, for %s)" % (self.launcher, vdl.__version__, sys.executable), result.stderr)
         with open(self.launcher) as handle:
-            self.assertEqual(handle.readline(), "#!%s -I\n" % sys.executable)
+            self.assertEqual(handle.readline(), "#!%s -IS\n" % sys.executable)
         self.assertTrue(os.access(self.launcher, os.X_OK))
         with open(SCRIPT, "rb") as original, open(self.module, "rb") as copy:
             self.assertEqual(original.read(), copy.read())
