@@ -2981,9 +2981,12 @@ class QrDecodeTests(unittest.TestCase):
     def test_the_smallest_fitting_is_chosen_and_none_past_the_smallest(self):
         data = VOUCH_URL.encode()
         sides = {(level, quiet): len(vdl._qr_matrix(data, level)) + 2 * quiet for level, quiet in vdl._QR_FITTINGS}
-        self.assertEqual(vdl._qr_fitting(data, True, 80, None)[1:], (4, None))
+        self.assertEqual(vdl._qr_fitting(data, True, 80, None)[1:], (4, True))
         self.assertEqual(len(vdl._qr_fitting(data, True, 80, 17)[0]), 29)
-        self.assertEqual(vdl._qr_fitting(data, True, 80, 16), (None, None, (33, 17)))
+        # None fits: the smallest is handed back (a log draws it), marked as not fitting.
+        matrix, quiet, fits = vdl._qr_fitting(data, True, 80, 16)
+        self.assertEqual((vdl._qr_extent(matrix, quiet, True), fits), ((33, 17), False))
+        self.assertEqual(min(sides.values()), 33)
         # ASCII in 80 columns: M with its full quiet zone would take 82.
         self.assertEqual(2 * sides["M", 4], 82)
         matrix, quiet, _ = vdl._qr_fitting(data, False, 80, None)
@@ -3216,10 +3219,21 @@ class TerminalSizeTests(IssuerTest):
         self.assertEqual(code, 0, screen)
         rows = screen_while_waiting(screen, 60)
         self.assertFalse([row for row in rows if set(row) & QR_CHARACTERS - {" "}], rows)
-        self.assertEqual("".join(rows[:2]), "No QR code: with the text below it, it needs a terminal of 33x24 and "
-                                            "this one is 60x20; enlarge it, or use the link.")
+        self.assertEqual(rows[0], "No QR code: it needs 33x24; this terminal is 60x20.")
         self.assertIn("To sign in, open:  https://us.vouch.sh/device", rows)
         self.assertLessEqual(len(rows), 19)
+
+    def test_the_no_qr_code_line_fits_the_terminal_without_breaking_a_word(self):
+        for size, expected in (((20, 200), ["No QR code: with the text below it, it needs a terminal of 33x23 and "
+                                            "this one is 200x20; enlarge it, or use the link."]),
+                               ((20, 30), ["No QR code: needs 33x27."]),
+                               ((20, 16), ["No QR code:", "needs 33x33."])):
+            with self.subTest(size=size):
+                serve_vouch_device_answer(self.issuer)
+                code, _, screen = run_in_pty(self.args + ["--qr"], size=size)
+                self.assertEqual(code, 0, screen)
+                rows = screen_while_waiting(screen, size[1])
+                self.assertEqual(rows[:len(expected)], expected)
 
 
 class PlainPromptTests(IssuerTest):
@@ -3247,6 +3261,39 @@ class PlainPromptTests(IssuerTest):
             device = next(iter(self.issuer.devices.values()))
             self.assertEqual(decoded_text(modules_from_text(lines, unicode=False)),
                              self.issuer.issuer + "/device?user_code=" + device["user_code"])
+
+    def test_a_long_url_in_an_ascii_log_is_drawn_whole_and_the_sign_in_goes_on(self):
+        # Python 3.6 under LANG=C writes ASCII; a log has no width, so the code is drawn as wide as it needs.
+        url = self.issuer.issuer + "/device?user_code=BCDF-GHJK&session=" + "s" * 64
+        self.assertGreaterEqual(len(url), 120)
+        self.issuer.overrides["/oauth/device"] = lambda h, b: (200, {
+            "device_code": "d" * 43, "user_code": "BCDF-GHJK", "verification_uri": self.issuer.issuer + "/device",
+            "verification_uri_complete": url, "expires_in": 600, "interval": 1})
+        self.issuer.token_script = [(200, self.issuer._tokens("cli", "openid"))]
+        result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"],
+                         env={"PYTHONIOENCODING": "ascii"})
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertNotIn("error", result.stderr)
+        qr = [line for line in result.stderr.splitlines() if line.startswith("####")]
+        self.assertGreater(max(len(line) for line in qr), 80)
+        if zxingcpp is not None:
+            self.assertEqual(decoded_text(modules_from_text(qr, unicode=False)), url)
+
+    def test_a_prompt_extra_that_fails_is_a_note_and_the_prompt_is_shown_whole(self):
+        device = vdl.DeviceAuthorization("d" * 43, "BCDF-GHJK", "https://id.example/device", None, 600.0, 5.0, 0.0)
+
+        def broken_picture(device, terminal, lines):
+            raise TypeError("%d format: a real number is required, not NoneType")
+
+        def broken_presenter(device, terminal):
+            raise OSError(5, "Input/output error")
+
+        err = io.StringIO()
+        vdl.show_prompt(device, vdl._Terminal(stream=err), [broken_presenter], picture=broken_picture)
+        lines = err.getvalue().splitlines()
+        self.assertIn("To sign in, open:  https://id.example/device", lines)
+        self.assertEqual(len([line for line in lines if "extra failed" in line]), 2, lines)
+        self.assertIn("TypeError: %d format", lines[0])
 
     def test_the_ascii_fallback_fits_80_columns_for_vouchs_urls(self):
         serve_vouch_device_answer(self.issuer)

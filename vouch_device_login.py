@@ -1594,13 +1594,23 @@ def show_prompt(device, terminal, presenters=(), bold=False, picture=None):
         lines.append("or open directly:  %s" % _sanitize(device.verification_uri_complete, 2048))
     lines.append("The code expires in %s." % _format_duration(device.expires_in))
     if picture is not None:
-        picture(device, terminal, lines)
+        _present(picture, device, terminal, lines)
     elif not terminal.quiet:
         # A blank line sets the prompt apart; -q adds nothing of its own.
         lines.insert(0, "")
     terminal.write("\n".join(lines) + "\n")
     for presenter in presenters:
-        presenter(device, terminal)
+        _present(presenter, device, terminal)
+
+
+def _present(presenter, device, terminal, *lines):
+    """Run one prompt extra: the text prompt is enough to sign in, so no failure of an extra ends the flow."""
+    try:
+        presenter(device, terminal, *lines)
+    except Exception as exc:  # noqa: BLE001 - a QR code, colour, clipboard or browser is never worth a sign-in
+        extra = getattr(presenter, "__qualname__", "").split(".")[0].strip("_").replace("_presenter", "")
+        terminal.info("the %s extra failed (%s: %s); the link and the code work without it"
+                      % (extra or "prompt", type(exc).__name__, exc))
 
 
 def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=None, rng=None, dpop=None):
@@ -2140,20 +2150,23 @@ _QR_FITTINGS = (("M", 4), ("L", 4), ("M", 2), ("L", 2))
 
 
 def _qr_fitting(data, unicode, columns, rows):
-    """(matrix, quiet, None) of the first QR code of data within columns x rows (rows None: any height).
-
-    When none fits: (None, None, (width, height)) of the smallest one.
-    """
-    needs = None
+    """(matrix, quiet, fits): the first QR code of data within columns x rows (rows None: any height), else
+    the smallest one."""
+    smallest = None
     for level, quiet in _QR_FITTINGS:
         matrix = _qr_matrix(data, level)
-        side = len(matrix) + 2 * quiet
-        width, height = (side, (side + 1) // 2) if unicode else (2 * side, side)
+        width, height = _qr_extent(matrix, quiet, unicode)
         if width <= columns and (rows is None or height <= rows):
-            return matrix, quiet, None
-        if needs is None or width * height < needs[0] * needs[1]:
-            needs = (width, height)
-    return None, None, needs
+            return matrix, quiet, True
+        if smallest is None or width * height < smallest[2]:
+            smallest = (matrix, quiet, width * height)
+    return smallest[0], smallest[1], False
+
+
+def _qr_extent(matrix, quiet, unicode):
+    """(columns, rows) the drawn code takes: half blocks put two modules in a cell, ASCII two cells in a module."""
+    side = len(matrix) + 2 * quiet
+    return (side, (side + 1) // 2) if unicode else (2 * side, side)
 
 
 def _rows_taken(lines, columns):
@@ -2173,23 +2186,28 @@ def _qr_presenter(environ):
     def present(device, terminal, lines):
         url = device.verification_uri_complete or device.verification_uri
         unicode = _can_encode(terminal.output(), "\u2580\u2584\u2588")
-        columns, rows = terminal.size() if terminal.isatty() else (80, None)
+        tty = terminal.isatty()
+        columns, rows = terminal.size() if tty else (80, None)
         below = _rows_taken(lines, columns) + 2
         try:
-            matrix, quiet, needs = _qr_fitting(url.encode("utf-8"), unicode, columns,
-                                               rows and rows - below)
+            matrix, quiet, fits = _qr_fitting(url.encode("utf-8"), unicode, columns, rows and rows - below)
         except ValueError as exc:
             terminal.write("No QR code: %s.\n" % exc)
             return
-        if matrix is None:
-            terminal.write("No QR code: with the text below it, it needs a terminal of %dx%d and this one is "
-                           "%dx%d; enlarge it, or use the link.\n" % (needs[0], needs[1] + below, columns, rows))
+        # A log has no width to keep to: one wider than 80 columns is still drawn, the smallest there is.
+        if not fits and tty:
+            width, height = _qr_extent(matrix, quiet, unicode)
+            need, have = "%dx%d" % (width, height + below), "%dx%s" % (columns, rows or "?")
+            terminal.write(_fitted((
+                "No QR code: with the text below it, it needs a terminal of %s and this one is %s; "
+                "enlarge it, or use the link." % (need, have),
+                "No QR code: it needs %s; this terminal is %s." % (need, have),
+                "No QR code: needs %s." % need), columns) + "\n")
             return
         text = _qr_render(matrix, unicode=unicode, quiet=quiet)
         if _color_allowed(terminal, environ):
             # Light modules in bright white on black: right on dark and light themes alike.
-            width = len(matrix) + 2 * quiet
-            width *= 1 if unicode else 2
+            width = _qr_extent(matrix, quiet, unicode)[0]
             text = "".join("\x1b[97;40m%s\x1b[0m\n" % line.ljust(width) for line in text.splitlines())
         terminal.write(text)
     return present
@@ -2326,6 +2344,15 @@ def _countdown_text(left, columns):
         if len(text) < columns:
             return text
     return ""
+
+
+def _fitted(wordings, columns):
+    """The first wording narrower than the terminal, else the last one broken between words."""
+    for text in wordings:
+        if len(text) < columns:
+            return text
+    import textwrap
+    return "\n".join(textwrap.wrap(wordings[-1], max(1, columns - 1), break_long_words=False))
 
 
 # ============================================================================
