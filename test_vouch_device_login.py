@@ -3224,8 +3224,8 @@ class TerminalSizeTests(IssuerTest):
         self.assertLessEqual(len(rows), 19)
 
     def test_the_no_qr_code_line_fits_the_terminal_without_breaking_a_word(self):
-        for size, expected in (((20, 200), ["No QR code: with the text below it, it needs a terminal of 33x23 and "
-                                            "this one is 200x20; enlarge it, or use the link."]),
+        for size, expected in (((20, 200), [("No QR code: with the text below it, it needs a terminal of 33x23 and "
+                                             "this one is 200x20; enlarge it, or use the link.")]),
                                ((20, 30), ["No QR code: needs 33x27."]),
                                ((20, 16), ["No QR code:", "needs 33x33."])):
             with self.subTest(size=size):
