@@ -345,7 +345,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        for name, value in (headers or {}).items():
+        for name, value in list(getattr(self.server.issuer, "extra_headers", {}).items()) + list((headers or {}).items()):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
@@ -1440,6 +1440,24 @@ class TransportTests(unittest.TestCase):
                 result = run_main(["--issuer", issuer.issuer, "--client-id", "cli"])
             self.assertEqual(result.code, 0, result.stderr)
             self.assertEqual(issuer.connections, len(issuer.requests))
+
+    def test_header_lines_up_to_64_kib_are_accepted_at_every_endpoint(self):
+        # Long Content-Security-Policy and Set-Cookie lines are real; http.client allows 64 KiB a line, curl 100 KiB.
+        policy = "default-src 'self'; " + "script-src 'sha256-%s' " % ("A" * 43) * 1000
+        cookie = "session=" + "c" * 65000
+        self.assertGreater(len(policy), 60000)
+        with LocalIssuer(tls=True, rate_limit=False, enforce_interval=False, approve_after_polls=1) as issuer:
+            issuer.extra_headers = {"Content-Security-Policy": policy, "Set-Cookie": cookie}
+            result = run_main(["--issuer", issuer.issuer, "--client-id", "cli", "--cacert",
+                               pem_file("ca.pem", TEST_CA_PEM), "--verify", "--userinfo"])
+            self.assertEqual(result.code, 0, result.stderr)
+            self.assertLessEqual(set(ENDPOINTS.values()), {request["path"] for request in issuer.requests})
+            # Past 64 KiB a line is still refused, at once and cleanly.
+            issuer.extra_headers = {"Set-Cookie": "session=" + "c" * 65600}
+            result = run_main(["--issuer", issuer.issuer, "--client-id", "cli", "--cacert",
+                               pem_file("ca.pem", TEST_CA_PEM)])
+        self.assertEqual((result.code, result.stdout), (5, ""), result.stderr)
+        self.assertIn("a line longer than 65536 bytes", result.stderr)
 
     def test_certificate_failures_name_the_presented_certificate(self):
         with LocalIssuer(tls="rogue") as issuer:

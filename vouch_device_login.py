@@ -522,9 +522,10 @@ class _BodyTooLarge(Exception):
 
 
 # Limits on what a peer may make us read before the body: a status line or
-# header line, the whole head, and its number of fields (http.client's own).
-_MAX_LINE = 8192
-_MAX_HEAD = 65536
+# header line (64 KiB, as http.client: real Content-Security-Policy and
+# Set-Cookie lines pass 8 KiB), the whole head, and its number of fields.
+_MAX_LINE = 65536
+_MAX_HEAD = 262144
 _MAX_FIELDS = 100
 # After this long without an answer to the first request, a person at a
 # terminal is told what is being contacted and how long it may take.
