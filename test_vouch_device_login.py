@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import socket
@@ -6290,11 +6291,14 @@ class ShellSafetyTests(IssuerTest):
         "o'brien", "'\\''", "\"$(touch /tmp/pwned-vdl)\"", "`touch /tmp/pwned-vdl`", "$(touch /tmp/pwned-vdl)",
         "${IFS}; touch /tmp/pwned-vdl && echo | cat", "line1\nline2\r\n\ttab\n\n", "back\\slash \\n \\0 \\x41 %s %n",
         "-n", "\u00fc\u65e5\u672c\U0001F511 \u202egnp.exe \u200f", "'" * 50 + "x'y" * 5000, "",
+        # escape sequences: OSC 52 writes the clipboard, CSI moves the cursor, C1 CSI/OSC, DEL, bell
+        "\x1b]52;c;cm0gLXJmIH4K\x07ada@example.com", "ada\x1b[2J\x1b[1;1H\x1b[8m", "\x9b31m\x9d0;title\x9c\x7f\x07",
+        "-n\x1b\\ %d %% '\\033\n\n", "\x01\x1f\x0b\x0c\r",
     ]
 
     def test_eval_restores_every_value_byte_for_byte_in_every_shell(self):
         clear_pwned()
-        shells = [s for s in ("sh", "dash", "bash", "zsh") if shutil.which(s)]
+        shells = [s for s in ("sh", "dash", "bash", "zsh", "busybox") if shutil.which(s)]
         self.assertIn("sh", shells)
         folder = __import__("tempfile").mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
@@ -6306,12 +6310,19 @@ class ShellSafetyTests(IssuerTest):
                 "access_token": self.issuer.access_token("cli", "openid"), "token_type": value[:64] or "Bearer"})
             result = self.sign_in("--format", "shell")
             self.assertEqual(result.code, 0, result.stderr)
+            # On a terminal, stdout shows no control byte: every line is one export, nothing else.
+            lines = result.stdout.split("\n")
+            self.assertEqual(lines.pop(), "")
+            self.assertFalse(re.search("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f]",
+                                       "".join(lines)), lines)
+            self.assertTrue(all(line.startswith("export VOUCH_") for line in lines), lines)
             path = os.path.join(folder, "out%d" % number)
             with open(path, "w", encoding="utf-8") as handle:
                 handle.write(result.stdout)
             for shell in shells:
                 with self.subTest(value=value[:30], shell=shell):
-                    proc = subprocess.run([shell, "-c", script, "sh", path], stdout=subprocess.PIPE,
+                    command = ["busybox", "sh"] if shell == "busybox" else [shell]
+                    proc = subprocess.run(command + ["-c", script, "sh", path], stdout=subprocess.PIPE,
                                           timeout=30, check=True)
                     self.assertEqual(proc.stdout.decode("utf-8").split("\0"),
                                      [value, value[::-1], value[:64] or "Bearer", "true"])
@@ -7198,7 +7209,7 @@ class EndToEndTests(IssuerTest):
         self.issuer.user.update(email="o'brien \"$(touch /tmp/pwned-vdl)\" `id` \\ $HOME\nline2 ü",
                                 sub="x';touch /tmp/pwned-vdl;'")
         self.issuer.approve_after_polls = 0
-        shells = [s for s in ("sh", "dash", "bash", "zsh") if shutil.which(s)]
+        shells = [s for s in ("sh", "dash", "bash", "zsh", "busybox") if shutil.which(s)]
         self.assertIn("sh", shells)
         result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--format", "shell"])
         self.assertEqual(result.code, 0, result.stderr)

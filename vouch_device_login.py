@@ -4045,6 +4045,27 @@ def _shell_quote(value):
     return "'" + value.replace("'", "'\\''") + "'"
 
 
+# What must never reach a terminal raw (the characters _sanitize replaces): C0,
+# DEL, C1 (ESC starts OSC 52, which writes the clipboard) and bidi controls.
+_SHELL_UNSHOWABLE = "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+
+
+def _shell_export(name, value):
+    """One `export` line that gives eval exactly value in sh, dash, bash, zsh and busybox.
+
+    A value holding a control character is rebuilt by printf from octal
+    escapes (POSIX printf: \\ddd), so no control byte is ever written; the
+    "_" it ends with survives the command substitution's removal of trailing
+    newlines and is then cut off.
+    """
+    import re
+    if not re.search(_SHELL_UNSHOWABLE, value):
+        return "export %s=%s\n" % (name, _shell_quote(value))
+    escaped = re.sub(_SHELL_UNSHOWABLE, lambda match: "".join("\\%03o" % byte for byte in match.group().encode("utf-8")),
+                     value.replace("\\", "\\\\").replace("%", "%%"))
+    return 'export %s="$(printf -- %s)"; %s="${%s%%_}"\n' % (name, _shell_quote(escaped + "_"), name, name)
+
+
 def _shell_value(result, key):
     if key == "sub":
         value = _first_string("sub", result.get("claims"), result.get("id_token_claims"))
@@ -4076,7 +4097,7 @@ def render_output(result, output_format, pretty=False, exec_api_version=None):
     if output_format == "token":
         return result["access_token"] + "\n"
     if output_format == "shell":
-        return "".join("export %s=%s\n" % (name, _shell_quote(_shell_value(result, key)))
+        return "".join(_shell_export(name, _shell_value(result, key))
                        for name, key in _SHELL_VARIABLES + (_AWS_SHELL_VARIABLES if "aws" in result else ()))
     if output_format == "exec-credential":
         result = _exec_credential(result, exec_api_version or EXEC_CREDENTIAL_API_VERSIONS[0])
