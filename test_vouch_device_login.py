@@ -1533,6 +1533,55 @@ class TransportTests(unittest.TestCase):
     assertFailed = IssuerTest.assertFailed
 
 
+class NoReplayTests(CacheFixture):
+    """RFC 9110 §9.2.2: a request that is not idempotent is never sent twice by the transport.
+
+    Each server here reads the request on a kept-alive connection and closes it without a byte of answer,
+    the race a server's idle timeout makes; only a connection of the request's own avoids a resend.
+    """
+
+    issuer_options = {"rate_limit": False, "refresh_tokens": True}
+
+    def close_unanswered(self, path, wanted):
+        """The issuer's own answers at path, except that requests for which wanted(form) is true get none."""
+        seen = []
+
+        def answer(handler, body):
+            form = dict(parse_qsl(body.decode()))
+            if wanted(form):
+                seen.append(form)
+                handler.close_connection = True
+                return None
+            return getattr(self.issuer, "_" + path.rsplit("/", 1)[1])(handler, form)
+        self.issuer.overrides[path] = answer
+        return seen
+
+    def test_a_refresh_cut_off_unanswered_is_not_sent_again(self):
+        first = self.sign_in("--cache", env=self.env).json()
+        refreshes = self.close_unanswered("/oauth/token", lambda form: form["grant_type"] == "refresh_token")
+        result = self.sign_in("--cache", "--min-ttl", "30000", env=self.env)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual([form["refresh_token"] for form in refreshes], [first["refresh_token"]])
+        self.assertIn("could not refresh the cached token", result.stderr)
+        self.assertEqual(len(self.issuer.devices), 2)
+
+    def test_a_revocation_cut_off_unanswered_is_not_sent_again(self):
+        out = self.sign_in("--cache", env=self.env).json()
+        revocations = self.close_unanswered("/oauth/revoke", lambda form: form["token_type_hint"] == "access_token")
+        result = self.sign_in("--logout", env=self.env)
+        self.assertEqual(result.stdout, "", result.stderr)
+        self.assertEqual([form["token"] for form in revocations], [out["access_token"]])
+        self.assertEqual(self.issuer.revoked, [
+            {"token": out["refresh_token"], "token_type_hint": "refresh_token", "client_id": "cli"}])
+
+    def test_polls_stay_on_the_kept_alive_connection(self):
+        self.issuer.approve_after_polls = 3
+        self.issuer.enforce_interval = False
+        result = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli"])
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(self.issuer.connections, 1)
+
+
 def _read_request_head(sock):
     """Read up to the end of a request's head (the body, if any, is left)."""
     data = b""
@@ -7503,6 +7552,13 @@ class AwsStsTests(StsFixture):
                     self.assertEqual(result.code, 0, result.stderr)
                 self.assertEqual(len(self.sts.requests) - requests, len(script) + (code == 0))
                 requests = len(self.sts.requests)
+
+    def test_each_sts_attempt_gets_a_connection_of_its_own(self):
+        # A retry is decided after an answer; the transport never resends the call on a kept-alive connection.
+        self.sts.script = [sts_error("Throttling", "Rate exceeded"), (503, b"busy", None, "text/plain")]
+        result = self.aws("--format", "aws")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual((len(self.sts.requests), self.sts.connections), (3, 3))
 
     def test_redirects_and_bodies_that_are_not_sts_xml_are_protocol_errors(self):
         cases = [((302, b"", {"Location": "https://evil.example/"}, "text/plain"), 6, "redirect"),

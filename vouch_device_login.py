@@ -614,15 +614,20 @@ class _HttpClient:
         """GET url; `what` names the request in error messages."""
         return self.request("GET", url, what, headers=headers)
 
-    def post(self, url, what, form, headers=None):
+    def post(self, url, what, form, headers=None, idempotent=True):
         """POST form (a dict or list of pairs) form-encoded to url."""
-        return self.request("POST", url, what, form=form, headers=headers)
+        return self.request("POST", url, what, form=form, headers=headers, idempotent=idempotent)
 
-    def request(self, method, url, what, form=None, headers=None):
+    def request(self, method, url, what, form=None, headers=None, idempotent=True):
         """Send one request and return the whole _Response.
 
-        Raises NetworkError for connection, TLS, time-limit and size-limit
-        failures, ProtocolError for a URL the policy refuses.
+        A request that must not be sent twice (idempotent=False: a refresh
+        with rotation, a revocation, STS) goes on a connection of its own,
+        never on a kept-alive one, so it is never sent again after a close
+        (RFC 9110 §9.2.2). Polls stay on the kept-alive connection: polling
+        is repeating the request. Raises NetworkError for connection, TLS,
+        time-limit and size-limit failures, ProtocolError for a URL the
+        policy refuses.
         """
         import time
         from urllib.parse import urlencode
@@ -646,6 +651,8 @@ class _HttpClient:
         deadline = started + self.timeout
         if self.requests == 1 and not self.terminal.quiet and self.terminal.isatty():
             self._notice = (started + _SLOW_NOTICE, key)
+        if not idempotent:
+            self._drop(key)
         try:
             # A reused connection the server closed is retried once, on a fresh one.
             while True:
@@ -1500,11 +1507,11 @@ def request_device_authorization(http, endpoint, client_id, scope, extra=None, c
     return parse_device_authorization(_json_document(response, what), received_at, http.terminal)
 
 
-def _post_with_retries(http, url, what, form, attempts=4, headers=None, retryable=None):
+def _post_with_retries(http, url, what, form, attempts=4, headers=None, retryable=None, idempotent=True):
     """POST, retrying 5xx, 429 and network failures a few times with backoff.
 
     retryable(response), when given, names more answers to retry (STS
-    throttles with HTTP 400).
+    throttles with HTTP 400); idempotent as for _HttpClient.request.
     """
     import time
     last = None
@@ -1516,7 +1523,7 @@ def _post_with_retries(http, url, what, form, attempts=4, headers=None, retryabl
             http.terminal.debug("retrying in %.1f s" % delay)
             _sleep(delay)
         try:
-            last = http.post(url, what, form, headers=headers)
+            last = http.post(url, what, form, headers=headers, idempotent=idempotent)
         except _TimeLimitError:
             raise
         except NetworkError:
@@ -3764,14 +3771,14 @@ class _DPoP:
                                     hashlib.sha256(message).digest(), "sha256")
         return signing_input + "." + _b64url_encode(signature)
 
-    def request(self, http, method, url, what, form=None, access_token=None):
+    def request(self, http, method, url, what, form=None, access_token=None, idempotent=True):
         """Send a request with a proof; when the server asks for a fresh nonce, once more with it."""
         headers = {}
         if access_token is not None:
             headers["Authorization"] = "DPoP " + access_token
         for attempt in (1, 2):
             headers["DPoP"] = self.proof(method, url, access_token)
-            response = http.request(method, url, what, form=form, headers=headers)
+            response = http.request(method, url, what, form=form, headers=headers, idempotent=idempotent)
             fresh = self._take_nonce(url, response, what)
             if attempt == 2 or not fresh or not _asks_for_nonce(response):
                 return response
@@ -4496,9 +4503,9 @@ def _refresh(config, http, terminal, metadata, refresh_token, dpop=None):
     form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token), ("client_id", config.client_id)]
     try:
         if dpop is None:
-            response = http.post(metadata["token_endpoint"], "token refresh", form)
+            response = http.post(metadata["token_endpoint"], "token refresh", form, idempotent=False)
         else:
-            response = dpop.request(http, "POST", metadata["token_endpoint"], "token refresh", form)
+            response = dpop.request(http, "POST", metadata["token_endpoint"], "token refresh", form, idempotent=False)
     except NetworkError as exc:
         terminal.warn("could not refresh the cached token (%s); signing in again" % exc)
         return None
@@ -4555,7 +4562,7 @@ def _revoke(config, http, terminal, metadata, result):
             continue
         form = [("token", token), ("token_type_hint", hint), ("client_id", config.client_id)]
         try:
-            response = http.post(endpoint, "token revocation", form)
+            response = http.post(endpoint, "token revocation", form, idempotent=False)
         except NetworkError as exc:
             failures.append(str(exc))
             continue
@@ -5049,8 +5056,10 @@ def _assume_role_with_web_identity(http, endpoint, role_arn, token, session_name
     form = [("Action", "AssumeRoleWithWebIdentity"), ("Version", _STS_VERSION), ("RoleArn", role_arn),
             ("RoleSessionName", session_name), ("WebIdentityToken", token), ("DurationSeconds", str(duration))]
     # STS answers JSON when asked for it (the client's default Accept); the XML is what it documents.
+    # Each attempt on a connection of its own, so that the retries chosen here (as the AWS SDKs retry
+    # this call) are the only resends, never one on a kept-alive connection the server was closing.
     response = _post_with_retries(http, endpoint, what, form, headers={"Accept": "text/xml"},
-                                  retryable=_sts_throttled)
+                                  retryable=_sts_throttled, idempotent=False)
     if response.status == 200:
         credentials, expires_at = _sts_credentials(_sts_xml(response, what), what)
         for name in ("SecretAccessKey", "SessionToken"):
