@@ -8440,6 +8440,37 @@ class ReadmeTests(unittest.TestCase):
         self.assertIn("`URL` is where you published `vouch_device_login.py`", explained)
 
     @unittest.skipUnless(os.path.exists("/bin/sh"), "needs a POSIX shell")
+    def test_no_recipe_puts_a_token_in_a_command_line_and_the_dpop_one_works(self):
+        # Every user of a host can read /proc/PID/cmdline: tokens and proofs go to curl on stdin.
+        for line in self.readme.splitlines():
+            if "curl " in line and " -H " in line:
+                self.assertIn("-H @-", line)
+                self.assertNotIn("TOKEN", line[line.index("curl "):])
+        folder = __import__("tempfile").mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        seen = os.path.join(folder, "argv")
+        real = shutil.which("curl")
+        with open(os.path.join(folder, "curl"), "w") as handle:
+            # curl as the recipe meets it, writing down the command line every other user could read
+            handle.write('#!/bin/sh\nprintf "%%s\\n" "$*" >> "%s"\n%s\n' % (
+                seen, 'exec "%s" "$@"' % real if real else 'exec "$PYTHON" -c "$CURL_STAND_IN" "$@"'))
+        os.chmod(os.path.join(folder, "curl"), 0o755)
+        with LocalIssuer(dpop=True, approve_after_polls=0, rate_limit=False, enforce_interval=False) as issuer:
+            url = issuer.issuer + "/oauth/userinfo"
+            script = 'vdl() { "$PYTHON" "$SCRIPT" "$@"; }\n' + dpop_recipe()
+            env = dict(_child_env(), ISSUER=issuer.issuer, URL=url, PYTHON=sys.executable, SCRIPT=SCRIPT,
+                       CURL_STAND_IN=CURL_STAND_IN, PATH=folder + os.pathsep + os.environ.get("PATH", ""))
+            proc = subprocess.run(["sh", "-c", script], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=60, check=False)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertEqual(json.loads(proc.stdout.decode())["sub"], "user-1234")
+            with open(seen) as handle:
+                command_lines = handle.read()
+            self.assertEqual(command_lines.count(url), 2)
+            self.assertNotIn(issuer.issued[-1], command_lines)
+            self.assertNotIn("eyJ", command_lines)
+
+    @unittest.skipUnless(os.path.exists("/bin/sh"), "needs a POSIX shell")
     def test_the_expiry_recipe_works_with_gnu_and_bsd_date(self):
         recipe = next(line for line in self.readme.splitlines() if "$VOUCH_EXPIRES_AT" in line and "date" in line)
         expression = recipe[recipe.index("$(date"):recipe.rindex(")") + 1]
@@ -8491,26 +8522,29 @@ def run_demo():
     return code or run_dpop_demo()
 
 
-# What `make demo` runs against the local userinfo endpoint: the README's recipe, plus the nonce
-# step a server that requires one (Vouch) needs; vdl is the command, URL the endpoint.
-DPOP_RECIPE = """\
-eval "$(vdl --issuer "$ISSUER" --client-id cli --dpop --format shell --no-browser)"
-# the first try gets 401 use_dpop_nonce and the issuer's nonce in a DPoP-Nonce header
-nonce=$(curl -s -o /dev/null -D - -H "Authorization: DPoP $VOUCH_ACCESS_TOKEN" \\
-          -H "DPoP: $(vdl --dpop-proof GET "$URL")" "$URL" | tr -d '\\r' | sed -n 's/^[Dd][Pp][Oo][Pp]-[Nn]once: //p')
-curl -s -H "Authorization: DPoP $VOUCH_ACCESS_TOKEN" \\
-     -H "DPoP: $(vdl --dpop-proof GET "$URL" --dpop-nonce "$nonce")" "$URL"
-"""
+def dpop_recipe():
+    """What `make demo` runs against the local userinfo endpoint: the README's nonce recipe, as written there,
+    after a sign-in; vdl is the command, URL the endpoint."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("nonce=$("))
+    end = next(i for i in range(start + 2, len(lines)) if lines[i].endswith('| curl -H @- "$URL"'))
+    return ('eval "$(vdl --issuer "$ISSUER" --client-id cli --dpop --format shell --no-browser)"\n'
+            "# the first try gets 401 use_dpop_nonce and the issuer's nonce in a DPoP-Nonce header\n"
+            + "\n".join(lines[start:end + 1]).replace("vouch-device-login", "vdl") + "\n")
 
-# curl -s [-o /dev/null] [-D -] [-H "Name: value"]... URL, for machines without curl
+
+# curl [-s] [-o /dev/null] [-D -] [-H @-]... URL, for machines without curl
 CURL_STAND_IN = r"""
 import sys, urllib.error, urllib.request
 args, headers, dump, body, url = sys.argv[1:], {}, False, True, None
 while args:
     arg = args.pop(0)
     if arg == "-H":
-        name, _, value = args.pop(0).partition(": ")
-        headers[name] = value
+        assert args.pop(0) == "@-"
+        for line in sys.stdin.read().splitlines():
+            name, _, value = line.partition(": ")
+            headers[name] = value
     elif arg in ("-D", "-o"):
         dump, body = (True, body) if arg == "-D" else (dump, False)
         args.pop(0)
@@ -8531,8 +8565,9 @@ def run_dpop_demo():
     """A --dpop sign-in, then the curl recipe against the local userinfo endpoint."""
     with LocalIssuer(interval=1, dpop=True) as issuer:
         url = issuer.issuer + "/oauth/userinfo"
+        recipe = dpop_recipe()
         sys.stderr.write("\n[demo] now with --dpop: the token is bound to a key made for this sign-in, and a\n"
-                         "[demo] script proves it holds the key on every request:\n\n%s\n" % DPOP_RECIPE)
+                         "[demo] script proves it holds the key on every request:\n\n%s\n" % recipe)
 
         def person():
             while not issuer.devices:
@@ -8544,7 +8579,7 @@ def run_dpop_demo():
         threading.Thread(target=person, daemon=True).start()
         environment = dict(_child_env(), ISSUER=issuer.issuer, URL=url, PYTHON=sys.executable, SCRIPT=SCRIPT,
                            CURL_STAND_IN=CURL_STAND_IN)
-        script = 'vdl() { "$PYTHON" "$SCRIPT" "$@"; }\n' + DPOP_RECIPE
+        script = 'vdl() { "$PYTHON" "$SCRIPT" "$@"; }\n' + recipe
         if not shutil.which("curl"):
             sys.stderr.write("[demo] (no curl on this machine: a few lines of urllib stand in for it)\n")
             script = 'curl() { "$PYTHON" -c "$CURL_STAND_IN" "$@"; }\n' + script
