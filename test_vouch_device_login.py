@@ -6227,6 +6227,21 @@ class DPoPCacheTests(CacheFixture):
         self.assertEqual(claims["ath"], b64url(hashlib.sha256(token.encode()).digest()))
         self.assertEqual((claims["htu"], claims["nonce"]), ("https://api.example/v1/x", "n-1"))
 
+    def test_a_cached_key_with_a_foreign_public_part_is_refused_by_the_proof_helper(self):
+        self.assertEqual(self.cached("--dpop", "--format", "token").code, 0)
+        path = next(os.path.join(self.directory, name) for name in os.listdir(self.directory)
+                    if name.endswith(".json"))
+        with open(path) as handle:
+            entry = json.load(handle)
+        entry["result"]["dpop"]["key"]["x"] = vdl._dpop_generate(entry["result"]["dpop"]["alg"])["x"]
+        with open(path, "w") as handle:
+            json.dump(entry, handle)
+        helper = run_main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--dpop-proof", "GET",
+                           "https://api.example/v1/x"], env=self.env)
+        self.assertEqual((helper.code, helper.stdout), (2, ""), helper.stderr)
+        self.assertIn("the cached DPoP key is unusable (its public", helper.stderr)
+        self.assertEqual(len(helper.stderr.splitlines()), 1)
+
     def test_bearer_and_dpop_entries_do_not_stand_in_for_each_other(self):
         self.assertEqual(self.cached().code, 0)
         dpop = self.cached("--dpop")
@@ -6312,6 +6327,39 @@ class DPoPProofHelperTests(unittest.TestCase):
         result = run_main(["--dpop-nonce", "n", "--client-id", "cli"], env=self.env)
         self.assertEqual(result.code, 2)
         self.assertIn("--dpop-nonce goes with --dpop-proof", result.stderr)
+
+    def test_a_key_whose_public_part_is_not_its_private_part_is_refused(self):
+        for alg in ("EdDSA", "ES256"):
+            first, second = vdl._dpop_generate(alg), vdl._dpop_generate(alg)
+            for name in ("x", "y") if alg == "ES256" else ("x",):
+                mixed = dict(first, **{name: second[name]})
+                with self.subTest(alg=alg, member=name):
+                    env = dict(self.env, VOUCH_DPOP_KEY=json.dumps(mixed))
+                    result = run_main(["--dpop-proof", "GET", self.URL], env=env)
+                    self.assertEqual((result.code, result.stdout), (2, ""), result.stderr)
+                    self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                    self.assertIn("is not", result.stderr)
+                    self.assertNotIn(first["d"], result.stderr)
+
+    @unittest.skipUnless(HAVE_CRYPTO and HAVE_CRYPTOGRAPHY, "cryptography is not installed")
+    def test_keys_made_by_cryptography_pass_the_pairing_check_and_mixed_ones_fail(self):
+        # an independent derivation of the public part from the private one
+        for make in (lambda: ed25519.Ed25519PrivateKey.generate(), lambda: ec.generate_private_key(ec.SECP256R1())):
+            private = make()
+            if isinstance(private, ed25519.Ed25519PrivateKey):
+                raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                            serialization.NoEncryption())
+                public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+                key = {"kty": "OKP", "crv": "Ed25519", "d": b64url(raw), "x": b64url(public)}
+            else:
+                numbers = private.private_numbers()
+                key = {"kty": "EC", "crv": "P-256", "d": b64url(numbers.private_value.to_bytes(32, "big")),
+                       "x": b64url(numbers.public_numbers.x.to_bytes(32, "big")),
+                       "y": b64url(numbers.public_numbers.y.to_bytes(32, "big"))}
+            with self.subTest(kty=key["kty"]):
+                self.assertIsNone(vdl._dpop_key_problem(key))
+                self.assertIsNotNone(vdl._dpop_key_problem(dict(key, d=b64url((int.from_bytes(b64u(key["d"]), "big") ^ 1)
+                                                                             .to_bytes(32, "big")))))
 
     def test_the_proof_helper_imports_neither_argparse_nor_json_nor_urllib(self):
         # only what main() imports counts; hashlib is allowed (and on PyPy imports re and base64 itself)

@@ -3720,11 +3720,16 @@ def _dpop_key_problem(key):
             values[name] = b""
         if len(values[name]) != 32:
             return "member %s is not 32 octets of base64url" % name
+    # A public part that is not the private one's would sign proofs for a key the token is not bound to.
     if key["kty"] == "EC":
-        p, b, n = _NIST_CURVES["P-256"][:3]
+        n = _NIST_CURVES["P-256"][2]
         x, y, d = (int.from_bytes(values[name], "big") for name in shape)
-        if not 0 < d < n or x >= p or y >= p or (y * y - x * x * x + 3 * x - b) % p:
-            return "not a valid P-256 key"
+        # SEC 1 §3.2.1: Q = dG
+        if not 0 < d < n or _ec_mul_base("P-256", d) != (x, y):
+            return "its public point (x, y) is not d times the base point"
+    elif _ed25519_public(values["d"]) != values["x"]:
+        # RFC 8032 §5.1.5
+        return "its public key x is not the one its private key d makes"
     return None
 
 
@@ -3876,6 +3881,11 @@ def _dpop_proof_text(method, url, nonce, environ, config=None):
             raise UsageError("VOUCH_DPOP_KEY is set but VOUCH_ACCESS_TOKEN is not; eval the whole --format shell output")
     else:
         entry = _cache_for(config).load() if config is not None else None
+        cached = (entry["result"].get("dpop") or {}) if entry else {}
+        problem = _dpop_key_problem(cached.get("key")) if isinstance(cached, dict) and "key" in cached else None
+        if problem:
+            raise UsageError("--dpop-proof: the cached DPoP key is unusable (%s); sign in again with --dpop --cache"
+                             % problem)
         dpop = _cached_dpop(entry["result"]) if entry else None
         if dpop is None:
             raise UsageError("--dpop-proof: no DPoP key; set VOUCH_DPOP_KEY and VOUCH_ACCESS_TOKEN (eval the"
