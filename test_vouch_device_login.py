@@ -755,6 +755,8 @@ class FakeClock:
 _ENV_KEYS = ("VOUCH_ISSUER", "VOUCH_CLIENT_ID", "VOUCH_SCOPE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
              "http_proxy", "NO_PROXY", "no_proxy", "SSL_CERT_FILE", "VOUCH_CACHE", "NO_COLOR")
 _ENV_KEYS += ("VOUCH_DPOP", "VOUCH_DPOP_KEY", "VOUCH_ACCESS_TOKEN")
+# The runner's terminal is not the one a test models: a test that needs TERM or an encoding sets it.
+_ENV_KEYS += ("TERM", "PYTHONIOENCODING")
 
 
 class Result:
