@@ -3122,6 +3122,16 @@ class TerminalPromptTests(IssuerTest):
         # NO_COLOR is about colour only: the countdown still runs, uncoloured.
         self.assertIn("\r\x1b[KWaiting for approval... ", screen)
 
+    def test_an_empty_no_color_leaves_colour_on(self):
+        # no-color.org: only a NO_COLOR that is present and not empty turns colour off
+        terminal = vdl._Terminal(stream=TtyStream())
+        self.assertTrue(vdl._color_allowed(terminal, {"TERM": "xterm-256color", "NO_COLOR": ""}))
+        self.assertFalse(vdl._color_allowed(terminal, {"TERM": "xterm-256color", "NO_COLOR": "0"}))
+        code, _, screen = run_in_pty(self.args + ["--qr", "--no-browser"], env={"NO_COLOR": ""})
+        self.assertEqual(code, 0, screen)
+        self.assertIn("\x1b[97;40m", screen)
+        self.assertIn("\x1b[1m", screen)
+
     def test_a_dumb_terminal_gets_plain_lines_instead_of_the_countdown(self):
         code, _, screen = run_in_pty(self.args + ["--no-browser"], env={"TERM": "dumb"})
         self.assertEqual(code, 0, screen)
@@ -3241,6 +3251,17 @@ class TerminalSizeTests(IssuerTest):
         self.assertTrue(shown[-1].endswith(" left") and len(shown[-1]) < 20, shown)
         # A terminal that reflows wrapped the wider line in two: both rows are erased.
         self.assertRegex(screen, "\r\x1b\\[1A\x1b\\[J[0-9]+ min")
+
+    def test_the_demos_messages_each_start_a_line_of_their_own(self):
+        code, stdout, screen = run_in_pty(["demo"], env={"DEMO_PACE": "0.2"}, size=(200, 120),
+                                          script=os.path.join(HERE, "test_vouch_device_login.py"))
+        self.assertEqual(code, 0, screen)
+        self.assertIn('"sub"', stdout)
+        rows = terminal_rows(screen, 120)
+        demo = [row for row in rows if "[demo]" in row]
+        for message in ("a person opens the link", "the person approves", "the userinfo endpoint accepted"):
+            self.assertTrue(any(message in row for row in demo), demo)
+        self.assertTrue(all(row.startswith("[demo]") for row in demo), demo)
 
     def test_messages_clear_the_live_line_and_bring_it_back_after(self):
         code, _, screen = run_in_pty(self.args + ["-v"], size=(24, 200))
@@ -8121,7 +8142,7 @@ def set_pty_size(fd, rows, columns):
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
 
 
-def run_in_pty(args, env=None, timeout=60, size=None, resize=None):
+def run_in_pty(args, env=None, timeout=60, size=None, resize=None, script=SCRIPT):
     """Run the script with stderr on a pseudo-terminal; returns (code, stdout, terminal text).
 
     size: (rows, columns) of the terminal; resize: the size it takes once the
@@ -8137,7 +8158,7 @@ def run_in_pty(args, env=None, timeout=60, size=None, resize=None):
                                             "SSH_CLIENT", "BROWSER")}
     environment.update(TERM="xterm-256color", PYTHONIOENCODING="utf-8")
     environment.update(env or {})
-    proc = subprocess.Popen([sys.executable, SCRIPT] + list(args), stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, script] + list(args), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=slave, env=environment)
     os.close(slave)
     chunks = []
@@ -8168,7 +8189,8 @@ def terminal_rows(text, columns):
     """Every row (scrollback included) a terminal this wide shows for text.
 
     The VT100 subset the tool uses: printable characters with xterm's
-    delayed wrap at the last column, CR, LF, cursor up (CSI A), erase to the
+    delayed wrap at the last column, CR, LF (as a tty's onlcr shows it: a new
+    line from its start, whoever wrote it), cursor up (CSI A), erase to the
     end of the line (CSI K) or screen (CSI J); other CSI and OSC sequences
     take no room.
     """
@@ -8194,9 +8216,9 @@ def terminal_rows(text, columns):
             row, wrap_next = row + 1, False
             if row == len(rows):
                 rows.append([])
+            column = 0
             if char == "\n":
                 continue
-            column = 0
         if char not in "\r\n":
             line = rows[row]
             line.extend(" " * (column + 1 - len(line)))
@@ -8547,6 +8569,10 @@ class ReadmeTests(unittest.TestCase):
 # make demo: the whole flow against the bundled issuer, approved by a "person"
 # ============================================================================
 
+# How long the demo's "person" takes, as a factor of a few seconds (the test of the demo runs it fast).
+DEMO_PACE = float(os.environ.get("DEMO_PACE") or 1)
+
+
 def run_demo():
     """Start the local issuer, run the real CLI, approve after a few seconds."""
     with LocalIssuer(interval=1, user={"hardware_aaguid": "cb69481e-8ff7-4039-93ec-0a2729a154a8"}) as issuer:
@@ -8557,7 +8583,7 @@ def run_demo():
         def person():
             while not issuer.devices:
                 time.sleep(0.05)
-            time.sleep(3)
+            time.sleep(3 * DEMO_PACE)
             # On a terminal the tool's countdown is on the current line: clear it, and the next update redraws it.
             clear = "\r\x1b[K" if sys.stderr.isatty() else ""
             sys.stderr.write(clear + "[demo] a person opens the link, enters the code and touches their YubiKey...\n")
@@ -8622,8 +8648,9 @@ def run_dpop_demo():
         def person():
             while not issuer.devices:
                 time.sleep(0.05)
-            time.sleep(2)
-            sys.stderr.write("[demo] the person approves...\n")
+            time.sleep(2 * DEMO_PACE)
+            clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+            sys.stderr.write(clear + "[demo] the person approves...\n")
             issuer.approve()
 
         threading.Thread(target=person, daemon=True).start()

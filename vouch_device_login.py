@@ -2136,8 +2136,8 @@ def _live_allowed(terminal, environ):
 
 
 def _color_allowed(terminal, environ):
-    """Colour where cursor control is allowed, unless NO_COLOR is set (no-color.org: colour only)."""
-    return _live_allowed(terminal, environ) and "NO_COLOR" not in environ
+    """Colour where cursor control is allowed, unless NO_COLOR is set and not empty (no-color.org: colour only)."""
+    return _live_allowed(terminal, environ) and not environ.get("NO_COLOR")
 
 
 def _can_encode(stream, text):
