@@ -7337,7 +7337,8 @@ class EndToEndTests(IssuerTest):
             with self.subTest(shell=shell):
                 script = ('eval "$1"; printf %s "$VOUCH_EMAIL"; printf "\\0";'
                           'printf %s "$VOUCH_SUBJECT"; printf "\\0"; printf %s "$VOUCH_ACCESS_TOKEN"')
-                proc = subprocess.run([shell, "-c", script, "sh", result.stdout], stdout=subprocess.PIPE,
+                command = ["busybox", "sh"] if shell == "busybox" else [shell]
+                proc = subprocess.run(command + ["-c", script, "sh", result.stdout], stdout=subprocess.PIPE,
                                       timeout=30, check=True)
                 email, subject, token = proc.stdout.decode("utf-8").split("\0")
                 self.assertEqual(email, self.issuer.user["email"])
