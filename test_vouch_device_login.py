@@ -6777,6 +6777,33 @@ class SignInTests(IssuerTest):
             with self.subTest(argv=argv):
                 self.assertFailed(run_main(argv), 2)
 
+    def test_blank_scope_empty_issuer_and_odd_client_ids_are_refused_before_any_request(self):
+        base = ["--issuer", self.issuer.issuer]
+        for argv, fragment in ((base + ["--client-id", "cli", "--scope", "   "], "not a space-separated list"),
+                               (base + ["--client-id", "cli", "--scope", "openid\nemail"], "scope tokens"),
+                               (["--issuer", "", "--client-id", "cli"], "--issuer is empty"),
+                               (base + ["--client-id", "cl\x1b[2Ji"], "control characters"),
+                               (base + ["--client-id", "cli\u0085"], "control characters"),
+                               (base + ["--client-id", " cli"], "blanks at its ends")):
+            with self.subTest(argv=argv):
+                result = run_main(argv)
+                self.assertFailed(result, 2, fragment)
+                self.assertNotIn("\x1b", result.stderr)
+        self.assertEqual(self.issuer.requests, [])
+        # "" asks for no scope at all, and is sent as none
+        self.assertEqual(self.sign_in("--scope", "").code, 0)
+        device = [r for r in self.issuer.requests if r["path"] == "/oauth/device"]
+        self.assertEqual(len(device), 1)
+        self.assertNotIn(b"scope=", device[0]["body"])
+
+    def test_a_closed_stdout_is_refused_before_any_request(self):
+        proc = subprocess.run(["sh", "-c", 'exec "$0" "$@" >&-', sys.executable, SCRIPT, "--issuer", self.issuer.issuer,
+                               "--client-id", "cli"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              timeout=60, check=False, env=_child_env())
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertIn(b"stdout is closed, so the result would be lost", proc.stderr)
+        self.assertEqual(self.issuer.requests, [])
+
     def test_help_and_version(self):
         result = run_main(["--help"])
         self.assertEqual(result.code, 0)

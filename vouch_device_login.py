@@ -4143,6 +4143,21 @@ def _write_stdout(text):
         raise UsageError("cannot write the result to stdout: %s" % (getattr(exc, "strerror", None) or exc))
 
 
+def _check_stdout():
+    """Refuse to start when stdout is closed (`>&-`): a sign-in the person approved would be lost at the end."""
+    import io
+    stream = sys.stdout
+    try:
+        if stream is None:
+            raise OSError("stdout is closed")
+        os.fstat(stream.fileno())
+    except io.UnsupportedOperation:
+        # not a file (a caller's StringIO): writable, nothing to check
+        return
+    except (OSError, ValueError):
+        raise UsageError("stdout is closed, so the result would be lost: give the command somewhere to write it")
+
+
 def _silence_stdout():
     """Point a broken stdout at /dev/null, so the interpreter's last flush stays quiet."""
     try:
@@ -5681,11 +5696,17 @@ def _argument_parser(prog=_PROG, command="python3 vouch_device_login.py"):
 
 def _config_from_args(args, environ, terminal):
     """Combine flags, environment and defaults into a _Config, or raise UsageError."""
+    if args.issuer is not None and not args.issuer.strip():
+        # an empty flag is a mistake (an unset variable in a script), not a request for the default
+        raise UsageError("--issuer is empty: pass the issuer's URL (e.g. %s), or leave the flag out" % DEFAULT_ISSUER)
     issuer = args.issuer or environ.get("VOUCH_ISSUER") or DEFAULT_ISSUER
     client_id = args.client_id or environ.get("VOUCH_CLIENT_ID")
     inspect = _inspect_argument(args.inspect)
     if not client_id and inspect is None:
         raise UsageError("no client id: pass --client-id or set VOUCH_CLIENT_ID")
+    if client_id and (client_id != client_id.strip() or _has_control_character(client_id)):
+        raise UsageError("the client id %r holds control characters or blanks at its ends; pass it as the issuer"
+                         " shows it" % client_id)
     audience = args.audience or client_id
     if inspect is not None:
         if args.format != "json":
@@ -5702,6 +5723,10 @@ def _config_from_args(args, environ, terminal):
     if args.jwks and args.jwks_uri:
         raise UsageError("pass --jwks or --jwks-uri, not both")
     scope = args.scope if args.scope is not None else environ.get("VOUCH_SCOPE", DEFAULT_SCOPE)
+    # RFC 6749 §3.3: scope tokens of %x21 / %x23-5B / %x5D-7E, separated by spaces; "" asks for no scope
+    if scope and (not scope.strip(" ") or any(not ("\x20" <= ch <= "\x7e") or ch in '"\\' for ch in scope)):
+        raise UsageError("the scope %r is not a space-separated list of scope tokens (RFC 6749 §3.3); pass --scope ''"
+                         " for none" % scope)
     for what, url in (("--issuer", issuer), ("--device-authorization-endpoint", args.device_authorization_endpoint),
                       ("--token-endpoint", args.token_endpoint)):
         if url is not None:
@@ -5914,6 +5939,8 @@ def main(argv=None):
             _install(args.install, terminal)
             return 0
         config = _config_from_args(args, os.environ, terminal)
+        if not config.logout:
+            _check_stdout()
         http = _HttpClient(timeout=config.timeout, cafile=config.cacert, terminal=terminal)
         result = _run(config, http, terminal)
         if result is not None:
@@ -5939,6 +5966,11 @@ def main(argv=None):
     finally:
         if http is not None:
             http.close()
+
+
+def _has_control_character(text):
+    """Whether text holds a C0 or C1 control or DEL."""
+    return any(ch < "\x20" or "\x7f" <= ch <= "\x9f" for ch in text)
 
 
 def _isatty(stream):
