@@ -7365,7 +7365,8 @@ class EndToEndTests(IssuerTest):
                 script = ('eval "$1"; printf %s "$VOUCH_EMAIL"; printf "\\0";'
                           'printf %s "$VOUCH_SUBJECT"; printf "\\0"; printf %s "$VOUCH_ACCESS_TOKEN"')
                 command = ["busybox", "sh"] if shell == "busybox" else [shell]
-                proc = subprocess.run(command + ["-c", script, "sh", result.stdout], stdout=subprocess.PIPE,
+                # bytes: under LANG=C, Python 3.6 encodes str arguments as ASCII
+                proc = subprocess.run(command + ["-c", script, "sh", result.stdout.encode("utf-8")], stdout=subprocess.PIPE,
                                       timeout=30, check=True)
                 email, subject, token = proc.stdout.decode("utf-8").split("\0")
                 self.assertEqual(email, self.issuer.user["email"])
