@@ -3287,6 +3287,47 @@ class TerminalSizeTests(IssuerTest):
             row = next(row for row in rows if message in row)
             self.assertTrue(row.startswith("vouch_device_login: "), rows)
 
+    def test_polls_that_reach_no_server_say_so_on_the_live_line_until_one_does(self):
+        self.issuer.approve_after_polls = 2
+        self.issuer.enforce_interval = False
+        calls = []
+
+        def token(handler, body):
+            calls.append(body)
+            if len(calls) <= 8:
+                # the issuer gone: the connection closes without an answer
+                handler.close_connection = True
+                return None
+            return self.issuer._token(handler, dict(parse_qsl(body.decode())))
+        self.issuer.overrides["/oauth/token"] = token
+        for stream, clock in ((TtyStream(), FakeClock()), (io.StringIO(), FakeClock())):
+            with self.subTest(terminal=stream.isatty()), clean_env(TERM="xterm-256color"), \
+                    mock.patch.object(vdl, "_monotonic", clock), mock.patch.object(vdl, "_sleep", clock.sleep), \
+                    mock.patch.object(sys, "stdout", io.StringIO()), mock.patch.object(sys, "stderr", stream):
+                del calls[:]
+                code = vdl.main(["--issuer", self.issuer.issuer, "--client-id", "cli", "--no-browser"])
+                text = stream.getvalue()
+                self.assertEqual(code, 0, text)
+                origin = "cannot reach 127.0.0.1:%d (closed the connection without answering)" % self.issuer.port
+                if stream.isatty():
+                    shown = live_lines(text)
+                    trouble = [i for i, line in enumerate(shown) if line.startswith("cannot reach ")]
+                    self.assertTrue(trouble, shown)
+                    self.assertRegex(shown[trouble[0]], "; still trying, [0-9]+ min( [0-9]+ s)? left$")
+                    self.assertTrue(all(len(line) < 80 for line in shown))
+                    # cleared once a poll is answered again
+                    self.assertTrue([line for line in shown if line][-1].startswith("Waiting for approval... "),
+                                    shown[-3:])
+                else:
+                    lines = [line for line in text.splitlines() if "cannot reach" in line]
+                    self.assertEqual(len(lines), 1, text)
+                    self.assertIn(origin + "; still trying, ", lines[0])
+        # where the terminal is wide enough, the live line names the server and the reason
+        self.assertEqual(vdl._countdown_text("8 min", 100, "vouch.example:443 (Connection refused)"),
+                         "cannot reach vouch.example:443 (Connection refused); still trying, 8 min left")
+        self.assertEqual(vdl._countdown_text("8 min", 60, "vouch.example:443 (Connection refused)"),
+                         "cannot reach the issuer; still trying, 8 min left")
+
     def test_vouchs_url_code_and_a_scannable_qr_code_fit_80x24_at_once(self):
         serve_vouch_device_answer(self.issuer)
         code, stdout, screen = run_in_pty(self.args + ["--qr"], size=(24, 80))

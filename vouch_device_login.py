@@ -1536,6 +1536,20 @@ def _post_with_retries(http, url, what, form, attempts=4, headers=None, retryabl
     return last
 
 
+# Polls in a row that reach no server before the live line says so: one can be a blip.
+_UNREACHABLE_AFTER = 3
+
+
+def _unreachable_text(url, what, exc):
+    """"host:port (reason)" of a failed request, short enough for a live line."""
+    origin = _origin(url)
+    reason = str(exc)
+    for prefix in (what + ": ", origin + ": ", origin + " "):
+        if reason.startswith(prefix):
+            reason = reason[len(prefix):]
+    return "%s (%s)" % (origin.split("://", 1)[-1], reason)
+
+
 def _backoff_delay(failures, rng=None):
     """Exponential backoff with full jitter (half to all of the step)."""
     import random
@@ -1621,7 +1635,8 @@ def _present(presenter, device, terminal, *lines):
                       % (extra or "prompt", type(exc).__name__, exc))
 
 
-def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=None, rng=None, dpop=None):
+def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=None, rng=None, dpop=None,
+                   report=None):
     """Poll the token endpoint until the person approves (RFC 8628 §3.4-3.5).
 
     Returns the token response as a dict. The first poll waits `interval`;
@@ -1632,7 +1647,9 @@ def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=No
     the deadline), AccessDeniedError, ProtocolError or NetworkError. With
     `dpop` (a _DPoP) every poll carries a proof; a use_dpop_nonce answer is
     retried at once inside the same poll, so it neither counts as one nor
-    moves the next.
+    moves the next. `report`, when given, hears "origin (reason)" once
+    _UNREACHABLE_AFTER polls in a row found no server, and None when one
+    answers again.
     """
     import time
     clock = clock or _monotonic
@@ -1643,7 +1660,7 @@ def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=No
     interval = device.interval
     deadline = device.received_at + device.expires_in
     next_poll = device.received_at + interval
-    failures = 0
+    failures = unreachable = 0
     last_failure = None
     while True:
         if next_poll >= deadline:
@@ -1668,11 +1685,17 @@ def poll_for_token(http, token_endpoint, client_id, device, clock=None, sleep=No
                 response = dpop.request(http, "POST", token_endpoint, what, form)
         except NetworkError as exc:
             failures += 1
+            unreachable += 1
             last_failure = exc
             delay = max(interval, _backoff_delay(failures, rng))
             terminal.debug("poll failed (%s); next poll in %.1f s" % (exc, delay))
+            if report is not None and unreachable >= _UNREACHABLE_AFTER:
+                report(_unreachable_text(token_endpoint, what, exc))
             next_poll = clock() + delay
             continue
+        if unreachable >= _UNREACHABLE_AFTER and report is not None:
+            report(None)
+        unreachable = 0
         arrived = clock()
         status = response.status
         if status == 200:
@@ -2311,6 +2334,14 @@ class _Countdown:
         self.live = live
         self.next_plain = _monotonic() + self.PLAIN_EVERY
         self.shown = False
+        self.trouble = None
+
+    def unreachable(self, trouble):
+        """Say on the live line that polls reach no server ("origin (reason)"), or, with None, that they do again."""
+        if trouble and not self.trouble and not self.live:
+            self.terminal.info("cannot reach %s; still trying, %s left"
+                               % (trouble, _format_duration(self.deadline - _monotonic())))
+        self.trouble = trouble
 
     def sleep(self, seconds):
         """Sleep like time.sleep, updating the countdown meanwhile."""
@@ -2329,7 +2360,7 @@ class _Countdown:
         left = _format_duration(self.deadline - now)
         if self.live:
             # The width is read on every update, so a resize takes effect at the next one.
-            self.terminal.status(_countdown_text(left, self.terminal.size()[0]))
+            self.terminal.status(_countdown_text(left, self.terminal.size()[0], self.trouble))
             self.shown = True
         elif now >= self.next_plain:
             self.terminal.info("still waiting for approval; %s left" % left)
@@ -2342,13 +2373,18 @@ class _Countdown:
             self.shown = False
 
 
-def _countdown_text(left, columns):
+def _countdown_text(left, columns, trouble=None):
     """The live line for a terminal this wide: shorter wording when narrow, nothing when absurdly narrow.
 
     Always narrower than the terminal, so that it never wraps (only the last
     row of a wrapped line could be rewritten, the rest would pile up).
+    With trouble, what polls cannot reach, that comes first.
     """
-    for text in ("Waiting for approval... %s left" % left, "%s left" % left, left):
+    wordings = ("Waiting for approval... %s left" % left, "%s left" % left, left)
+    if trouble:
+        wordings = ("cannot reach %s; still trying, %s left" % (_sanitize(trouble, 200), left),
+                    "cannot reach the issuer; still trying, %s left" % left, "no connection; %s left" % left) + wordings
+    for text in wordings:
         if len(text) < columns:
             return text
     return ""
@@ -4485,7 +4521,8 @@ def _sign_in(config, http, terminal, metadata, dpop=None):
                                live=_live_allowed(terminal, config.environ))
         try:
             document = poll_for_token(http, metadata["token_endpoint"], config.client_id, device,
-                                      sleep=None if terminal.quiet else countdown.sleep, dpop=dpop)
+                                      sleep=None if terminal.quiet else countdown.sleep, dpop=dpop,
+                                      report=None if terminal.quiet else countdown.unreachable)
         except _DeviceCodeExpired:
             if restarts >= config.max_restarts:
                 raise ExpiredError("the code expired before the sign-in was approved%s"
