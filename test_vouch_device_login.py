@@ -850,6 +850,22 @@ class CacheFixture(IssuerTest):
         self.env = {"XDG_CACHE_HOME": os.path.join(self.home, "cache")}
         self.directory = os.path.join(self.home, "cache", "vouch-device-login")
 
+    def assertRefused(self, fragment, *extra):
+        """A cache that is not safe: the sign-in goes on without it, with one warning; kubectl's run fails."""
+        before = len(self.issuer.issued)
+        result = self.sign_in("--cache", *extra, env=self.env)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertFalse(result.json().get("cached"))
+        self.assertEqual(len(self.issuer.issued), before + 1)
+        warning = [line for line in result.stderr.splitlines() if "warning:" in line]
+        self.assertEqual(len(warning), 1, result.stderr)
+        self.assertIn(fragment, warning[0])
+        self.assertIn("signing in without the cache", warning[0])
+        # (past the answers kept for kubectl, which are files of their own and checked as such)
+        ttl = () if "--min-ttl" in extra else ("--min-ttl", "99999")
+        return self.assertFailed(self.sign_in("--cache", "--format", "exec-credential", *(extra + ttl), env=self.env),
+                                 2, fragment)
+
 
 # ============================================================================
 # Errors: one base class, each subclass carries its exit code (SPEC §2)
@@ -6532,13 +6548,13 @@ class CacheTests(CacheFixture):
         for mode in (0o644, 0o604, 0o640, 0o602):
             os.chmod(entry, mode)
             with self.subTest(mode=oct(mode)):
-                line = self.assertFailed(self.cached_sign_in(), 2, "readable by group or others")
+                line = self.assertRefused("readable by group or others")
                 self.assertIn("chmod 600 " + entry, line)
         os.chmod(entry, 0o600)
         for mode in (0o755, 0o705, 0o750):
             os.chmod(self.directory, mode)
             with self.subTest(mode=oct(mode)):
-                self.assertFailed(self.cached_sign_in(), 2, "chmod 700 " + self.directory)
+                self.assertRefused("chmod 700 " + self.directory)
         os.chmod(self.directory, 0o700)
 
     @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "only root can plant a file of another owner")
@@ -6546,7 +6562,7 @@ class CacheTests(CacheFixture):
         self.cached_sign_in()
         entry = os.path.join(self.directory, next(f for f in self.cache_files() if f.endswith(".json")))
         os.chown(entry, 4242, -1)
-        self.assertFailed(self.cached_sign_in(), 2, "owned by uid 4242")
+        self.assertRefused("owned by uid 4242")
 
     def test_min_ttl_decides_when_a_cached_token_is_too_old(self):
         self.cached_sign_in()
@@ -6652,16 +6668,23 @@ class CacheHardeningTests(CacheFixture):
             os.rename(path, path + ".real")
             os.symlink(path + ".real", path)
             with self.subTest(path=os.path.basename(path)):
-                self.assertFailed(self.sign_in("--cache", "--min-ttl", "30000", env=self.env), 2, "remove it")
+                self.assertRefused("remove it", "--min-ttl", "30000")
             os.unlink(path)
             os.rename(path + ".real", path)
         os.unlink(entry)
         os.mkdir(entry, 0o700)
-        self.assertFailed(self.sign_in("--cache", env=self.env), 2, "remove it")
+        self.assertRefused("remove it")
         os.rmdir(entry)
+        os.mkfifo(entry, 0o600)
+        # a FIFO is refused at once, never waited on
+        self.assertRefused("not a regular file")
+        os.unlink(entry)
         os.rename(self.directory, self.directory + ".real")
         os.symlink(self.directory + ".real", self.directory)
-        self.assertFailed(self.sign_in("--cache", env=self.env), 2, "not a directory")
+        line = self.assertRefused("is a symlink")
+        self.assertIn(self.directory, line)
+        # nothing was written through the link
+        self.assertEqual([f for f in os.listdir(self.directory + ".real") if f.endswith((".json", ".tmp"))], [])
 
     def test_corrupted_entries_are_ignored_and_replaced(self):
         self.sign_in("--cache", env=self.env)
@@ -6676,7 +6699,7 @@ class CacheHardeningTests(CacheFixture):
         with mock.patch("os.replace", side_effect=OSError(28, "No space left on device")):
             result = self.sign_in("--cache", "--min-ttl", "30000", env=self.env)
         self.assertEqual(result.code, 0, result.stderr)
-        self.assertIn("the token was not cached", result.stderr)
+        self.assertIn("the token was not saved in the cache (neither the entry nor its answers)", result.stderr)
         self.assertIn("No space left on device", result.stderr)
         self.assertEqual([f for f in os.listdir(self.directory) if f.endswith(".tmp")], [])
 

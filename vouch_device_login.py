@@ -4207,7 +4207,7 @@ def _silence_stdout():
 # Cache (--cache): one 0600 file per sign-in configuration in a 0700 directory
 # ============================================================================
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 DEFAULT_MIN_TTL = 300
 # Long enough for another process's whole sign-in, restarts aside.
 CACHE_LOCK_WAIT = MAX_EXPIRES_IN + 120
@@ -4216,7 +4216,10 @@ CACHED_JWKS_TTL = 300
 
 
 def _cache_directory(environ):
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    # XDG Base Directory: a relative XDG_CACHE_HOME is invalid and must be ignored.
+    base = environ.get("XDG_CACHE_HOME") or ""
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "vouch-device-login")
 
 
@@ -4233,19 +4236,345 @@ def _sha256(data):
     return sha256(data)
 
 
+class _CacheRefused(UsageError):
+    """The cache is not safe to use (another user could write it, a symlink, a file not ours)."""
+
+
+class _CacheUnwritable(UsageError):
+    """The cache could not be written (read-only, full, over quota, not permitted)."""
+
+
 def _check_private(path, stat_result, kind):
     """Refuse a cache file or directory another user could read or plant."""
     import stat
     geteuid = getattr(os, "geteuid", None)
     if geteuid is not None and stat_result.st_uid != geteuid():
-        raise UsageError("%s %s is owned by uid %d, not by you; remove it (rm -rf %s)"
-                         % (kind, path, stat_result.st_uid, path))
+        raise _CacheRefused("%s %s is owned by uid %d, not by you; remove it (rm -rf %s)"
+                            % (kind, path, stat_result.st_uid, path))
     if kind == "cache file" and not stat.S_ISREG(stat_result.st_mode):
-        raise UsageError("cache file %s is not a regular file; remove it" % path)
+        raise _CacheRefused("cache file %s is not a regular file; remove it (rm -rf %s)" % (path, path))
     if stat_result.st_mode & 0o077:
         wanted = "700" if kind == "cache directory" else "600"
-        raise UsageError("%s %s is readable by group or others (mode %03o); fix it with: chmod %s %s"
-                         % (kind, path, stat_result.st_mode & 0o777, wanted, path))
+        raise _CacheRefused("%s %s is readable by group or others (mode %03o); fix it with: chmod %s %s"
+                            % (kind, path, stat_result.st_mode & 0o777, wanted, path))
+
+
+def _check_ancestor(path, stat_result):
+    """OpenSSH's rule for the folders above ~/.ssh: root's or ours, and nobody else may write there."""
+    import stat
+    uid = os.geteuid()
+    if stat_result.st_uid not in (0, uid):
+        raise _CacheRefused("the folder %s above the cache belongs to uid %d, who could swap the cache; use a "
+                            "cache of your own (XDG_CACHE_HOME)" % (path, stat_result.st_uid))
+    if stat_result.st_mode & 0o022 and not stat_result.st_mode & stat.S_ISVTX:
+        raise _CacheRefused("the folder %s above the cache is writable by other users (mode %03o) without the "
+                            "sticky bit; fix it with: chmod go-w %s" % (path, stat_result.st_mode & 0o777, path))
+
+
+# Every step below the cache folder goes through its descriptor where the
+# platform can (dir_fd): a folder renamed or swapped after the checks is
+# never followed. Elsewhere (Windows) the same steps go by path.
+_AT = {os.open, os.unlink, os.rename, os.stat} <= os.supports_dir_fd
+_OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_TEMPORARY_AGE = 60
+
+
+def _open_cache_directory(directory, create):
+    """A descriptor of the cache directory, every folder from / to it checked; FileNotFoundError when absent."""
+    import stat
+    base, leaf = os.path.split(directory)
+    # Symlinks above the cache's own folder (a /home that is a link) are the system's: resolved once, then
+    # every component is opened without following one, so none can be swapped in after the check.
+    names = [name for name in os.path.realpath(base).split(os.sep) if name] + [leaf]
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(os.sep, flags)
+    shown = os.sep
+    try:
+        for name in names:
+            _check_ancestor(shown, os.fstat(fd))
+            shown = os.path.join(shown, name)
+            try:
+                child = os.open(name, flags, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    raise _CacheUnwritable("cannot create the cache directory %s: %s" % (shown, exc.strerror or exc))
+                child = os.open(name, flags, dir_fd=fd)
+            except OSError as exc:
+                if stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise _CacheRefused("%s is a symlink, which another user could point anywhere; replace it "
+                                        "with a folder of your own (rm %s)" % (shown, shown))
+                raise _CacheRefused("cannot use %s on the way to the cache: %s" % (shown, exc.strerror or exc))
+            os.close(fd)
+            fd = child
+        _check_private(directory, os.fstat(fd), "cache directory")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _Cache:
+    """The cache entry of one (issuer, client, scope, details, resources).
+
+    The directory is reached as OpenSSH reaches ~/.ssh and then used through
+    its descriptor; every file is 0600 and ours, opened without following a
+    symlink or waiting on a FIFO. Writes go to a temporary file, fsync,
+    rename, fsync of the folder: a run killed at any instant leaves the old
+    entry or the new one. The entry and, beside it, the answers a cached
+    kubectl or credential_process run prints (_fast_answers) each name the
+    sign-in they are for, checked on every load. A lock file keeps two runs
+    at once from both signing in.
+    """
+
+    def __init__(self, directory, key_parts=None, digest=None, key=None):
+        self.directory = directory
+        if key is None and digest is None:
+            import json
+            key = json.dumps(key_parts, sort_keys=True)
+        # the text the entry is named after, and that the entry and its answers carry; None: any (--logout)
+        self.key = key
+        if digest is None:
+            digest = _sha256(key.encode("utf-8")).hexdigest()[:32]
+        self.digest = digest
+        self.path = os.path.join(directory, digest + ".json")
+        self.lock_path = os.path.join(directory, digest + ".lock")
+        self.answers_path = os.path.join(directory, digest + ".answers")
+        self._lock_fd = None
+        self._dir_fd = None
+        # set by load(): the entry on disk could not be used (unparsable, too large, another sign-in's)
+        self.unreadable = None
+
+    def _directory_fd(self, create=False):
+        if self._dir_fd is None:
+            self._dir_fd = _open_cache_directory(self.directory, create)
+        return self._dir_fd
+
+    def _done(self):
+        """Close the folder's descriptor after a step, unless the lock keeps it for the steps to come."""
+        if self._dir_fd is not None and self._lock_fd is None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    def _at(self, name, create=False):
+        """(name, dir_fd) to reach a file of the cache by: relative to the folder's descriptor where possible."""
+        fd = self._directory_fd(create)
+        return (name, fd) if _AT else (os.path.join(self.directory, name), None)
+
+    def _open_private(self, name, flags, create=False):
+        """Open a cache file without following symlinks or blocking; refuse it unless it is ours, regular and 0600.
+
+        FileNotFoundError passes through.
+        """
+        target, dir_fd = self._at(name, create)
+        path = os.path.join(self.directory, name)
+        try:
+            fd = os.open(target, flags | _OPEN_FLAGS, 0o600, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            import errno
+            if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR):
+                raise _CacheRefused("cache file %s is a symlink or not a regular file; remove it (rm -rf %s)"
+                                    % (path, path))
+            raise _CacheUnwritable("cannot open the cache file %s: %s" % (path, exc.strerror or exc))
+        try:
+            _check_private(path, os.fstat(fd), "cache file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _read(self, name):
+        """A private file's bytes, or None when there is none (or no cache folder yet)."""
+        try:
+            fd = self._open_private(name, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        finally:
+            self._done()
+        with os.fdopen(fd, "rb") as handle:
+            try:
+                return handle.read(MAX_BODY_BYTES + 1)
+            except OSError as exc:
+                raise UsageError("cannot read the cache file %s: %s" % (os.path.join(self.directory, name),
+                                                                         exc.strerror or exc))
+
+    def load(self):
+        """The stored entry as a dict, or None when there is none or it cannot serve this sign-in."""
+        self.unreadable = None
+        data = self._read(self.digest + ".json")
+        if data is None:
+            return None
+        try:
+            if len(data) > MAX_BODY_BYTES:
+                raise ValueError("larger than %d bytes" % MAX_BODY_BYTES)
+            entry = _loads_json(data)
+        except ValueError:
+            self.unreadable = "it cannot be parsed"
+            return None
+        if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT \
+                or not isinstance(entry.get("result"), dict):
+            self.unreadable = "it was written by another version"
+            return None
+        if self.key is not None and entry.get("key") != self.key:
+            self.unreadable = "it was written for another sign-in (%s), not this one (%s)" % (
+                _sanitize(entry.get("key"), 200), _sanitize(self.key, 200))
+            return None
+        return entry
+
+    def save(self, entry):
+        """Write the entry and its answers, both or neither; _CacheUnwritable says what failed."""
+        import json
+        entry = dict(entry, format=CACHE_FORMAT, key=self.key)
+        files = [(self.digest + ".json", json.dumps(entry).encode("utf-8"))]
+        answers = _fast_answers(entry)
+        if answers:
+            files.append((self.digest + ".answers", answers.encode("utf-8")))
+        for name, data in files:
+            if len(data) > MAX_BODY_BYTES:
+                raise _CacheUnwritable("the cache file %s would be %d bytes, more than the %d a run reads back"
+                                       % (os.path.join(self.directory, name), len(data), MAX_BODY_BYTES))
+        temporaries = []
+        try:
+            for name, data in files:
+                temporaries.append((self._write_temporary(name, data), name))
+            # The old answers go first: they must never outlive the entry they came from.
+            self._discard(self.digest + ".answers")
+            for temporary, name in temporaries:
+                source, dir_fd = self._at(temporary)
+                os.replace(source, self._at(name)[0], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            temporaries = []
+            if _AT:
+                os.fsync(self._dir_fd)
+        except OSError as exc:
+            raise _CacheUnwritable("cannot write the cache file %s: %s"
+                                   % (exc.filename or self.path, exc.strerror or exc))
+        finally:
+            try:
+                for temporary, _name in temporaries:
+                    self._discard(temporary)
+            finally:
+                self._done()
+
+    def _write_temporary(self, name, data):
+        """A new 0600 file beside name holding data, synced; its name."""
+        temporary = ".%s.%s.tmp" % (name, _b64url_encode(os.urandom(9)))
+        fd = self._open_private(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, create=True)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            self._discard(temporary)
+            # Named after the file being written, not the temporary one.
+            raise OSError(exc.errno, exc.strerror, os.path.join(self.directory, name))
+        return temporary
+
+    def delete(self):
+        """Remove the entry and its answers; True when there was an entry."""
+        try:
+            self._discard(self.digest + ".answers")
+            return self._discard(self.digest + ".json")
+        finally:
+            self._done()
+
+    def _discard(self, name):
+        try:
+            target, dir_fd = self._at(name)
+            os.unlink(target, dir_fd=dir_fd)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _CacheUnwritable("cannot remove the cache file %s: %s"
+                                   % (os.path.join(self.directory, name), exc.strerror or exc))
+
+    def load_answers(self):
+        """The lines _fast_answers wrote for this very sign-in, or None when there are none."""
+        data = self._read(self.digest + ".answers")
+        try:
+            text = None if data is None else data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError("cannot read the cache file %s: %s" % (self.answers_path, exc))
+        header = "key\t%s\n" % self.key
+        return text[len(header):] if text is not None and text.startswith(header) else None
+
+    def acquire(self, terminal, wait=CACHE_LOCK_WAIT):
+        """Take the entry's lock, waiting (bounded) for another run holding it; then clear stale temporaries.
+
+        A lock that cannot be made (a read-only cache) is a warning: the run goes on unlocked.
+        """
+        try:
+            import fcntl
+        except ImportError:
+            terminal.debug("no fcntl here; concurrent runs are not serialised")
+            return
+        try:
+            fd = self._open_private(self.digest + ".lock", os.O_RDWR | os.O_CREAT, create=True)
+        except _CacheUnwritable as exc:
+            self._done()
+            terminal.warn("%s; going on without the lock" % exc)
+            return
+        deadline = _monotonic() + wait
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock_fd = fd
+                break
+            except OSError:
+                if _monotonic() >= deadline:
+                    os.close(fd)
+                    raise ExpiredError("gave up after %d s waiting for another sign-in to finish (%s)"
+                                       % (wait, self.lock_path))
+                if not told:
+                    terminal.info("another vouch_device_login is signing in; waiting for it")
+                    told = True
+                _sleep(0.2)
+        self._remove_stale_temporaries(terminal)
+
+    def _remove_stale_temporaries(self, terminal):
+        """Temporary files of this entry that a killed run left (they may hold tokens): gone after a minute."""
+        import stat
+        import time
+        prefixes = tuple(".%s.%s." % (self.digest, kind) for kind in ("json", "answers"))
+        try:
+            names = os.listdir(self._dir_fd if _AT else self.directory)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(prefixes) and name.endswith(".tmp"):
+                target, dir_fd = self._at(name)
+                try:
+                    status = os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
+                    if stat.S_ISREG(status.st_mode) and time.time() - status.st_mtime > _TEMPORARY_AGE:
+                        os.unlink(target, dir_fd=dir_fd)
+                        terminal.debug("removed %s, left by a run that was killed" % name)
+                except OSError:
+                    pass
+
+    def release(self, remove=False):
+        """Let the next run in; closing the descriptor drops the flock.
+
+        remove=True deletes the lock file first, while it is still held: a
+        run waiting on it then signs in anew, which is all it would have done.
+        """
+        if self._lock_fd is not None:
+            if remove:
+                try:
+                    self._discard(self.digest + ".lock")
+                except UsageError:
+                    pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._done()
 
 
 def _write_replacing(path, data, mode):
@@ -4277,174 +4606,6 @@ def _write_replacing(path, data, mode):
             # Named after the file being written, not the temporary one.
             raise OSError(exc.errno, exc.strerror, path)
         raise
-
-
-class _Cache:
-    """The cache entry of one (issuer, client, scope, details, resources).
-
-    Written atomically (temporary file, then rename), every file 0600, the
-    directory 0700, and a lock file so that two runs at once do not both
-    start a sign-in. Beside the entry, the answers a cached kubectl or
-    credential_process run prints (_fast_answers), readable without json.
-    """
-
-    def __init__(self, directory, key_parts=None, digest=None):
-        self.directory = directory
-        if digest is None:
-            import json
-            digest = _sha256(json.dumps(key_parts, sort_keys=True).encode("utf-8")).hexdigest()[:32]
-        self.path = os.path.join(directory, digest + ".json")
-        self.lock_path = os.path.join(directory, digest + ".lock")
-        self.answers_path = os.path.join(directory, digest + ".answers")
-        self._lock_fd = None
-
-    def _ensure_directory(self):
-        # Since Python 3.7 makedirs applies its mode to the leaf only: the umask
-        # keeps a missing ~/.cache from being created open to everyone.
-        old_umask = os.umask(0o077)
-        try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise UsageError("cannot create the cache directory %s: %s" % (self.directory, exc.strerror or exc))
-        finally:
-            os.umask(old_umask)
-        self._check_directory()
-
-    def _check_directory(self):
-        import stat
-        try:
-            stat_result = os.lstat(self.directory)
-        except OSError as exc:
-            raise UsageError("cannot use the cache directory %s: %s" % (self.directory, exc.strerror or exc))
-        if not stat.S_ISDIR(stat_result.st_mode):
-            raise UsageError("cache directory %s is not a directory (a symlink?); remove it" % self.directory)
-        _check_private(self.directory, stat_result, "cache directory")
-
-    def _open_private(self, path, flags):
-        """Open a cache file without following symlinks; refuse it unless it is ours and private.
-
-        FileNotFoundError passes through; every other problem is a UsageError.
-        """
-        try:
-            fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise UsageError("cannot open the cache file %s: %s; remove it" % (path, exc.strerror or exc))
-        try:
-            _check_private(path, os.fstat(fd), "cache file")
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def _read(self, path):
-        """A private file's bytes (at most one more than the cap), or None when there is none."""
-        try:
-            fd = self._open_private(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        with os.fdopen(fd, "rb") as handle:
-            self._check_directory()
-            try:
-                return handle.read(MAX_BODY_BYTES + 1)
-            except OSError as exc:
-                raise UsageError("cannot read the cache file %s: %s" % (path, exc.strerror or exc))
-
-    def load(self):
-        """The stored entry as a dict, or None when there is none."""
-        data = self._read(self.path)
-        if data is None:
-            return None
-        try:
-            entry = _loads_json(data)
-        except ValueError:
-            return None
-        if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT \
-                or not isinstance(entry.get("result"), dict):
-            return None
-        return entry
-
-    def save(self, entry):
-        """Write the entry atomically, readable by its owner only; UsageError on failure."""
-        import json
-        self._ensure_directory()
-        entry = dict(entry, format=CACHE_FORMAT)
-        # The old answers go first: they must never outlive the entry they came from.
-        self._discard_answers()
-        try:
-            _write_replacing(self.path, json.dumps(entry).encode("utf-8"), 0o600)
-            answers = _fast_answers(entry)
-            if answers:
-                _write_replacing(self.answers_path, answers.encode("utf-8"), 0o600)
-        except OSError as exc:
-            raise UsageError("cannot write the cache file %s: %s" % (exc.filename or self.path, exc.strerror or exc))
-
-    def delete(self):
-        """Remove the entry; True when there was one."""
-        self._discard_answers()
-        try:
-            os.unlink(self.path)
-            return True
-        except FileNotFoundError:
-            return False
-
-    def _discard_answers(self):
-        try:
-            os.unlink(self.answers_path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise UsageError("cannot remove the cache file %s: %s" % (self.answers_path, exc.strerror or exc))
-
-    def load_answers(self):
-        """The text _fast_answers wrote, or None when there is none."""
-        data = self._read(self.answers_path)
-        try:
-            return None if data is None else data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise UsageError("cannot read the cache file %s: %s" % (self.answers_path, exc))
-
-    def acquire(self, terminal, wait=CACHE_LOCK_WAIT):
-        """Take the entry's lock, waiting (bounded) for another run holding it."""
-        try:
-            import fcntl
-        except ImportError:
-            terminal.debug("no fcntl here; concurrent runs are not serialised")
-            return
-        self._ensure_directory()
-        fd = self._open_private(self.lock_path, os.O_RDWR | os.O_CREAT)
-        deadline = _monotonic() + wait
-        told = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._lock_fd = fd
-                return
-            except OSError:
-                if _monotonic() >= deadline:
-                    os.close(fd)
-                    raise ExpiredError("gave up after %d s waiting for another sign-in to finish (%s)"
-                                       % (wait, self.lock_path))
-                if not told:
-                    terminal.info("another vouch_device_login is signing in; waiting for it")
-                    told = True
-                _sleep(0.2)
-
-    def release(self, remove=False):
-        """Let the next run in; closing the descriptor drops the flock.
-
-        remove=True deletes the lock file first, while it is still held: a
-        run waiting on it then signs in anew, which is all it would have done.
-        """
-        if self._lock_fd is not None:
-            if remove:
-                try:
-                    os.unlink(self.lock_path)
-                except FileNotFoundError:
-                    pass
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
 
 def _reusable(entry, min_ttl, now, dpop=False, dpop_alg=None):
@@ -4806,30 +4967,38 @@ def _run(config, http, terminal):
         return None
     if config.inspect is not None:
         return _inspect(config, http)
-    if not config.cache:
+    cache = _cache_for(config) if config.cache else None
+    entry = result = None
+    if cache is not None:
+        try:
+            entry = _load_warning(cache, terminal)
+            result = _reusable_for(config, entry, time.time())
+            if result is None:
+                cache.acquire(terminal)
+        except _CacheRefused as exc:
+            # kubectl and credential_process would sign in on every command without it: theirs is an error
+            if config.output_format in ("exec-credential", "aws"):
+                raise
+            terminal.warn("%s; signing in without the cache" % exc)
+            cache.release()
+            cache = None
+    if cache is None:
         result = _fresh_result(config, http, terminal, None)[0]
         _check_policy(config, result)
         if config.aws_role_arn:
             _add_aws_credentials(config, http, terminal, result)
         terminal.info(_summary(result, time.time()))
         return result
-    cache = _cache_for(config)
-    entry = cache.load()
-    result = _reusable_for(config, entry, time.time())
     if result is None:
-        cache.acquire(terminal)
         try:
-            entry = cache.load()
+            entry = _load_warning(cache, terminal) if cache.unreadable is None else cache.load()
             result = _reusable_for(config, entry, time.time())
             if result is None:
                 result, metadata, source = _fresh_result(config, http, terminal, entry)
                 stored = {"result": result, "metadata": _metadata_subset(metadata)}
                 if source.fetched_at is not None:
                     stored.update(jwks=source.jwks, jwks_fetched_at=source.fetched_at)
-                try:
-                    cache.save(stored)
-                except UsageError as exc:
-                    terminal.warn("the token was not cached: %s" % exc)
+                _save_or_warn(cache, stored, entry, terminal)
                 result["cached"] = False
         finally:
             cache.release()
@@ -4855,6 +5024,35 @@ def _run(config, http, terminal):
     quiet_hit = result.get("cached") and config.output_format in ("exec-credential", "aws")
     (terminal.debug if quiet_hit else terminal.info)(_summary(result, time.time()))
     return result
+
+
+def _load_warning(cache, terminal):
+    """cache.load(), saying why an entry that is there cannot serve this sign-in."""
+    entry = cache.load()
+    if cache.unreadable:
+        terminal.warn("the cache entry %s is not used: %s; signing in again" % (cache.path, cache.unreadable))
+    return entry
+
+
+def _save_or_warn(cache, stored, old, terminal):
+    """Save a new sign-in; when the cache cannot take it, the token is still printed and the warning says so.
+
+    The old entry goes too when its refresh token was just spent: presented
+    again, a rotating issuer would take it for theft and end the session.
+    """
+    try:
+        cache.save(stored)
+        return
+    except UsageError as exc:
+        problem = str(exc)
+    spent = (old or {}).get("result", {}).get("refresh_token")
+    if spent and spent != stored["result"].get("refresh_token"):
+        try:
+            cache.delete()
+            problem += "; the old entry was removed, as its refresh token is spent"
+        except UsageError:
+            problem += "; the old refresh token is spent, so the next run signs in again"
+    terminal.warn("the token was not saved in the cache (neither the entry nor its answers): %s" % problem)
 
 
 def _summary(result, now):
@@ -4908,9 +5106,16 @@ def _logout(config, http, terminal):
     Whatever scope, resources or authorization details a sign-in was made
     with, it is the same person's session with this client: all of them go.
     """
+    own = _cache_for(config)
+    own.load()
+    if own.unreadable:
+        # Unreadable, it could still be served by its answers; whoever it was for, it goes.
+        own.delete()
+        terminal.info("removed the cache entry %s and its answers: %s" % (own.path, own.unreadable))
     caches = _cached_sign_ins(config)
     if not caches:
-        terminal.info("no cached sign-in of client %s at %s to remove" % (config.client_id, config.issuer))
+        if not own.unreadable:
+            terminal.info("no cached sign-in of client %s at %s to remove" % (config.client_id, config.issuer))
         return
     discovered = None
     failures = []
@@ -4946,11 +5151,15 @@ def _cached_sign_ins(config):
     """The cache entries of the configured issuer and client id, whatever else they were made with."""
     directory = _cache_directory(config.environ)
     try:
-        names = sorted(os.listdir(directory))
+        fd = _open_cache_directory(directory, create=False)
     except FileNotFoundError:
         return []
+    try:
+        names = sorted(os.listdir(fd if _AT else directory))
     except OSError as exc:
         raise UsageError("cannot use the cache directory %s: %s" % (directory, exc.strerror or exc))
+    finally:
+        os.close(fd)
     caches = []
     for name in names:
         digest, _dot, extension = name.partition(".")
@@ -5353,7 +5562,11 @@ def _fast_answers(entry):
     slots = entry.get("aws")
     for slot, value in sorted(slots.items()) if isinstance(slots, dict) else ():
         lines.append(("aws " + slot, value["expires_at"], render_output(dict(result, aws=value["credentials"]), "aws")))
-    return "".join("%s\t%d\t%s\t%s" % (tag, until, facts, output) for tag, until, output in lines)
+    if not lines:
+        return ""
+    # The sign-in these answers are for: _cached_credential serves them only to the very same one.
+    return "key\t%s\n" % entry["key"] + "".join("%s\t%d\t%s\t%s" % (tag, until, facts, output)
+                                                for tag, until, output in lines)
 
 
 def _cached_credential(argv, environ):
@@ -5409,8 +5622,7 @@ def _cached_credential(argv, environ):
     if any(not "\x20" <= ch <= "\x7e" or ch in "\"\\" for part in key for ch in part):
         return None
     # For such values this is the very text _Cache hashes: json.dumps([issuer, client_id, scope, None, []]).
-    answers = _Cache(_cache_directory(environ), digest=_sha256(
-        ('["%s", "%s", "%s", null, []]' % key).encode("ascii")).hexdigest()[:32]).load_answers()
+    answers = _Cache(_cache_directory(environ), key='["%s", "%s", "%s", null, []]' % key).load_answers()
     if output_format == "aws":
         endpoint = _sts_endpoint(values.get("--aws-sts-endpoint"), values.get("--aws-region"), environ)[0]
         tag = "aws " + _aws_slot(_Config(aws_sts_endpoint=endpoint, aws_role_arn=role_arn,
