@@ -408,6 +408,9 @@ class LocalIssuer(LocalServer):
         self.devices = {}
         self.issued = []
         self.refresh_issued = []
+        # rotated refresh tokens; one presented again is taken for theft, and the whole session ends
+        self.refresh_spent = set()
+        self.reuse_detected = 0
         self.revoked = []
         self._buckets = {}
         self._blocked_until = {}
@@ -705,6 +708,10 @@ class LocalIssuer(LocalServer):
                 and self.bound.get(form["refresh_token"]) == jkt
             if known:
                 self.refresh_issued.remove(form["refresh_token"])
+                self.refresh_spent.add(form["refresh_token"])
+            elif form.get("refresh_token") in self.refresh_spent:
+                self.reuse_detected += 1
+                del self.refresh_issued[:]
         if not known:
             return handler.send(400, {"error": "invalid_grant", "error_description": "unknown refresh token"})
         handler.send(200, self._tokens(form["client_id"], "openid email", jkt))
@@ -771,7 +778,7 @@ class Result:
 
 @contextlib.contextmanager
 def clean_env(**extra):
-    saved = {k: os.environ.pop(k) for k in _ENV_KEYS if k in os.environ}
+    saved = {k: os.environ.pop(k) for k in _ENV_KEYS + tuple(extra) if k in os.environ}
     os.environ.update(extra)
     try:
         yield
@@ -6643,6 +6650,189 @@ class CacheTests(CacheFixture):
         self.assertEqual(len(self.issuer.devices), 1)
         self.assertEqual(outputs[0][0], outputs[1][0])
         self.assertTrue(any(b"another vouch_device_login is signing in" in err for _, err in outputs), outputs)
+
+
+class CacheFaultTests(CacheFixture):
+    """Issue 18: no other user can swap the cache, no other sign-in is served from it, no fault loses a token."""
+
+    issuer_options = {"rate_limit": False, "refresh_tokens": True, "enforce_interval": False}
+
+    def cached(self, *extra, **kwargs):
+        return self.sign_in("--cache", *extra, env=dict(self.env, **kwargs.pop("env", {})), **kwargs)
+
+    def files(self, suffix):
+        return sorted(os.path.join(self.directory, f) for f in os.listdir(self.directory) if f.endswith(suffix))
+
+    def child(self, args, env=None, client="cli", **popen):
+        environment = dict(_child_env(), **self.env)
+        environment.update(env or {})
+        return subprocess.Popen([sys.executable, SCRIPT, "--issuer", self.issuer.issuer, "--client-id", client] + args,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=environment, cwd=HERE, **popen)
+
+    def test_a_parent_folder_others_can_write_is_refused_unless_sticky(self):
+        shared = os.path.join(self.home, "shared")
+        os.mkdir(shared)
+        os.chmod(shared, 0o777)
+        self.env = {"XDG_CACHE_HOME": os.path.join(shared, "cache")}
+        self.directory = os.path.join(shared, "cache", "vouch-device-login")
+        line = self.assertRefused("writable by other users (mode 777) without the sticky bit")
+        self.assertIn("chmod go-w " + shared, line)
+        self.assertFalse(os.path.exists(os.path.join(shared, "cache")))
+        # /tmp's way: the sticky bit keeps others from renaming what is not theirs
+        os.chmod(shared, 0o1777)
+        self.assertEqual(self.cached().code, 0)
+        self.assertIs(self.cached().json()["cached"], True)
+
+    def test_another_sign_ins_entry_copied_over_is_never_served(self):
+        self.issuer.clients.add("other")
+        a = self.cached("--format", "exec-credential").stdout
+        b_run = run_main(["--issuer", self.issuer.issuer, "--client-id", "other", "--cache"], env=self.env)
+        self.assertEqual(b_run.code, 0, b_run.stderr)
+        token_a = json.loads(a)["status"]["token"]
+        names = {}
+        for path in self.files(".json"):
+            with open(path) as handle:
+                names[json.load(handle)["result"]["client_id"]] = path[:-len(".json")]
+        for args in (["--cache"], ["--cache", "--format", "exec-credential"]):
+            with self.subTest(args=args):
+                for suffix in (".json", ".answers"):
+                    shutil.copy(names["cli"] + suffix, names["other"] + suffix)
+                self.issuer.approve_after_polls = 0
+                result = run_main(["--issuer", self.issuer.issuer, "--client-id", "other"] + args, env=self.env)
+                self.assertEqual(result.code, 0, result.stderr)
+                self.assertNotIn(token_a, result.stdout)
+                self.assertIn("written for another sign-in", result.stderr)
+        # the exec-credential fast path too, in a process of its own
+        for suffix in (".json", ".answers"):
+            shutil.copy(names["cli"] + suffix, names["other"] + suffix)
+        proc = self.child(["--format", "exec-credential", "--cache"], client="other")
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertNotIn(token_a.encode(), out)
+        self.assertIn(b"written for another sign-in", err)
+
+    def test_a_relative_xdg_cache_home_is_ignored(self):
+        folder = os.path.realpath(__import__("tempfile").mkdtemp())
+        self.addCleanup(shutil.rmtree, folder)
+        cwd = os.getcwd()
+        os.chdir(folder)
+        self.addCleanup(os.chdir, cwd)
+        result = self.sign_in("--cache", env={"XDG_CACHE_HOME": "relative/cache", "HOME": self.home})
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertFalse(os.path.exists(os.path.join(folder, "relative")))
+        self.assertTrue(os.listdir(os.path.join(self.home, ".cache", "vouch-device-login")))
+
+    def test_a_read_only_cache_still_prints_the_refreshed_token(self):
+        import errno
+        first = self.cached().json()
+        real_open = os.open
+
+        def read_only(path, flags, *args, **kwargs):
+            if (kwargs.get("dir_fd") is not None or str(path).startswith(self.directory)) \
+                    and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real_open(path, flags, *args, **kwargs)
+        with mock.patch.object(os, "open", read_only):
+            result = self.cached("--min-ttl", "30000", approve=False)
+        self.assertEqual(result.code, 0, result.stderr)
+        out = result.json()
+        self.assertNotEqual(out["access_token"], first["access_token"])
+        self.assertEqual(len(self.issuer.devices), 1)
+        self.assertIn("Read-only file system; going on without the lock", result.stderr)
+        self.assertIn("the token was not saved in the cache", result.stderr)
+        self.assertIn("refresh token is spent", result.stderr)
+
+    def test_a_full_disk_saves_both_files_or_neither(self):
+        import resource
+        self.cached()
+        sizes = sorted(os.path.getsize(path) for path in self.files(".json") + self.files(".answers"))
+        # room for the smaller file but not the larger: RLIMIT_FSIZE makes writes past it fail with EFBIG
+        limit = (sizes[0] + sizes[1]) // 2
+
+        def small_files():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        proc = self.child(["--cache", "--min-ttl", "30000"], preexec_fn=small_files)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertTrue(json.loads(out.decode())["access_token"])
+        self.assertIn(b"the token was not saved in the cache (neither the entry nor its answers)", err)
+        self.assertIn(b"File too large", err)
+        self.assertEqual(self.files(".tmp"), [])
+        self.assertEqual((self.files(".json"), self.files(".answers")), ([], []))
+        # and the next run signs in anew, with room again
+        self.issuer.approve_after_polls = 0
+        self.assertEqual(self.cached().code, 0)
+
+    def test_an_entry_larger_than_a_run_reads_is_not_saved_and_logout_removes_an_unreadable_one(self):
+        # the limit a load applies is the one a save applies: what cannot be read back is never written
+        cache = vdl._Cache(self.directory, [self.issuer.issuer, "cli", "openid email", None, []])
+        with self.assertRaisesRegex(vdl.UsageError, "more than the %d a run reads back" % vdl.MAX_BODY_BYTES):
+            cache.save({"result": {"access_token": "t", "padding": "x" * vdl.MAX_BODY_BYTES}})
+        self.assertFalse(os.path.exists(self.directory) and self.files(".json"))
+        self.assertEqual(self.cached().code, 0)
+        entry, = self.files(".json")
+        with open(entry) as handle:
+            stored = json.load(handle)
+        with open(entry, "w") as handle:
+            json.dump(dict(stored, padding="x" * vdl.MAX_BODY_BYTES), handle)
+        self.assertIsNone(cache.load())
+        self.assertEqual(cache.unreadable, "it is larger than the %d bytes a run reads" % vdl.MAX_BODY_BYTES)
+        with open(entry, "w") as handle:
+            handle.write("{not json")
+        self.assertTrue(self.files(".answers"))
+        result = self.sign_in("--logout", env=self.env)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIn("removed the cache entry %s and its answers: it cannot be parsed" % entry, result.stderr)
+        self.assertEqual((self.files(".json"), self.files(".answers")), ([], []))
+
+    def test_stale_temporaries_are_removed_under_the_lock(self):
+        self.cached()
+        digest = os.path.basename(self.files(".json")[0])[:-len(".json")]
+        stale, fresh = (os.path.join(self.directory, ".%s.json.%s.tmp" % (digest, tag)) for tag in ("old", "new"))
+        for path in (stale, fresh):
+            with open(path, "w") as handle:
+                handle.write('{"result": {"access_token": "leaked"}}')
+        os.utime(stale, (time.time() - 120, time.time() - 120))
+        self.assertEqual(self.cached("--min-ttl", "30000").code, 0)
+        self.assertEqual(self.files(".tmp"), [fresh])
+
+    def test_a_refresh_killed_at_any_instant_loses_nothing(self):
+        import signal
+        self.cached()
+        rng = random.Random(18)
+        for round_ in range(12):
+            proc = self.child(["--cache", "--min-ttl", "30000", "--format", "token"])
+            time.sleep(rng.uniform(0.02, 0.25))
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=30)
+            for path in self.files(".json"):
+                with open(path) as handle:
+                    self.assertIn("access_token", json.load(handle)["result"])
+            for path in self.files(".tmp"):
+                # a killed run's temporary: cleared by the next run once it is old
+                os.utime(path, (time.time() - 120, time.time() - 120))
+        self.issuer.approve_after_polls = 0
+        result = self.cached("--min-ttl", "30000")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(self.files(".tmp"), [])
+
+    def test_sixteen_runs_at_expiry_make_one_refresh_and_no_device_request(self):
+        self.cached()
+        entry, = self.files(".json")
+        with open(entry) as handle:
+            stored = json.load(handle)
+        # ten seconds left: every run wants a new token, and the first one's serves all the others
+        stored["result"]["expires_at"] = int(time.time()) + 10
+        with open(entry, "w") as handle:
+            json.dump(stored, handle)
+        devices = len(self.issuer.devices)
+        procs = [self.child(["--cache", "--format", "token"]) for _ in range(16)]
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+        self.assertEqual([proc.returncode for proc in procs], [0] * 16, outputs)
+        self.assertEqual(len({out for out, _ in outputs}), 1)
+        refreshes = [r for r in self.issuer.requests if b"grant_type=refresh_token" in r["body"]]
+        self.assertEqual((len(refreshes), len(self.issuer.devices) - devices, self.issuer.reuse_detected), (1, 0, 0))
 
 
 class CacheHardeningTests(CacheFixture):

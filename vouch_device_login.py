@@ -4411,9 +4411,10 @@ class _Cache:
         data = self._read(self.digest + ".json")
         if data is None:
             return None
+        if len(data) > MAX_BODY_BYTES:
+            self.unreadable = "it is larger than the %d bytes a run reads" % MAX_BODY_BYTES
+            return None
         try:
-            if len(data) > MAX_BODY_BYTES:
-                raise ValueError("larger than %d bytes" % MAX_BODY_BYTES)
             entry = _loads_json(data)
         except ValueError:
             self.unreadable = "it cannot be parsed"
