@@ -24,15 +24,16 @@ $(VENV)/.installed: Makefile
 	@$(VENV_PY) -m pip install --quiet --disable-pip-version-check $(TEST_PACKAGES)
 	@touch $@
 
-# PyPy3 and zsh widen the matrix, kubectl judges --format exec-credential; install
-# them where this machine allows it (root with apt), and go on without them elsewhere.
+# PyPy3 widens the matrix, zsh, dash and busybox judge --format shell, kubectl judges
+# --format exec-credential; install them where this machine allows it (root with apt),
+# and go on without them elsewhere.
 system-deps:
-	@if { ! command -v pypy3 || ! command -v zsh || ! command -v kubectl; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
-	    && command -v apt-get >/dev/null; then \
-	  echo "installing pypy3, zsh and kubectl (kubernetes-client) for the test matrix"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pypy3 zsh \
+	@if { ! command -v pypy3 || ! command -v zsh || ! command -v dash || ! command -v busybox \
+	      || ! command -v kubectl; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing pypy3, zsh, dash, busybox and kubectl (kubernetes-client) for the test matrix"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pypy3 zsh dash busybox \
 	    $$(command -v kubectl >/dev/null || echo kubernetes-client)) >/dev/null 2>&1 \
-	    || echo "note: could not install pypy3/zsh/kubectl; testing without them"; \
+	    || echo "note: could not install pypy3/zsh/dash/busybox/kubectl; testing without them"; \
 	fi
 
 # The matrix: the venv (every test), then each interpreter found, stdlib only.
