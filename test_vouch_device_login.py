@@ -733,6 +733,47 @@ class LocalIssuer(LocalServer):
 
 
 # ============================================================================
+# Running the suite: how long each test took
+# ============================================================================
+
+def _time_each_test(result, durations):
+    """Record in durations (test id -> seconds) how long each test the result sees takes."""
+    start, stop, began = result.startTest, result.stopTest, {}
+
+    def start_test(test):
+        began[test] = time.monotonic()
+        start(test)
+
+    def stop_test(test):
+        stop(test)
+        durations.setdefault(test.id(), time.monotonic() - began.pop(test))
+
+    result.startTest, result.stopTest = start_test, stop_test
+
+
+class _Suite(unittest.TestSuite):
+    """The module's tests. With VDL_TEST_TIMES set, writes "seconds test-id" lines
+    to that file, slowest first: `make test` shows the slowest from it."""
+
+    def run(self, result, debug=False):
+        times = os.environ.get("VDL_TEST_TIMES")
+        durations = {}
+        if times and not debug:
+            _time_each_test(result, durations)
+        unittest.TestSuite.run(self, result, debug)
+        if times and not debug:
+            with open(times, "w") as handle:
+                handle.writelines("%.2f %s\n" % (seconds, test_id)
+                                  for test_id, seconds in sorted(durations.items(), key=lambda item: -item[1]))
+        return result
+
+
+def load_tests(loader, tests, pattern):
+    """The unittest load_tests protocol: this module's tests as one _Suite."""
+    return _Suite([tests])
+
+
+# ============================================================================
 # Helpers for driving the real CLI
 # ============================================================================
 
