@@ -88,10 +88,12 @@ def _ec_mul_base(k):
     The test issuer signs hundreds of tokens; this keeps that from dominating the suite.
     """
     if not _G_POWERS:
-        point = P256_G
+        # Built aside and put in place whole: tests on other threads may be signing too.
+        powers, point = [], P256_G
         for _ in range(256):
-            _G_POWERS.append(point)
+            powers.append(point)
             point = _ec_add(point, point)
+        _G_POWERS[:] = powers
     p = P256_P
     X = Y = Z = None
     for i in range(k.bit_length()):
@@ -733,8 +735,91 @@ class LocalIssuer(LocalServer):
 
 
 # ============================================================================
-# Running the suite: how long each test took
+# Running the suite: independent tests at once, and how long each took
 # ============================================================================
+
+# Independent tests wait on processes, servers and sleeps, not on this
+# interpreter: this many at a time keep two cores busy.
+INDEPENDENT_AT_ONCE = 8
+
+
+def independent(test):
+    """Mark a test that the suite may run on a thread beside other marked ones.
+
+    It patches nothing process-wide (no mock.patch, run_main, os.environ,
+    umask or working directory) and shares no file with another test: it
+    drives processes and servers of its own.
+    """
+    test.independent = True
+    return test
+
+
+class _RecordedResult(unittest.TestResult):
+    """What one test reported, kept to be passed on to the real result in order."""
+
+    def __init__(self):
+        unittest.TestResult.__init__(self)
+        self.calls = []
+        self.seconds = 0.0
+
+    def startTest(self, test):
+        self.seconds = time.monotonic()
+
+    def stopTest(self, test):
+        self.seconds = time.monotonic() - self.seconds
+
+    def replay(self, test, result):
+        result.startTest(test)
+        for name, args in self.calls:
+            getattr(result, name)(*args)
+        result.stopTest(test)
+
+
+def _recorder(name):
+    def record(self, *args):
+        self.calls.append((name, args))
+    return record
+
+
+# addDuration: Python 3.12 and later.
+for _name in ("addSuccess", "addError", "addFailure", "addSkip", "addExpectedFailure", "addUnexpectedSuccess",
+              "addSubTest", "addDuration"):
+    setattr(_RecordedResult, _name, _recorder(_name))
+
+
+def _run_independent(tests, result, durations):
+    """Run the tests INDEPENDENT_AT_ONCE at a time, then report each, in order."""
+    recorded = [_RecordedResult() for _ in tests]
+    pending = list(range(len(tests)))
+    lock = threading.Lock()
+
+    def work():
+        while not result.shouldStop:
+            with lock:
+                if not pending:
+                    return
+                index = pending.pop(0)
+            tests[index].run(recorded[index])
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(INDEPENDENT_AT_ONCE, len(tests)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for test, record in zip(tests, recorded):
+        if record.calls:
+            durations[test.id()] = record.seconds
+            record.replay(test, result)
+
+
+def _flat(suite):
+    """Every test in the suite and the suites it holds, in order."""
+    for test in suite:
+        if isinstance(test, unittest.TestSuite):
+            yield from _flat(test)
+        else:
+            yield test
+
 
 def _time_each_test(result, durations):
     """Record in durations (test id -> seconds) how long each test the result sees takes."""
@@ -752,16 +837,25 @@ def _time_each_test(result, durations):
 
 
 class _Suite(unittest.TestSuite):
-    """The module's tests. With VDL_TEST_TIMES set, writes "seconds test-id" lines
-    to that file, slowest first: `make test` shows the slowest from it."""
+    """The module's tests: the @independent ones first, at once, then the others in order.
+
+    With VDL_TEST_TIMES set, writes "seconds test-id" lines to that file,
+    slowest first: `make test` shows the slowest from it.
+    """
 
     def run(self, result, debug=False):
+        if debug:
+            return unittest.TestSuite.run(self, result, debug)
         times = os.environ.get("VDL_TEST_TIMES")
         durations = {}
-        if times and not debug:
+        if times:
             _time_each_test(result, durations)
-        unittest.TestSuite.run(self, result, debug)
-        if times and not debug:
+        tests = list(_flat(self))
+        marked = [test for test in tests
+                  if getattr(getattr(test, getattr(test, "_testMethodName", ""), None), "independent", False)]
+        _run_independent(marked, result, durations)
+        unittest.TestSuite([test for test in tests if test not in marked]).run(result)
+        if times:
             with open(times, "w") as handle:
                 handle.writelines("%.2f %s\n" % (seconds, test_id)
                                   for test_id, seconds in sorted(durations.items(), key=lambda item: -item[1]))
@@ -1244,6 +1338,7 @@ class HostileServerTests(IssuerTest):
                 with self.subTest(endpoint=endpoint, case=name):
                     self.assertFailed(self.run_against(endpoint, answer), 5, fragment)
 
+    @independent
     def test_a_trickling_body_is_cut_off_by_the_total_time_limit(self):
         self.issuer.approve_after_polls = 0
         self.issuer.overrides[ENDPOINTS["device"]] = trickle_body
@@ -1446,6 +1541,7 @@ class HostileEdgeCaseTests(IssuerTest):
         self.assertFailed(result, 2, "proxy.corp:99999")
         self.assertNotIn("hunter2", result.stderr)
 
+    @independent
     def test_broken_or_closed_stdout(self):
         for args in (["--version"], ["--issuer", self.issuer.issuer, "--client-id", "cli"]):
             self.issuer.approve_after_polls = 0
@@ -2104,6 +2200,7 @@ except OSError:
             IssuerTest.assertFailed(self, run_main(["--issuer", issuer.issuer, "--client-id", "cli"]), 6,
                                     "invalid host name")
 
+    @independent
     def test_a_kept_alive_connection_closed_while_idle_is_replaced(self):
         """HAProxy and Node answer 408 as they close an idle connection; others just close it."""
         def idle_close(how):
@@ -2366,6 +2463,7 @@ class PollerTests(IssuerTest):
         for failures, delay in enumerate(clock.sleeps[1:5], start=1):
             self.assertTrue(2 ** failures / 2 <= delay <= 2 ** failures, clock.sleeps)
 
+    @independent
     def test_no_poll_starts_after_the_deadline_whatever_the_endpoint_does(self):
         def reset(handler, body):
             handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
@@ -3060,6 +3158,7 @@ class TerminalPromptTests(IssuerTest):
         self.issuer.approve_after_polls = 1
         self.args = ["--issuer", self.issuer.issuer, "--client-id", "cli"]
 
+    @independent
     def test_live_prompt_with_qr_countdown_and_clipboard(self):
         code, stdout, screen = run_in_pty(self.args + ["--qr", "--copy", "--no-browser"])
         self.assertEqual(code, 0, screen)
@@ -3081,6 +3180,7 @@ class TerminalPromptTests(IssuerTest):
             self.assertEqual(decoded_text(modules_from_text(qr_lines)), self.issuer.issuer +
                              "/device?user_code=" + device["user_code"])
 
+    @independent
     def test_no_color_keeps_the_prompt_plain(self):
         code, _, screen = run_in_pty(self.args + ["--qr", "--no-browser"], env={"NO_COLOR": "1"})
         self.assertEqual(code, 0, screen)
@@ -3090,12 +3190,14 @@ class TerminalPromptTests(IssuerTest):
         # NO_COLOR is about colour only: the countdown still runs, uncoloured.
         self.assertIn("\r\x1b[KWaiting for approval... ", screen)
 
+    @independent
     def test_a_dumb_terminal_gets_plain_lines_instead_of_the_countdown(self):
         code, _, screen = run_in_pty(self.args + ["--no-browser"], env={"TERM": "dumb"})
         self.assertEqual(code, 0, screen)
         self.assertNotIn("\x1b", screen)
         self.assertIn("To sign in, open", screen)
 
+    @independent
     def test_browser_opens_only_where_a_person_can_see_it(self):
         folder = __import__("tempfile").mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
@@ -3182,6 +3284,7 @@ class TerminalSizeTests(IssuerTest):
         self.issuer.approve_after_polls = 2
         self.args = ["--issuer", self.issuer.issuer, "--client-id", "cli", "--no-browser"]
 
+    @independent
     def test_the_countdown_never_wraps_or_piles_up_on_a_narrow_terminal(self):
         for columns in (30, 12, 4):
             with self.subTest(columns=columns):
@@ -3200,6 +3303,7 @@ class TerminalSizeTests(IssuerTest):
                 self.assertEqual(len(screen_while_waiting(screen, columns)), len(rows) + (rows[-1] != ""))
                 self.assertIn(self.issuer.issuer[:columns], "".join(rows))
 
+    @independent
     def test_the_countdown_follows_a_resize(self):
         self.issuer.approve_after_polls = 3
         code, _, screen = run_in_pty(self.args, size=(24, 80), resize=(24, 20))
@@ -3210,6 +3314,7 @@ class TerminalSizeTests(IssuerTest):
         # A terminal that reflows wrapped the wider line in two: both rows are erased.
         self.assertRegex(screen, "\r\x1b\\[1A\x1b\\[J[0-9]+ min")
 
+    @independent
     def test_messages_clear_the_live_line_and_bring_it_back_after(self):
         code, _, screen = run_in_pty(self.args + ["-v"], size=(24, 200))
         self.assertEqual(code, 0, screen)
@@ -3234,6 +3339,7 @@ class TerminalSizeTests(IssuerTest):
             row = next(row for row in rows if message in row)
             self.assertTrue(row.startswith("vouch_device_login: "), rows)
 
+    @independent
     def test_vouchs_url_code_and_a_scannable_qr_code_fit_80x24_at_once(self):
         serve_vouch_device_answer(self.issuer)
         code, stdout, screen = run_in_pty(self.args + ["--qr"], size=(24, 80))
@@ -3251,6 +3357,7 @@ class TerminalSizeTests(IssuerTest):
         if zxingcpp is not None:
             self.assertEqual(decoded_text(modules_from_text([rows[i] for i in qr])), VOUCH_URL)
 
+    @independent
     def test_a_qr_code_that_cannot_be_shown_whole_is_not_drawn(self):
         serve_vouch_device_answer(self.issuer)
         code, _, screen = run_in_pty(self.args + ["--qr"], size=(20, 60))
@@ -3264,6 +3371,7 @@ class TerminalSizeTests(IssuerTest):
 
 
 class PlainPromptTests(IssuerTest):
+    @independent
     def test_qr_is_drawn_even_when_stderr_is_a_log(self):
         self.issuer.approve_after_polls = 0
         result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"],
@@ -3277,6 +3385,7 @@ class PlainPromptTests(IssuerTest):
             self.assertEqual(decoded_text(modules_from_text(lines)),
                              self.issuer.issuer + "/device?user_code=" + device["user_code"])
 
+    @independent
     def test_ascii_fallback_when_stderr_cannot_show_half_blocks(self):
         self.issuer.approve_after_polls = 0
         result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"],
@@ -6419,6 +6528,7 @@ class CacheTests(CacheFixture):
         self.assertIn("no cached sign-in of client cli at %s to remove" % self.issuer.issuer, again.stderr)
         self.assertEqual(self.cache_files(), sorted(kept))
 
+    @independent
     def test_two_processes_at_once_sign_in_only_once(self):
         self.issuer.approve_after_polls = 1
         args = ["--issuer", self.issuer.issuer, "--client-id", "cli", "--cache", "--format", "token"]
@@ -6651,6 +6761,7 @@ class SignInTests(IssuerTest):
                           "requests:", "DPoP:", "this command:"])
         self.assertLess(result.stdout.index("--client-id ID  "), result.stdout.index("--timeout SECONDS"))
 
+    @independent
     def test_the_tool_names_itself_as_it_was_run(self):
         result = run_cli(["--version"])
         self.assertEqual(result.stdout, "vouch_device_login.py %s\n" % vdl.__version__)
@@ -6971,6 +7082,7 @@ class ContractTests(IssuerTest):
         self.assertGreater(backoffs[-1], 16)
         self.assertTrue(any(delay not in (5, 8, 16, 32, 60) for delay in backoffs), backoffs)
 
+    @independent
     def test_a_poll_that_times_out_backs_off_and_keeps_the_code(self):
         calls = []
 
@@ -7130,6 +7242,7 @@ class ContractTests(IssuerTest):
 
 
 class EndToEndTests(IssuerTest):
+    @independent
     def test_a_person_approves_after_a_few_polls(self):
         self.issuer.approve_after_polls = 1
         result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli"])
@@ -7141,6 +7254,7 @@ class EndToEndTests(IssuerTest):
         polls = [r for r in self.issuer.requests if r["path"] == "/oauth/token"]
         self.assertEqual(len(polls), 2)
 
+    @independent
     def test_rate_limited_polls_wait_for_retry_after(self):
         self.issuer.burst = 2
         self.issuer.approve_after_polls = 2
@@ -7149,6 +7263,7 @@ class EndToEndTests(IssuerTest):
         # One 429 and no second one: the client came back only after Retry-After.
         self.assertEqual(self.issuer.rate_limited, 1)
 
+    @independent
     def test_piped_into_python_with_stdin_as_the_script(self):
         self.issuer.approve_after_polls = 0
         with open(SCRIPT, "rb") as handle:
@@ -7158,6 +7273,7 @@ class EndToEndTests(IssuerTest):
         self.assertEqual(result.code, 0, result.stderr)
         self.assertEqual(result.stdout, self.issuer.issued[0] + "\n")
 
+    @independent
     def test_runs_with_stdin_closed_altogether(self):
         self.issuer.approve_after_polls = 0
         code = ("import os, sys, runpy; os.close(0); sys.stdin = None; sys.argv = sys.argv[1:]; "
@@ -7169,6 +7285,7 @@ class EndToEndTests(IssuerTest):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(proc.stdout.decode(), self.issuer.issued[0] + "\n")
 
+    @independent
     def test_shell_output_round_trips_through_eval(self):
         clear_pwned()
         self.issuer.user.update(email="o'brien \"$(touch /tmp/pwned-vdl)\" `id` \\ $HOME\nline2 ü",
@@ -7764,6 +7881,7 @@ class CredentialCacheHitImportTests(StsFixture):
     # argparse too: the cache hit is answered before the command line is parsed in full.
     HEAVY = ("ssl", "http.client", "socket", "xml", "xml.parsers.expat", "pyexpat", "_ssl", "argparse")
 
+    @independent
     def test_cache_hits_import_no_ssl_http_or_xml(self):
         base = ["--issuer", self.issuer.issuer, "--client-id", "cli"]
         aws = base + ["--cache", "--aws-role-arn", ROLE_ARN, "--aws-sts-endpoint", self.sts.url, "--format", "aws"]
@@ -7824,6 +7942,7 @@ class AwsCliTests(CacheFixture):
         self.env = consumer_env(dict(self.env, AWS_CONFIG_FILE=self.config, AWS_EC2_METADATA_DISABLED="true",
                                      AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.home, "no-credentials")))
 
+    @independent
     def test_aws_sts_get_caller_identity_runs_as_the_assumed_role(self):
         aws = venv_program("aws")
         if aws is None:
@@ -7941,6 +8060,7 @@ class KubectlTests(CacheFixture):
                     os.close(fd)
         return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
+    @independent
     def test_kubectl_gets_the_token_and_a_second_call_signs_in_no_more(self):
         first = self.kubectl_version(terminal=True)
         self.assertEqual(first.code, 0, first.stderr)
@@ -7954,6 +8074,7 @@ class KubectlTests(CacheFixture):
         self.assertEqual({auth for _, path, auth in self.api.requests if path == "/version"},
                          {"Bearer " + self.id_tokens[0]})
 
+    @independent
     def test_kubectl_without_a_terminal_gets_the_one_line_refusal(self):
         result = self.kubectl_version(terminal=False)
         self.assertNotEqual(result.code, 0)
