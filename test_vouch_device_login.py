@@ -3201,28 +3201,31 @@ class TerminalPromptTests(IssuerTest):
     def test_browser_opens_only_where_a_person_can_see_it(self):
         folder = __import__("tempfile").mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
-        opened = os.path.join(folder, "opened")
-        recorder = os.path.join(folder, "browser")
-        with open(recorder, "w") as handle:
-            handle.write("#!/bin/sh\nprintf '%%s\\n' \"$1\" >> %s\n" % opened)
-        os.chmod(recorder, 0o755)
-        browser = {"BROWSER": recorder + " %s"}
         cases = [({"DISPLAY": ":99"}, [], True),
                  ({"DISPLAY": ":99", "SSH_CONNECTION": "10.0.0.1 5000 10.0.0.2 22"}, [], False),
                  ({}, [], False),
                  ({"DISPLAY": ":99"}, ["--no-browser"], False),
                  ({"SSH_TTY": "/dev/pts/3"}, ["--browser"], True)]
-        for env, flags, expected in cases:
+
+        def sign_in(index):
+            # Each run at once with an issuer and a browser of its own.
+            env, flags, _ = cases[index]
+            opened = os.path.join(folder, "opened-%d" % index)
+            recorder = os.path.join(folder, "browser-%d" % index)
+            with open(recorder, "w") as handle:
+                handle.write("#!/bin/sh\nprintf '%%s\\n' \"$1\" >> %s\n" % opened)
+            os.chmod(recorder, 0o755)
+            with LocalIssuer(approve_after_polls=0) as issuer:
+                args = ["--issuer", issuer.issuer] + self.args[2:] + flags
+                run = run_in_pty(args, env=dict(env, BROWSER=recorder + " %s"))
+            return (opened, issuer.issuer + "/device?user_code=" + list(issuer.devices.values())[-1]["user_code"]) + run
+
+        for (env, flags, expected), (opened, url, code, _, screen) in zip(cases, each_at_once(sign_in, range(5))):
             with self.subTest(env=env, flags=flags):
-                if os.path.exists(opened):
-                    os.unlink(opened)
-                self.issuer.approve_after_polls = 0
-                code, _, screen = run_in_pty(self.args + flags, env=dict(browser, **env))
                 self.assertEqual(code, 0, screen)
                 if expected:
                     with open(opened) as handle:
-                        self.assertEqual(handle.read().split(), [self.issuer.issuer + "/device?user_code="
-                                                                 + list(self.issuer.devices.values())[-1]["user_code"]])
+                        self.assertEqual(handle.read().split(), [url])
                 else:
                     self.assertFalse(os.path.exists(opened))
 
@@ -3286,9 +3289,14 @@ class TerminalSizeTests(IssuerTest):
 
     @independent
     def test_the_countdown_never_wraps_or_piles_up_on_a_narrow_terminal(self):
-        for columns in (30, 12, 4):
+        def sign_in(columns):
+            # An issuer per run: runs at once from one address would keep its rate limit closed.
+            with LocalIssuer(approve_after_polls=self.issuer.approve_after_polls) as issuer:
+                return (issuer.issuer,) + run_in_pty(["--issuer", issuer.issuer] + self.args[2:], size=(24, columns))
+
+        widths = (30, 12, 4)
+        for columns, (issuer, code, _, screen) in zip(widths, each_at_once(sign_in, widths)):
             with self.subTest(columns=columns):
-                code, _, screen = run_in_pty(self.args, size=(24, columns))
                 self.assertEqual(code, 0, screen)
                 shown = live_lines(screen)
                 self.assertGreaterEqual(len(shown), 2, screen)
@@ -3301,7 +3309,7 @@ class TerminalSizeTests(IssuerTest):
                 first_tick = screen.index("\r\x1b[K")
                 rows = terminal_rows(screen[:first_tick], columns)
                 self.assertEqual(len(screen_while_waiting(screen, columns)), len(rows) + (rows[-1] != ""))
-                self.assertIn(self.issuer.issuer[:columns], "".join(rows))
+                self.assertIn(issuer[:columns], "".join(rows))
 
     @independent
     def test_the_countdown_follows_a_resize(self):
@@ -8142,6 +8150,27 @@ def run_in_pty(args, env=None, timeout=60, size=None, resize=None):
     proc.stdout.close()
     proc.wait(timeout=10)
     return proc.returncode, stdout.decode(), b"".join(chunks).decode("utf-8", "replace")
+
+
+def each_at_once(function, cases):
+    """[function(case) for case in cases], each call on a thread of its own, for calls that wait."""
+    outcomes = [None] * len(cases)
+
+    def run(index, case):
+        try:
+            outcomes[index] = (True, function(case))
+        except BaseException as exc:  # noqa: BLE001 - raised again on the test's own thread
+            outcomes[index] = (False, exc)
+
+    threads = [threading.Thread(target=run, args=item, daemon=True) for item in enumerate(cases)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for done, value in outcomes:
+        if not done:
+            raise value
+    return [value for _, value in outcomes]
 
 
 def terminal_rows(text, columns):
