@@ -1,5 +1,6 @@
 # make demo   a whole sign-in against the bundled local issuer
 # make test   every test: stdlib tests under each Python present, all tests in a venv
+# make slow   the suite on one Python, then its ten slowest tests
 # make lint   ruff
 # make bench  speed figures next to reference implementations
 
@@ -14,7 +15,7 @@ TEST_PACKAGES := cryptography==50.0.2 segno==1.6.6 zxing-cpp==3.1.1 numpy==2.4.6
 PYENV_ROOT := $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 MATRIX := 3.6 3.7 3.8 3.9 3.10 3.11 3.12 3.13
 
-.PHONY: demo test lint bench system-deps clean
+.PHONY: demo test slow lint bench system-deps clean
 
 demo:
 	@$(PYTHON) test_vouch_device_login.py demo
@@ -57,7 +58,8 @@ test: $(VENV)/.installed system-deps
 	logs=$$(mktemp -d); n=0; \
 	for py in $(VENV_PY) $$pys; do \
 	  n=$$((n + 1)); echo "$$py" > $$logs/$$n.name; \
-	  ( if [ "$$py" = "$(VENV_PY)" ]; then "$$py" -m unittest -v test_vouch_device_login; \
+	  ( export VDL_TEST_TIMES=$$logs/$$n.times; \
+	    if [ "$$py" = "$(VENV_PY)" ]; then "$$py" -m unittest -v test_vouch_device_login; \
 	    else "$$py" -E -s -m unittest -v test_vouch_device_login; fi ) > $$logs/$$n.log 2>&1 & \
 	done; wait; \
 	passed=0; failed=0; \
@@ -69,8 +71,17 @@ test: $(VENV)/.installed system-deps
 	  printf '%-50s %-6s %4d passed, %3d skipped, %d failed\n' "$$(cat $$logs/$$i.name)" $$status $$ok $$skip $$bad; \
 	  [ $$status = ok ] || grep -v ' \.\.\. \(ok\|skipped .*\)$$' $$log | sed 's/^/    /' | tail -80; \
 	  passed=$$((passed + ok)); failed=$$((failed + bad)); \
-	done; rm -rf $$logs; \
-	echo "tests: $$passed passed, $$failed failed"; [ $$failed -eq 0 ]
+	done; \
+	echo "tests: $$passed passed, $$failed failed"; \
+	echo "slowest tests in seconds (all interpreters at once, so slower than alone; make slow times one):"; \
+	for i in $$(seq 1 $$n); do sed "s|\$$| $$(cat $$logs/$$i.name)|" $$logs/$$i.times 2>/dev/null; done \
+	  | sort -nr | awk '!seen[$$2]++' | head -n 10 | sed 's/^/    /'; \
+	rm -rf $$logs; [ $$failed -eq 0 ]
+
+# The ten slowest tests on $(PYTHON) alone, the figure the suite's time budget is about.
+slow:
+	@times=$$(mktemp); VDL_TEST_TIMES=$$times $(PYTHON) -m unittest test_vouch_device_login; status=$$?; \
+	echo "slowest tests in seconds:"; head -n 10 $$times | sed 's/^/    /'; rm -f $$times; exit $$status
 
 # ruff's oldest target is 3.7; the code also runs on 3.6, hence: %-formatting stays (UP031), no
 # capture_output in the tests (UP022, 3.7+), and no typing annotations for class attributes (RUF012).

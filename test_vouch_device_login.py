@@ -89,10 +89,12 @@ def _ec_mul_base(k):
     The test issuer signs hundreds of tokens; this keeps that from dominating the suite.
     """
     if not _G_POWERS:
-        point = P256_G
+        # Built aside and put in place whole: tests on other threads may be signing too.
+        powers, point = [], P256_G
         for _ in range(256):
-            _G_POWERS.append(point)
+            powers.append(point)
             point = _ec_add(point, point)
+        _G_POWERS[:] = powers
     p = P256_P
     X = Y = Z = None
     for i in range(k.bit_length()):
@@ -359,7 +361,7 @@ class LocalServer:
         """Make the server (not yet serving); its port."""
         self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.issuer = self
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01})
         self._thread.daemon = True
         return self.server.server_address[1]
 
@@ -738,6 +740,139 @@ class LocalIssuer(LocalServer):
         info = {k: v for k, v in self.user.items()}
         info["email_verified"] = True
         handler.send(200, info)
+
+
+# ============================================================================
+# Running the suite: independent tests at once, and how long each took
+# ============================================================================
+
+# Independent tests wait on processes, servers and sleeps, not on this
+# interpreter: this many at a time keep two cores busy.
+INDEPENDENT_AT_ONCE = 8
+
+
+def independent(test):
+    """Mark a test that the suite may run on a thread beside other marked ones.
+
+    It patches nothing process-wide (no mock.patch, run_main, os.environ,
+    umask or working directory) and shares no file with another test: it
+    drives processes and servers of its own.
+    """
+    test.independent = True
+    return test
+
+
+class _RecordedResult(unittest.TestResult):
+    """What one test reported, kept to be passed on to the real result in order."""
+
+    def __init__(self):
+        unittest.TestResult.__init__(self)
+        self.calls = []
+        self.seconds = 0.0
+
+    def startTest(self, test):
+        self.seconds = time.monotonic()
+
+    def stopTest(self, test):
+        self.seconds = time.monotonic() - self.seconds
+
+    def replay(self, test, result):
+        result.startTest(test)
+        for name, args in self.calls:
+            getattr(result, name)(*args)
+        result.stopTest(test)
+
+
+def _recorder(name):
+    def record(self, *args):
+        self.calls.append((name, args))
+    return record
+
+
+# addDuration: Python 3.12 and later.
+for _name in ("addSuccess", "addError", "addFailure", "addSkip", "addExpectedFailure", "addUnexpectedSuccess",
+              "addSubTest", "addDuration"):
+    setattr(_RecordedResult, _name, _recorder(_name))
+
+
+def _run_independent(tests, result, durations):
+    """Run the tests INDEPENDENT_AT_ONCE at a time, then report each, in order."""
+    recorded = [_RecordedResult() for _ in tests]
+    pending = list(range(len(tests)))
+    lock = threading.Lock()
+
+    def work():
+        while not result.shouldStop:
+            with lock:
+                if not pending:
+                    return
+                index = pending.pop(0)
+            tests[index].run(recorded[index])
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(INDEPENDENT_AT_ONCE, len(tests)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for test, record in zip(tests, recorded):
+        if record.calls:
+            durations[test.id()] = record.seconds
+            record.replay(test, result)
+
+
+def _flat(suite):
+    """Every test in the suite and the suites it holds, in order."""
+    for test in suite:
+        if isinstance(test, unittest.TestSuite):
+            yield from _flat(test)
+        else:
+            yield test
+
+
+def _time_each_test(result, durations):
+    """Record in durations (test id -> seconds) how long each test the result sees takes."""
+    start, stop, began = result.startTest, result.stopTest, {}
+
+    def start_test(test):
+        began[test] = time.monotonic()
+        start(test)
+
+    def stop_test(test):
+        stop(test)
+        durations.setdefault(test.id(), time.monotonic() - began.pop(test))
+
+    result.startTest, result.stopTest = start_test, stop_test
+
+
+class _Suite(unittest.TestSuite):
+    """The module's tests: the @independent ones first, at once, then the others in order.
+
+    With VDL_TEST_TIMES set, writes "seconds test-id" lines to that file,
+    slowest first: `make test` shows the slowest from it.
+    """
+
+    def run(self, result, debug=False):
+        if debug:
+            return unittest.TestSuite.run(self, result, debug)
+        times = os.environ.get("VDL_TEST_TIMES")
+        durations = {}
+        if times:
+            _time_each_test(result, durations)
+        tests = list(_flat(self))
+        marked = [test for test in tests
+                  if getattr(getattr(test, getattr(test, "_testMethodName", ""), None), "independent", False)]
+        _run_independent(marked, result, durations)
+        unittest.TestSuite([test for test in tests if test not in marked]).run(result)
+        if times:
+            with open(times, "w") as handle:
+                handle.writelines("%.2f %s\n" % (seconds, test_id)
+                                  for test_id, seconds in sorted(durations.items(), key=lambda item: -item[1]))
+        return result
+
+
+def load_tests(loader, tests, pattern):
+    """The unittest load_tests protocol: this module's tests as one _Suite."""
+    return _Suite([tests])
 
 
 # ============================================================================
@@ -1229,6 +1364,7 @@ class HostileServerTests(IssuerTest):
                 with self.subTest(endpoint=endpoint, case=name):
                     self.assertFailed(self.run_against(endpoint, answer), 5, fragment)
 
+    @independent
     def test_a_trickling_body_is_cut_off_by_the_total_time_limit(self):
         self.issuer.approve_after_polls = 0
         self.issuer.overrides[ENDPOINTS["device"]] = trickle_body
@@ -1431,6 +1567,7 @@ class HostileEdgeCaseTests(IssuerTest):
         self.assertFailed(result, 2, "proxy.corp:99999")
         self.assertNotIn("hunter2", result.stderr)
 
+    @independent
     def test_broken_or_closed_stdout(self):
         for args in (["--version"], ["--issuer", self.issuer.issuer, "--client-id", "cli"]):
             self.issuer.approve_after_polls = 0
@@ -1826,10 +1963,14 @@ class StallServer:
 
 # A case must end in its --timeout; this hang guard is what fails one that does not.
 STALL_TIMEOUT = 1
+# The --timeout of a case that a bound must end (a line too long, a bad chunk size)
+# before any time limit: it only costs time when the bound fails, and it keeps a
+# loaded machine, slow to hand over the peer's bytes, from ending it by the clock.
+BOUNDED_TIMEOUT = 5
 HANG_GUARD = 15
 # Stall cases run this many at a time, each on its own thread: the waiting
 # is the cost, and every case waits for its own peer.
-STALL_BATCH = 24
+STALL_BATCH = 60
 
 
 def run_main_guarded(test, argv, env=None):
@@ -1918,12 +2059,12 @@ class TransportDeadlineTests(unittest.TestCase):
         self.addCleanup(environment.__exit__, None, None, None)
 
     @staticmethod
-    def run_endpoint(endpoint, server, tls, main):
+    def run_endpoint(endpoint, server, tls, main, timeout=STALL_TIMEOUT):
         """Sign in (or log out) with `endpoint` served by the stall server: (result, first sign-in or None)."""
         options = {"rate_limit": False, "enforce_interval": False, "approve_after_polls": 0,
                    "refresh_tokens": True, "tls": True if tls else None}
         with LocalIssuer(**options) as issuer:
-            common = ["--client-id", "cli", "--timeout", str(STALL_TIMEOUT), "--max-restarts", "0",
+            common = ["--client-id", "cli", "--timeout", str(timeout), "--max-restarts", "0",
                       "--cacert", pem_file("ca.pem", TEST_CA_PEM)]
             if endpoint == "discovery":
                 return main(["--issuer", server.base] + common), None
@@ -1951,16 +2092,18 @@ class TransportDeadlineTests(unittest.TestCase):
 
     def check_all(self, cases, tls):
         """Every (endpoint, case name, (stall, fragment)) at once; each must end in exit 5 naming the peer."""
-        def job(endpoint, stall):
+        def job(endpoint, stall, fragment):
+            timeout = STALL_TIMEOUT if fragment == TIMED_OUT else BOUNDED_TIMEOUT
+
             def run(main):
                 server = StallServer(stall, tls=tls)
                 try:
-                    return self.run_endpoint(endpoint, server, tls, main) + (server.base,)
+                    return self.run_endpoint(endpoint, server, tls, main, timeout) + (server.base,)
                 finally:
                     server.close()
             return run
 
-        outcomes = run_jobs_at_once([job(endpoint, stall) for endpoint, _name, (stall, _fragment) in cases])
+        outcomes = run_jobs_at_once([job(endpoint, stall, fragment) for endpoint, _name, (stall, fragment) in cases])
         for (endpoint, name, (_stall, fragment)), outcome in zip(cases, outcomes):
             with self.subTest(endpoint=endpoint, case=name):
                 if outcome is None:
@@ -2158,6 +2301,7 @@ except OSError:
             IssuerTest.assertFailed(self, run_main(["--issuer", issuer.issuer, "--client-id", "cli"]), 6,
                                     "invalid host name")
 
+    @independent
     def test_a_kept_alive_connection_closed_while_idle_is_replaced(self):
         """HAProxy and Node answer 408 as they close an idle connection; others just close it."""
         def idle_close(how):
@@ -2420,6 +2564,7 @@ class PollerTests(IssuerTest):
         for failures, delay in enumerate(clock.sleeps[1:5], start=1):
             self.assertTrue(2 ** failures / 2 <= delay <= 2 ** failures, clock.sleeps)
 
+    @independent
     def test_no_poll_starts_after_the_deadline_whatever_the_endpoint_does(self):
         def reset(handler, body):
             handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
@@ -3117,6 +3262,7 @@ class TerminalPromptTests(IssuerTest):
         self.issuer.approve_after_polls = 1
         self.args = ["--issuer", self.issuer.issuer, "--client-id", "cli"]
 
+    @independent
     def test_live_prompt_with_qr_countdown_and_clipboard(self):
         code, stdout, screen = run_in_pty(self.args + ["--qr", "--copy", "--no-browser"])
         self.assertEqual(code, 0, screen)
@@ -3138,6 +3284,7 @@ class TerminalPromptTests(IssuerTest):
             self.assertEqual(decoded_text(modules_from_text(qr_lines)), self.issuer.issuer +
                              "/device?user_code=" + device["user_code"])
 
+    @independent
     def test_no_color_keeps_the_prompt_plain(self):
         code, _, screen = run_in_pty(self.args + ["--qr", "--no-browser"], env={"NO_COLOR": "1"})
         self.assertEqual(code, 0, screen)
@@ -3147,6 +3294,7 @@ class TerminalPromptTests(IssuerTest):
         # NO_COLOR is about colour only: the countdown still runs, uncoloured.
         self.assertIn("\r\x1b[KWaiting for approval... ", screen)
 
+    @independent
     def test_an_empty_no_color_leaves_colour_on(self):
         # no-color.org: only a NO_COLOR that is present and not empty turns colour off
         terminal = vdl._Terminal(stream=TtyStream())
@@ -3157,37 +3305,42 @@ class TerminalPromptTests(IssuerTest):
         self.assertIn("\x1b[97;40m", screen)
         self.assertIn("\x1b[1m", screen)
 
+    @independent
     def test_a_dumb_terminal_gets_plain_lines_instead_of_the_countdown(self):
         code, _, screen = run_in_pty(self.args + ["--no-browser"], env={"TERM": "dumb"})
         self.assertEqual(code, 0, screen)
         self.assertNotIn("\x1b", screen)
         self.assertIn("To sign in, open", screen)
 
+    @independent
     def test_browser_opens_only_where_a_person_can_see_it(self):
         folder = __import__("tempfile").mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
-        opened = os.path.join(folder, "opened")
-        recorder = os.path.join(folder, "browser")
-        with open(recorder, "w") as handle:
-            handle.write("#!/bin/sh\nprintf '%%s\\n' \"$1\" >> %s\n" % opened)
-        os.chmod(recorder, 0o755)
-        browser = {"BROWSER": recorder + " %s"}
         cases = [({"DISPLAY": ":99"}, [], True),
                  ({"DISPLAY": ":99", "SSH_CONNECTION": "10.0.0.1 5000 10.0.0.2 22"}, [], False),
                  ({}, [], False),
                  ({"DISPLAY": ":99"}, ["--no-browser"], False),
                  ({"SSH_TTY": "/dev/pts/3"}, ["--browser"], True)]
-        for env, flags, expected in cases:
+
+        def sign_in(index):
+            # Each run at once with an issuer and a browser of its own.
+            env, flags, _ = cases[index]
+            opened = os.path.join(folder, "opened-%d" % index)
+            recorder = os.path.join(folder, "browser-%d" % index)
+            with open(recorder, "w") as handle:
+                handle.write("#!/bin/sh\nprintf '%%s\\n' \"$1\" >> %s\n" % opened)
+            os.chmod(recorder, 0o755)
+            with LocalIssuer(approve_after_polls=0) as issuer:
+                args = ["--issuer", issuer.issuer] + self.args[2:] + flags
+                run = run_in_pty(args, env=dict(env, BROWSER=recorder + " %s"))
+            return (opened, issuer.issuer + "/device?user_code=" + list(issuer.devices.values())[-1]["user_code"]) + run
+
+        for (env, flags, expected), (opened, url, code, _, screen) in zip(cases, each_at_once(sign_in, range(5))):
             with self.subTest(env=env, flags=flags):
-                if os.path.exists(opened):
-                    os.unlink(opened)
-                self.issuer.approve_after_polls = 0
-                code, _, screen = run_in_pty(self.args + flags, env=dict(browser, **env))
                 self.assertEqual(code, 0, screen)
                 if expected:
                     with open(opened) as handle:
-                        self.assertEqual(handle.read().split(), [self.issuer.issuer + "/device?user_code="
-                                                                 + list(self.issuer.devices.values())[-1]["user_code"]])
+                        self.assertEqual(handle.read().split(), [url])
                 else:
                     self.assertFalse(os.path.exists(opened))
 
@@ -3249,10 +3402,16 @@ class TerminalSizeTests(IssuerTest):
         self.issuer.approve_after_polls = 2
         self.args = ["--issuer", self.issuer.issuer, "--client-id", "cli", "--no-browser"]
 
+    @independent
     def test_the_countdown_never_wraps_or_piles_up_on_a_narrow_terminal(self):
-        for columns in (30, 12, 4):
+        def sign_in(columns):
+            # An issuer per run: runs at once from one address would keep its rate limit closed.
+            with LocalIssuer(approve_after_polls=self.issuer.approve_after_polls) as issuer:
+                return (issuer.issuer,) + run_in_pty(["--issuer", issuer.issuer] + self.args[2:], size=(24, columns))
+
+        widths = (30, 12, 4)
+        for columns, (issuer, code, _, screen) in zip(widths, each_at_once(sign_in, widths)):
             with self.subTest(columns=columns):
-                code, _, screen = run_in_pty(self.args, size=(24, columns))
                 self.assertEqual(code, 0, screen)
                 shown = live_lines(screen)
                 self.assertGreaterEqual(len(shown), 2, screen)
@@ -3265,8 +3424,9 @@ class TerminalSizeTests(IssuerTest):
                 first_tick = screen.index("\r\x1b[K")
                 rows = terminal_rows(screen[:first_tick], columns)
                 self.assertEqual(len(screen_while_waiting(screen, columns)), len(rows) + (rows[-1] != ""))
-                self.assertIn(self.issuer.issuer[:columns], "".join(rows))
+                self.assertIn(issuer[:columns], "".join(rows))
 
+    @independent
     def test_the_countdown_follows_a_resize(self):
         self.issuer.approve_after_polls = 3
         code, _, screen = run_in_pty(self.args, size=(24, 80), resize=(24, 20))
@@ -3277,6 +3437,7 @@ class TerminalSizeTests(IssuerTest):
         # A terminal that reflows wrapped the wider line in two: both rows are erased.
         self.assertRegex(screen, "\r\x1b\\[1A\x1b\\[J[0-9]+ min")
 
+    @independent
     def test_the_demos_messages_each_start_a_line_of_their_own(self):
         code, stdout, screen = run_in_pty(["demo"], env={"DEMO_PACE": "0.2"}, size=(200, 120),
                                           script=os.path.join(HERE, "test_vouch_device_login.py"))
@@ -3288,6 +3449,7 @@ class TerminalSizeTests(IssuerTest):
             self.assertTrue(any(message in row for row in demo), demo)
         self.assertTrue(all(row.startswith("[demo]") for row in demo), demo)
 
+    @independent
     def test_messages_clear_the_live_line_and_bring_it_back_after(self):
         code, _, screen = run_in_pty(self.args + ["-v"], size=(24, 200))
         self.assertEqual(code, 0, screen)
@@ -3353,6 +3515,7 @@ class TerminalSizeTests(IssuerTest):
         self.assertEqual(vdl._countdown_text("8 min", 60, "vouch.example:443 (Connection refused)"),
                          "cannot reach the issuer; still trying, 8 min left")
 
+    @independent
     def test_vouchs_url_code_and_a_scannable_qr_code_fit_80x24_at_once(self):
         serve_vouch_device_answer(self.issuer)
         code, stdout, screen = run_in_pty(self.args + ["--qr"], size=(24, 80))
@@ -3370,6 +3533,7 @@ class TerminalSizeTests(IssuerTest):
         if zxingcpp is not None:
             self.assertEqual(decoded_text(modules_from_text([rows[i] for i in qr])), VOUCH_URL)
 
+    @independent
     def test_a_qr_code_that_cannot_be_shown_whole_is_not_drawn(self):
         serve_vouch_device_answer(self.issuer)
         code, _, screen = run_in_pty(self.args + ["--qr"], size=(20, 60))
@@ -3380,6 +3544,7 @@ class TerminalSizeTests(IssuerTest):
         self.assertIn("To sign in, open:  https://us.vouch.sh/device", rows)
         self.assertLessEqual(len(rows), 19)
 
+    @independent
     def test_the_no_qr_code_line_fits_the_terminal_without_breaking_a_word(self):
         for size, expected in (((20, 200), [("No QR code: with the text below it, it needs a terminal of 33x23 and "
                                              "this one is 200x20; enlarge it, or use the link.")]),
@@ -3394,6 +3559,7 @@ class TerminalSizeTests(IssuerTest):
 
 
 class PlainPromptTests(IssuerTest):
+    @independent
     def test_qr_is_drawn_even_when_stderr_is_a_log(self):
         self.issuer.approve_after_polls = 0
         result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"],
@@ -3407,6 +3573,7 @@ class PlainPromptTests(IssuerTest):
             self.assertEqual(decoded_text(modules_from_text(lines)),
                              self.issuer.issuer + "/device?user_code=" + device["user_code"])
 
+    @independent
     def test_ascii_fallback_when_stderr_cannot_show_half_blocks(self):
         self.issuer.approve_after_polls = 0
         result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli", "--qr"],
@@ -6640,6 +6807,7 @@ class CacheTests(CacheFixture):
         self.assertIn("no cached sign-in of client cli at %s to remove" % self.issuer.issuer, again.stderr)
         self.assertEqual(self.cache_files(), sorted(kept))
 
+    @independent
     def test_two_processes_at_once_sign_in_only_once(self):
         self.issuer.approve_after_polls = 1
         args = ["--issuer", self.issuer.issuer, "--client-id", "cli", "--cache", "--format", "token"]
@@ -7089,6 +7257,7 @@ class SignInTests(IssuerTest):
                           "requests:", "DPoP:", "this command:"])
         self.assertLess(result.stdout.index("--client-id ID  "), result.stdout.index("--timeout SECONDS"))
 
+    @independent
     def test_the_tool_names_itself_as_it_was_run(self):
         result = run_cli(["--version"])
         self.assertEqual(result.stdout, "vouch_device_login.py %s\n" % vdl.__version__)
@@ -7409,6 +7578,7 @@ class ContractTests(IssuerTest):
         self.assertGreater(backoffs[-1], 16)
         self.assertTrue(any(delay not in (5, 8, 16, 32, 60) for delay in backoffs), backoffs)
 
+    @independent
     def test_a_poll_that_times_out_backs_off_and_keeps_the_code(self):
         calls = []
 
@@ -7568,6 +7738,7 @@ class ContractTests(IssuerTest):
 
 
 class EndToEndTests(IssuerTest):
+    @independent
     def test_a_person_approves_after_a_few_polls(self):
         self.issuer.approve_after_polls = 1
         result = run_cli(["--issuer", self.issuer.issuer, "--client-id", "cli"])
@@ -7579,6 +7750,7 @@ class EndToEndTests(IssuerTest):
         polls = [r for r in self.issuer.requests if r["path"] == "/oauth/token"]
         self.assertEqual(len(polls), 2)
 
+    @independent
     def test_rate_limited_polls_wait_for_retry_after(self):
         self.issuer.burst = 2
         self.issuer.approve_after_polls = 2
@@ -7587,6 +7759,7 @@ class EndToEndTests(IssuerTest):
         # One 429 and no second one: the client came back only after Retry-After.
         self.assertEqual(self.issuer.rate_limited, 1)
 
+    @independent
     def test_piped_into_python_with_stdin_as_the_script(self):
         self.issuer.approve_after_polls = 0
         with open(SCRIPT, "rb") as handle:
@@ -7596,6 +7769,7 @@ class EndToEndTests(IssuerTest):
         self.assertEqual(result.code, 0, result.stderr)
         self.assertEqual(result.stdout, self.issuer.issued[0] + "\n")
 
+    @independent
     def test_runs_with_stdin_closed_altogether(self):
         self.issuer.approve_after_polls = 0
         code = ("import os, sys, runpy; os.close(0); sys.stdin = None; sys.argv = sys.argv[1:]; "
@@ -7607,6 +7781,7 @@ class EndToEndTests(IssuerTest):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(proc.stdout.decode(), self.issuer.issued[0] + "\n")
 
+    @independent
     def test_shell_output_round_trips_through_eval(self):
         clear_pwned()
         self.issuer.user.update(email="o'brien \"$(touch /tmp/pwned-vdl)\" `id` \\ $HOME\nline2 ü",
@@ -8211,6 +8386,7 @@ class CredentialCacheHitImportTests(StsFixture):
     # argparse too: the cache hit is answered before the command line is parsed in full.
     HEAVY = ("ssl", "http.client", "socket", "xml", "xml.parsers.expat", "pyexpat", "_ssl", "argparse")
 
+    @independent
     def test_cache_hits_import_no_ssl_http_or_xml(self):
         base = ["--issuer", self.issuer.issuer, "--client-id", "cli"]
         aws = base + ["--cache", "--aws-role-arn", ROLE_ARN, "--aws-sts-endpoint", self.sts.url, "--format", "aws"]
@@ -8271,6 +8447,7 @@ class AwsCliTests(CacheFixture):
         self.env = consumer_env(dict(self.env, AWS_CONFIG_FILE=self.config, AWS_EC2_METADATA_DISABLED="true",
                                      AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.home, "no-credentials")))
 
+    @independent
     def test_aws_sts_get_caller_identity_runs_as_the_assumed_role(self):
         aws = venv_program("aws")
         if aws is None:
@@ -8388,6 +8565,7 @@ class KubectlTests(CacheFixture):
                     os.close(fd)
         return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
+    @independent
     def test_kubectl_gets_the_token_and_a_second_call_signs_in_no_more(self):
         first = self.kubectl_version(terminal=True)
         self.assertEqual(first.code, 0, first.stderr)
@@ -8401,6 +8579,7 @@ class KubectlTests(CacheFixture):
         self.assertEqual({auth for _, path, auth in self.api.requests if path == "/version"},
                          {"Bearer " + self.id_tokens[0]})
 
+    @independent
     def test_kubectl_without_a_terminal_gets_the_one_line_refusal(self):
         result = self.kubectl_version(terminal=False)
         self.assertNotEqual(result.code, 0)
@@ -8468,6 +8647,27 @@ def run_in_pty(args, env=None, timeout=60, size=None, resize=None, script=SCRIPT
     proc.stdout.close()
     proc.wait(timeout=10)
     return proc.returncode, stdout.decode(), b"".join(chunks).decode("utf-8", "replace")
+
+
+def each_at_once(function, cases):
+    """[function(case) for case in cases], each call on a thread of its own, for calls that wait."""
+    outcomes = [None] * len(cases)
+
+    def run(index, case):
+        try:
+            outcomes[index] = (True, function(case))
+        except BaseException as exc:  # noqa: BLE001 - raised again on the test's own thread
+            outcomes[index] = (False, exc)
+
+    threads = [threading.Thread(target=run, args=item, daemon=True) for item in enumerate(cases)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for done, value in outcomes:
+        if not done:
+            raise value
+    return [value for _, value in outcomes]
 
 
 def terminal_rows(text, columns):
