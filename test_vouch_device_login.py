@@ -795,14 +795,14 @@ for _name in ("addSuccess", "addError", "addFailure", "addSkip", "addExpectedFai
     setattr(_RecordedResult, _name, _recorder(_name))
 
 
-def _run_independent(tests, result, durations):
-    """Run the tests INDEPENDENT_AT_ONCE at a time, then report each, in order."""
-    recorded = [_RecordedResult() for _ in tests]
+def _start_independent(tests, recorded):
+    """Start running the tests INDEPENDENT_AT_ONCE at a time on threads; their threads."""
+    recorded.extend(_RecordedResult() for _ in tests)
     pending = list(range(len(tests)))
     lock = threading.Lock()
 
     def work():
-        while not result.shouldStop:
+        while True:
             with lock:
                 if not pending:
                     return
@@ -812,8 +812,11 @@ def _run_independent(tests, result, durations):
     threads = [threading.Thread(target=work, daemon=True) for _ in range(min(INDEPENDENT_AT_ONCE, len(tests)))]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    return threads
+
+
+def _report_independent(tests, recorded, result, durations):
+    """Report each independent test, in order, once all have run."""
     for test, record in zip(tests, recorded):
         if record.calls:
             durations[test.id()] = record.seconds
@@ -844,8 +847,120 @@ def _time_each_test(result, durations):
     result.startTest, result.stopTest = start_test, stop_test
 
 
+class _ShardFailure(AssertionError):
+    """A failure or error reported by the second process, its traceback as text."""
+
+
+class _JsonResult(unittest.TestResult):
+    """The second process's result: one JSON line per outcome, written to the first process."""
+
+    def __init__(self, stream):
+        unittest.TestResult.__init__(self)
+        self.out = stream
+        self.began = 0.0
+
+    def _send(self, test, outcome, text=""):
+        self.out.write(json.dumps({"id": test.id(), "outcome": outcome, "text": text,
+                                   "seconds": time.monotonic() - self.began}) + "\n")
+        self.out.flush()
+
+    def startTest(self, test):
+        unittest.TestResult.startTest(self, test)
+        self.began = time.monotonic()
+
+    def addSuccess(self, test):
+        self._send(test, "ok")
+
+    def addFailure(self, test, err):
+        self._send(test, "fail", self._exc_info_to_string(err, test))
+
+    def addError(self, test, err):
+        self._send(test, "error", self._exc_info_to_string(err, test))
+
+    def addSkip(self, test, reason):
+        self._send(test, "skip", reason)
+
+    def addSubTest(self, test, subtest, err):
+        if err is not None:
+            failed = issubclass(err[0], test.failureException)
+            self._send(test, "fail" if failed else "error", "%s\n%s" % (subtest, self._exc_info_to_string(err, test)))
+
+    def addExpectedFailure(self, test, err):
+        self._send(test, "ok")
+
+    def addUnexpectedSuccess(self, test):
+        self._send(test, "fail", "unexpected success")
+
+
+def _shard_worker(requests, answers):
+    """The second process: run the tests of each class the first one names, report each test as it ends."""
+    module = sys.modules[__name__]
+    with os.fdopen(requests, "r") as incoming, os.fdopen(answers, "w") as outgoing:
+        result = _JsonResult(outgoing)
+        while True:
+            outgoing.write("next\n")
+            outgoing.flush()
+            names = incoming.readline().split()
+            if not names:
+                return
+            case = getattr(module, names[0])
+            unittest.TestSuite([case(method) for method in names[1:]]).run(result)
+
+
+def _start_second_process(classes, groups, lock, reports):
+    """A second interpreter that takes a class's tests (`groups`) from `classes` as it finishes each; its
+    reports go to `reports`. The suite's in-process tests are CPU-bound, and one interpreter uses one core."""
+    import subprocess
+    from_parent, to_child = os.pipe()
+    from_child, to_parent = os.pipe()
+    flags = (["-E"] if sys.flags.ignore_environment else []) + (["-s"] if sys.flags.no_user_site else [])
+    code = ("import sys; sys.path.insert(0, %r); import test_vouch_device_login as t; t._shard_worker(%d, %d)"
+            % (HERE, from_parent, to_parent))
+    child = subprocess.Popen([sys.executable] + flags + ["-c", code], pass_fds=(from_parent, to_parent),
+                             stdin=subprocess.DEVNULL, cwd=HERE)
+    os.close(from_parent)
+    os.close(to_parent)
+
+    def serve():
+        with os.fdopen(to_child, "w") as outgoing, os.fdopen(from_child, "r") as incoming:
+            for line in incoming:
+                if line.strip() == "next":
+                    with lock:
+                        name = classes.pop(0) if classes else None
+                    outgoing.write(" ".join([name] + [test._testMethodName for test in groups[name]])
+                                   if name else "")
+                    outgoing.write("\n")
+                    outgoing.flush()
+                else:
+                    reports.append(json.loads(line))
+        child.wait()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def _replay(reports, by_id, result, durations):
+    """Pass the second process's reports on to the result, as if the tests had run here."""
+    while reports:
+        report = reports.pop(0)
+        test = by_id[report["id"]]
+        durations.setdefault(test.id(), report["seconds"])
+        result.startTest(test)
+        outcome = report["outcome"]
+        if outcome == "ok":
+            result.addSuccess(test)
+        elif outcome == "skip":
+            result.addSkip(test, report["text"])
+        else:
+            err = (_ShardFailure, _ShardFailure("in the second process:\n" + report["text"]), None)
+            (result.addFailure if outcome == "fail" else result.addError)(test, err)
+        result.stopTest(test)
+
+
 class _Suite(unittest.TestSuite):
-    """The module's tests: the @independent ones first, at once, then the others in order.
+    """The module's tests: the @independent ones first, at once, on threads; the others class by class in
+    this process and, meanwhile, in a second one (VDL_TEST_PROCESSES=1: this one only).
 
     With VDL_TEST_TIMES set, writes "seconds test-id" lines to that file,
     slowest first: `make test` shows the slowest from it.
@@ -861,8 +976,36 @@ class _Suite(unittest.TestSuite):
         tests = list(_flat(self))
         marked = [test for test in tests
                   if getattr(getattr(test, getattr(test, "_testMethodName", ""), None), "independent", False)]
-        _run_independent(marked, result, durations)
-        unittest.TestSuite([test for test in tests if test not in marked]).run(result)
+        serial = [test for test in tests if test not in marked]
+        classes, groups = [], {}
+        for test in serial:
+            name = type(test).__name__
+            if name not in groups:
+                classes.append(name)
+                groups[name] = []
+            groups[name].append(test)
+        lock, reports = threading.Lock(), []
+        second = None
+        if os.environ.get("VDL_TEST_PROCESSES") != "1" and len(classes) > 1 \
+                and all(getattr(sys.modules[__name__], name, None) is type(groups[name][0]) for name in classes):
+            second = _start_second_process(classes, groups, lock, reports)
+        # Here the independent tests go first, on their own: the others patch os.environ, which their
+        # processes would inherit.
+        recorded = []
+        for thread in _start_independent(marked, recorded):
+            thread.join()
+        _report_independent(marked, recorded, result, durations)
+        by_id = {test.id(): test for test in serial}
+        while True:
+            _replay(reports, by_id, result, durations)
+            with lock:
+                name = classes.pop(0) if classes else None
+            if name is None:
+                break
+            unittest.TestSuite(groups[name]).run(result)
+        if second is not None:
+            second.join()
+        _replay(reports, by_id, result, durations)
         if times:
             with open(times, "w") as handle:
                 handle.writelines("%.2f %s\n" % (seconds, test_id)
