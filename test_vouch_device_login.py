@@ -7099,14 +7099,48 @@ class CacheFaultTests(CacheFixture):
         self.assertIn("removed the cache entry %s and its answers: it cannot be parsed" % entry, result.stderr)
         self.assertEqual((self.files(".json"), self.files(".answers")), ([], []))
 
+    def test_logout_revokes_an_entry_of_the_previous_format_too(self):
+        out = self.cached().json()
+        entry, = self.files(".json")
+        with open(entry) as handle:
+            stored = json.load(handle)
+        stored["format"] = 1
+        del stored["key"]
+        with open(entry, "w") as handle:
+            json.dump(stored, handle)
+        # not served (it cannot say which sign-in it is for) ...
+        self.assertFalse(self.cached().json()["cached"])
+        with open(entry, "w") as handle:
+            json.dump(stored, handle)
+        # ... but signed out of
+        result = self.sign_in("--logout", env=self.env)
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIn({"token": out["refresh_token"], "token_type_hint": "refresh_token", "client_id": "cli"},
+                      self.issuer.revoked)
+        self.assertEqual(self.files(".json"), [])
+
+    @unittest.skipIf(os.geteuid() == 0, "root searches every folder")
+    def test_a_folder_on_the_way_that_cannot_be_entered_is_one_line(self):
+        locked = os.path.join(self.home, "locked")
+        os.mkdir(locked, 0o600)
+        self.addCleanup(os.chmod, locked, 0o700)
+        self.env = {"XDG_CACHE_HOME": os.path.join(locked, "cache")}
+        result = self.cached()
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertIn("signing in without the cache", result.stderr)
+        self.assertFailed(self.cached("--format", "exec-credential"), 2, "Permission denied")
+
     def test_stale_temporaries_are_removed_under_the_lock(self):
         self.cached()
         digest = os.path.basename(self.files(".json")[0])[:-len(".json")]
         stale, fresh = (os.path.join(self.directory, ".%s.json.%s.tmp" % (digest, tag)) for tag in ("old", "new"))
-        for path in (stale, fresh):
+        # a sign-in never run again (another scope) leaves its temporaries to whichever run comes next
+        other = os.path.join(self.directory, ".%s.answers.x1.tmp" % ("0" * 32))
+        for path in (stale, fresh, other):
             with open(path, "w") as handle:
                 handle.write('{"result": {"access_token": "leaked"}}')
-        os.utime(stale, (time.time() - 120, time.time() - 120))
+        for path in (stale, other):
+            os.utime(path, (time.time() - 120, time.time() - 120))
         self.assertEqual(self.cached("--min-ttl", "30000").code, 0)
         self.assertEqual(self.files(".tmp"), [fresh])
 

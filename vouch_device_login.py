@@ -4262,8 +4262,8 @@ def _check_private(path, stat_result, kind):
 def _check_ancestor(path, stat_result):
     """OpenSSH's rule for the folders above ~/.ssh: root's or ours, and nobody else may write there."""
     import stat
-    uid = os.geteuid()
-    if stat_result.st_uid not in (0, uid):
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is not None and stat_result.st_uid not in (0, geteuid()):
         raise _CacheRefused("the folder %s above the cache belongs to uid %d, who could swap the cache; use a "
                             "cache of your own (XDG_CACHE_HOME)" % (path, stat_result.st_uid))
     if stat_result.st_mode & 0o022 and not stat_result.st_mode & stat.S_ISVTX:
@@ -4273,49 +4273,63 @@ def _check_ancestor(path, stat_result):
 
 # Every step below the cache folder goes through its descriptor where the
 # platform can (dir_fd): a folder renamed or swapped after the checks is
-# never followed. Elsewhere (Windows) the same steps go by path.
+# never followed. Elsewhere (Windows) the same steps and checks go by path,
+# which a rename between check and use could still defeat.
 _AT = {os.open, os.unlink, os.rename, os.stat} <= os.supports_dir_fd
 _OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 _TEMPORARY_AGE = 60
 
 
 def _open_cache_directory(directory, create):
-    """A descriptor of the cache directory, every folder from / to it checked; FileNotFoundError when absent."""
+    """A descriptor of the cache directory, every folder from / to it checked; FileNotFoundError when absent.
+
+    Without dir_fd (Windows) the same checks go by path and None stands for the folder.
+    """
     import stat
     base, leaf = os.path.split(directory)
     # Symlinks above the cache's own folder (a /home that is a link) are the system's: resolved once, then
     # every component is opened without following one, so none can be swapped in after the check.
     names = [name for name in os.path.realpath(base).split(os.sep) if name] + [leaf]
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(os.sep, flags)
+    fd = os.open(os.sep, flags) if _AT else None
     shown = os.sep
     try:
         for name in names:
-            _check_ancestor(shown, os.fstat(fd))
-            shown = os.path.join(shown, name)
+            _check_ancestor(shown, os.fstat(fd) if _AT else os.stat(shown))
+            parent, shown = shown, os.path.join(shown, name)
+            where = {"dir_fd": fd} if _AT else {}
+            target = name if _AT else shown
             try:
-                child = os.open(name, flags, dir_fd=fd)
+                status = os.stat(target, follow_symlinks=False, **where)
             except FileNotFoundError:
                 if not create:
                     raise
                 try:
-                    os.mkdir(name, 0o700, dir_fd=fd)
+                    os.mkdir(target, 0o700, **where)
                 except FileExistsError:
                     pass
                 except OSError as exc:
                     raise _CacheUnwritable("cannot create the cache directory %s: %s" % (shown, exc.strerror or exc))
-                child = os.open(name, flags, dir_fd=fd)
+                status = os.stat(target, follow_symlinks=False, **where)
             except OSError as exc:
-                if stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
-                    raise _CacheRefused("%s is a symlink, which another user could point anywhere; replace it "
-                                        "with a folder of your own (rm %s)" % (shown, shown))
-                raise _CacheRefused("cannot use %s on the way to the cache: %s" % (shown, exc.strerror or exc))
-            os.close(fd)
-            fd = child
-        _check_private(directory, os.fstat(fd), "cache directory")
+                raise _CacheRefused("cannot use %s on the way to the cache: %s" % (parent, exc.strerror or exc))
+            if stat.S_ISLNK(status.st_mode):
+                raise _CacheRefused("%s is a symlink, which another user could point anywhere; replace it "
+                                    "with a folder of your own (rm %s)" % (shown, shown))
+            if not stat.S_ISDIR(status.st_mode):
+                raise _CacheRefused("%s is not a folder; remove it (rm %s)" % (shown, shown))
+            if _AT:
+                try:
+                    child = os.open(name, flags, dir_fd=fd)
+                except OSError as exc:
+                    raise _CacheRefused("cannot use %s on the way to the cache: %s" % (shown, exc.strerror or exc))
+                os.close(fd)
+                fd = child
+        _check_private(directory, os.fstat(fd) if _AT else os.stat(directory), "cache directory")
         return fd
     except BaseException:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         raise
 
 
@@ -4353,12 +4367,13 @@ class _Cache:
     def _directory_fd(self, create=False):
         if self._dir_fd is None:
             self._dir_fd = _open_cache_directory(self.directory, create)
-        return self._dir_fd
+        return self._dir_fd if _AT else None
 
     def _done(self):
         """Close the folder's descriptor after a step, unless the lock keeps it for the steps to come."""
         if self._dir_fd is not None and self._lock_fd is None:
-            os.close(self._dir_fd)
+            if _AT:
+                os.close(self._dir_fd)
             self._dir_fd = None
 
     def _at(self, name, create=False):
@@ -4405,8 +4420,11 @@ class _Cache:
                 raise UsageError("cannot read the cache file %s: %s" % (os.path.join(self.directory, name),
                                                                          exc.strerror or exc))
 
-    def load(self):
-        """The stored entry as a dict, or None when there is none or it cannot serve this sign-in."""
+    def load(self, legacy=False):
+        """The stored entry as a dict, or None when there is none or it cannot serve this sign-in.
+
+        legacy: also an entry of the format before the key was stored in it, for --logout to revoke.
+        """
         self.unreadable = None
         data = self._read(self.digest + ".json")
         if data is None:
@@ -4419,11 +4437,11 @@ class _Cache:
         except ValueError:
             self.unreadable = "it cannot be parsed"
             return None
-        if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT \
-                or not isinstance(entry.get("result"), dict):
+        if not isinstance(entry, dict) or not isinstance(entry.get("result"), dict) \
+                or entry.get("format") not in ((CACHE_FORMAT, 1) if legacy else (CACHE_FORMAT,)):
             self.unreadable = "it was written by another version"
             return None
-        if self.key is not None and entry.get("key") != self.key:
+        if self.key is not None and entry.get("key") != self.key and entry["format"] == CACHE_FORMAT:
             self.unreadable = "it was written for another sign-in (%s), not this one (%s)" % (
                 _sanitize(entry.get("key"), 200), _sanitize(self.key, 200))
             return None
@@ -4441,21 +4459,34 @@ class _Cache:
             if len(data) > MAX_BODY_BYTES:
                 raise _CacheUnwritable("the cache file %s would be %d bytes, more than the %d a run reads back"
                                        % (os.path.join(self.directory, name), len(data), MAX_BODY_BYTES))
+        import errno
         temporaries = []
+        renamed = False
         try:
             for name, data in files:
                 temporaries.append((self._write_temporary(name, data), name))
             # The old answers go first: they must never outlive the entry they came from.
             self._discard(self.digest + ".answers")
-            for temporary, name in temporaries:
+            while temporaries:
+                temporary, name = temporaries[0]
                 source, dir_fd = self._at(temporary)
                 os.replace(source, self._at(name)[0], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            temporaries = []
+                temporaries.pop(0)
+                renamed = True
             if _AT:
-                os.fsync(self._dir_fd)
+                try:
+                    os.fsync(self._dir_fd)
+                except OSError as exc:
+                    # some network and FUSE file systems cannot sync a folder: the renames stand
+                    if exc.errno not in (errno.EINVAL, getattr(errno, "ENOTSUP", errno.EINVAL),
+                                         getattr(errno, "EOPNOTSUPP", errno.EINVAL)):
+                        raise
         except OSError as exc:
-            raise _CacheUnwritable("cannot write the cache file %s: %s"
-                                   % (exc.filename or self.path, exc.strerror or exc))
+            failure = _CacheUnwritable("cannot write the cache file %s: %s"
+                                       % (exc.filename or self.path, exc.strerror or exc))
+            # the new entry is in place (without its answers, which kubectl then does without)
+            failure.saved = renamed
+            raise failure
         finally:
             try:
                 for temporary, _name in temporaries:
@@ -4517,41 +4548,59 @@ class _Cache:
         except ImportError:
             terminal.debug("no fcntl here; concurrent runs are not serialised")
             return
-        try:
-            fd = self._open_private(self.digest + ".lock", os.O_RDWR | os.O_CREAT, create=True)
-        except _CacheUnwritable as exc:
-            self._done()
-            terminal.warn("%s; going on without the lock" % exc)
-            return
+        import errno
         deadline = _monotonic() + wait
         told = False
         while True:
             try:
+                fd = self._open_private(self.digest + ".lock", os.O_RDWR | os.O_CREAT, create=True)
+            except _CacheUnwritable as exc:
+                self._done()
+                terminal.warn("%s; going on without the lock" % exc)
+                return
+            try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._lock_fd = fd
-                break
-            except OSError:
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                    # NFS without lockd, a FUSE file system without flock: nobody holds it, nobody can
+                    self._done()
+                    terminal.warn("cannot lock the cache file %s: %s; going on without the lock"
+                                  % (self.lock_path, exc.strerror or exc))
+                    return
                 if _monotonic() >= deadline:
-                    os.close(fd)
+                    self._done()
                     raise ExpiredError("gave up after %d s waiting for another sign-in to finish (%s)"
                                        % (wait, self.lock_path))
                 if not told:
                     terminal.info("another vouch_device_login is signing in; waiting for it")
                     told = True
                 _sleep(0.2)
+                continue
+            # A lock file that --logout removed while we waited locks nothing any more: take the new one.
+            target, dir_fd = self._at(self.digest + ".lock")
+            try:
+                now_there = os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                now_there = None
+            held = os.fstat(fd)
+            if now_there is not None and (now_there.st_dev, now_there.st_ino) == (held.st_dev, held.st_ino):
+                self._lock_fd = fd
+                break
+            os.close(fd)
         self._remove_stale_temporaries(terminal)
 
     def _remove_stale_temporaries(self, terminal):
-        """Temporary files of this entry that a killed run left (they may hold tokens): gone after a minute."""
+        """Temporary files of this tool that a killed run left (they may hold tokens): gone after a minute."""
+        import re
         import stat
         import time
-        prefixes = tuple(".%s.%s." % (self.digest, kind) for kind in ("json", "answers"))
         try:
             names = os.listdir(self._dir_fd if _AT else self.directory)
         except OSError:
             return
         for name in names:
-            if name.startswith(prefixes) and name.endswith(".tmp"):
+            if re.match(r"\.[0-9a-f]{32}\.(json|answers)\.[A-Za-z0-9_-]+\.tmp\Z", name):
                 target, dir_fd = self._at(name)
                 try:
                     status = os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
@@ -4976,7 +5025,7 @@ def _run(config, http, terminal):
             result = _reusable_for(config, entry, time.time())
             if result is None:
                 cache.acquire(terminal)
-        except _CacheRefused as exc:
+        except UsageError as exc:
             # kubectl and credential_process would sign in on every command without it: theirs is an error
             if config.output_format in ("exec-credential", "aws"):
                 raise
@@ -4992,7 +5041,12 @@ def _run(config, http, terminal):
         return result
     if result is None:
         try:
-            entry = _load_warning(cache, terminal) if cache.unreadable is None else cache.load()
+            try:
+                entry = _load_warning(cache, terminal) if cache.unreadable is None else cache.load()
+            except UsageError as exc:
+                # changed since the first look: signed in anew, and the new entry replaces it
+                terminal.warn("%s; signing in again" % exc)
+                entry = None
             result = _reusable_for(config, entry, time.time())
             if result is None:
                 result, metadata, source = _fresh_result(config, http, terminal, entry)
@@ -5046,6 +5100,9 @@ def _save_or_warn(cache, stored, old, terminal):
         return
     except UsageError as exc:
         problem = str(exc)
+        if getattr(exc, "saved", False):
+            terminal.warn("the token was saved in the cache, but not all of it: %s" % problem)
+            return
     spent = (old or {}).get("result", {}).get("refresh_token")
     if spent and spent != stored["result"].get("refresh_token"):
         try:
@@ -5108,7 +5165,7 @@ def _logout(config, http, terminal):
     with, it is the same person's session with this client: all of them go.
     """
     own = _cache_for(config)
-    own.load()
+    own.load(legacy=True)
     if own.unreadable:
         # Unreadable, it could still be served by its answers; whoever it was for, it goes.
         own.delete()
@@ -5124,7 +5181,7 @@ def _logout(config, http, terminal):
     for cache in caches:
         cache.acquire(terminal)
         try:
-            entry = cache.load()
+            entry = cache.load(legacy=True)
             if not _same_sign_in(entry, config):
                 continue
             _remember_secrets(terminal, entry["result"])
@@ -5166,7 +5223,7 @@ def _cached_sign_ins(config):
         digest, _dot, extension = name.partition(".")
         if extension == "json" and len(digest) == 32:
             cache = _Cache(directory, digest=digest)
-            if _same_sign_in(cache.load(), config):
+            if _same_sign_in(cache.load(legacy=True), config):
                 caches.append(cache)
     return caches
 
