@@ -842,7 +842,9 @@ def _time_each_test(result, durations):
 
     def stop_test(test):
         stop(test)
-        durations.setdefault(test.id(), time.monotonic() - began.pop(test))
+        # (3.12 stops a test of a skipped class that it never started)
+        if test in began:
+            durations.setdefault(test.id(), time.monotonic() - began.pop(test))
 
     result.startTest, result.stopTest = start_test, stop_test
 
