@@ -2259,7 +2259,14 @@ class TransportDeadlineTests(unittest.TestCase):
                 if first is not None:
                     self.assertEqual(first.code, 0, first.stderr)
                 line = IssuerTest.assertFailed(self, result, 5, fragment)
-                self.assertIn(origin, line)
+                if endpoint == "refresh":
+                    # A refresh cut off is a warning, then a new sign-in: its end may name the issuer,
+                    # when 60 cases at once keep the local one from answering within the 1 s limit.
+                    warning = next(text for text in result.stderr.splitlines() if "could not refresh" in text)
+                    self.assertIn(origin, warning)
+                    self.assertIn(fragment, warning)
+                else:
+                    self.assertIn(origin, line)
 
     def test_every_stall_at_every_endpoint_ends_in_time(self):
         self.check_all([(endpoint, name, case) for endpoint in self.endpoints

@@ -4645,7 +4645,11 @@ def _write_replacing(path, data, mode):
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
+            # on the open file: a path could be swapped for a symlink in between (Windows has only the path)
+            if hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), mode)
+        if not hasattr(os, "fchmod"):
+            os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException as exc:
         try:
