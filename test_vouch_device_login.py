@@ -986,6 +986,8 @@ class _Suite(unittest.TestSuite):
                 classes.append(name)
                 groups[name] = []
             groups[name].append(test)
+        # The longest classes first, so that neither process is left with one at the end.
+        classes.sort(key=lambda name: -getattr(getattr(sys.modules[__name__], name, None), "seconds", 0))
         lock, reports = threading.Lock(), []
         second = None
         if os.environ.get("VDL_TEST_PROCESSES") != "1" and len(classes) > 1 \
@@ -1458,6 +1460,8 @@ def reset_mid_body(handler, body):
 
 
 class HostileServerTests(IssuerTest):
+    seconds = 10  # about how long it takes: the suite starts the longest first
+
     issuer_options = {"rate_limit": False, "enforce_interval": False}
 
     def run_against(self, endpoint, answer, *extra):
@@ -2195,6 +2199,8 @@ def run_jobs_at_once(jobs, batch=STALL_BATCH):
 class TransportDeadlineTests(unittest.TestCase):
     """Every request ends within --timeout with exit 5 and one line, whatever the peer does."""
 
+    seconds = 20  # about how long it takes: the suite starts the longest first
+
     endpoints = ("discovery", "device", "token", "jwks", "userinfo", "revocation", "refresh")
 
     def setUp(self):
@@ -2370,6 +2376,8 @@ def answer_json(sock, body=b"{}", extra=b""):
 class TransportHardeningTests(unittest.TestCase):
     """What a review of the HTTP client found, each case against a raw peer, plain and over TLS."""
 
+    seconds = 12  # about how long it takes: the suite starts the longest first
+
     def client(self, timeout=5):
         client = vdl._HttpClient(timeout=timeout, cafile=pem_file("ca.pem", TEST_CA_PEM))
         self.addCleanup(client.close)
@@ -2537,6 +2545,8 @@ except OSError:
 
 class TransportAdviceTests(unittest.TestCase):
     """What the HTTP client says when the way to the issuer is the problem."""
+
+    seconds = 3  # about how long it takes: the suite starts the longest first
 
     def client(self, stream=None, **options):
         client = vdl._HttpClient(terminal=vdl._Terminal(stream=stream or io.StringIO()), **options)
@@ -6035,6 +6045,8 @@ class CurveRobustnessTests(unittest.TestCase):
 
 @unittest.skipUnless(HAVE_CRYPTOGRAPHY, "cryptography is not installed")
 class CurveCryptographyCrossCheckTests(unittest.TestCase):
+    seconds = 5  # about how long it takes: the suite starts the longest first
+
     def sign_ecdsa(self, crv, curve_name, hash_name, message, key=None):
         size = vdl._NIST_CURVES[crv][5]
         if key is None:
@@ -6271,6 +6283,8 @@ class SigningVectorsTests(unittest.TestCase):
 @unittest.skipUnless(HAVE_CRYPTOGRAPHY, "cryptography is not installed")
 class SigningCrossCheckTests(unittest.TestCase):
     """Our keys, public keys, signatures and thumbprints against cryptography's."""
+
+    seconds = 4  # about how long it takes: the suite starts the longest first
 
     def test_ed25519_keys_and_signatures_equal_cryptographys(self):
         rng, seed = signing_rng()
@@ -6581,6 +6595,8 @@ def http_get(url, headers):
 
 
 class DPoPRealTimeTests(IssuerTest):
+    seconds = 3  # about how long it takes: the suite starts the longest first
+
     issuer_options = {"dpop": True, "interval": 1, "enforce_interval": True}
 
     def test_nonce_retries_cause_no_slow_down(self):
@@ -6981,6 +6997,8 @@ class CacheTests(CacheFixture):
 
 class CacheFaultTests(CacheFixture):
     """Issue 18: no other user can swap the cache, no other sign-in is served from it, no fault loses a token."""
+
+    seconds = 6  # about how long it takes: the suite starts the longest first
 
     issuer_options = {"rate_limit": False, "refresh_tokens": True, "enforce_interval": False}
 
