@@ -2210,14 +2210,17 @@ class TransportDeadlineTests(unittest.TestCase):
 
     @staticmethod
     def run_endpoint(endpoint, server, tls, main, timeout=STALL_TIMEOUT):
-        """Sign in (or log out) with `endpoint` served by the stall server: (result, first sign-in or None)."""
+        """Sign in (or log out) with `endpoint` served by the stall server.
+
+        Returns (result, first sign-in or None, the local issuer's origin).
+        """
         options = {"rate_limit": False, "enforce_interval": False, "approve_after_polls": 0,
                    "refresh_tokens": True, "tls": True if tls else None}
         with LocalIssuer(**options) as issuer:
-            common = ["--client-id", "cli", "--timeout", str(timeout), "--max-restarts", "0",
-                      "--cacert", pem_file("ca.pem", TEST_CA_PEM)]
+            common = ["--client-id", "cli", "--max-restarts", "0", "--cacert", pem_file("ca.pem", TEST_CA_PEM)]
+            limit = ["--timeout", str(timeout)]
             if endpoint == "discovery":
-                return main(["--issuer", server.base] + common), None
+                return main(["--issuer", server.base] + common + limit), None, issuer.base
             metadata = issuer.metadata()
             name = {"device": "device_authorization_endpoint", "token": "token_endpoint", "jwks": "jwks_uri",
                     "userinfo": "userinfo_endpoint", "revocation": "revocation_endpoint",
@@ -2229,7 +2232,8 @@ class TransportDeadlineTests(unittest.TestCase):
                     metadata[name] = server.base + "/" + endpoint
                 for path in issuer._discovery_paths():
                     issuer.overrides[path] = lambda handler, body: (200, metadata)
-                first = main(["--issuer", issuer.issuer, "--cache"] + common)
+                # Only the stalled endpoint is under test: this sign-in gets time enough on a loaded machine.
+                first = main(["--issuer", issuer.issuer, "--cache", "--timeout", "30"] + common)
             metadata[name] = server.base + "/" + endpoint
             for path in issuer._discovery_paths():
                 issuer.overrides[path] = lambda handler, body: (200, metadata)
@@ -2238,7 +2242,7 @@ class TransportDeadlineTests(unittest.TestCase):
             issuer.expires_in = 2
             flags = {"jwks": ["--verify"], "userinfo": ["--userinfo"], "revocation": ["--logout"],
                      "refresh": ["--cache", "--min-ttl", "30000"]}.get(endpoint, [])
-            return main(["--issuer", issuer.issuer] + common + flags), first
+            return main(["--issuer", issuer.issuer] + common + limit + flags), first, issuer.base
 
     def check_all(self, cases, tls):
         """Every (endpoint, case name, (stall, fragment)) at once; each must end in exit 5 naming the peer."""
@@ -2253,14 +2257,27 @@ class TransportDeadlineTests(unittest.TestCase):
                     server.close()
             return run
 
-        outcomes = run_jobs_at_once([job(endpoint, stall, fragment) for endpoint, _name, (stall, fragment) in cases])
+        def inconclusive(outcome):
+            # The local issuer, not the stalled peer, missed the 1 s limit: the machine was
+            # too loaded to tell. Such a case runs again once the others are done.
+            if outcome is None or isinstance(outcome, Exception):
+                return False
+            result, first, issuer, origin = outcome
+            lines = (first.stderr if first is not None and first.code else result.stderr).splitlines()
+            return bool(lines) and issuer + ":" in lines[-1] and origin not in lines[-1]
+
+        jobs = [job(endpoint, stall, fragment) for endpoint, _name, (stall, fragment) in cases]
+        outcomes = run_jobs_at_once(jobs)
+        again = [index for index, outcome in enumerate(outcomes) if inconclusive(outcome)]
+        for index, outcome in zip(again, run_jobs_at_once([jobs[index] for index in again])):
+            outcomes[index] = outcome
         for (endpoint, name, (_stall, fragment)), outcome in zip(cases, outcomes):
             with self.subTest(endpoint=endpoint, case=name):
                 if outcome is None:
                     self.fail("still running after %d s: the time limit did not end it" % HANG_GUARD)
                 if isinstance(outcome, Exception):
                     raise outcome
-                result, first, origin = outcome
+                result, first, _issuer, origin = outcome
                 if first is not None:
                     self.assertEqual(first.code, 0, first.stderr)
                 line = IssuerTest.assertFailed(self, result, 5, fragment)
