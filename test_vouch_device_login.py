@@ -850,11 +850,11 @@ def _time_each_test(result, durations):
 
 
 class _ShardFailure(AssertionError):
-    """A failure or error reported by the second process, its traceback as text."""
+    """A failure or error reported by a helper process, its traceback as text."""
 
 
 class _JsonResult(unittest.TestResult):
-    """The second process's result: one JSON line per outcome, written to the first process."""
+    """A helper process's result: one JSON line per outcome, written to the first process."""
 
     def __init__(self, stream):
         unittest.TestResult.__init__(self)
@@ -895,7 +895,7 @@ class _JsonResult(unittest.TestResult):
 
 
 def _shard_worker(requests, answers):
-    """The second process: run the tests of each class the first one names, report each test as it ends."""
+    """A helper process: run the tests of each class the first one names, report each test as it ends."""
     module = sys.modules[__name__]
     with os.fdopen(requests, "r") as incoming, os.fdopen(answers, "w") as outgoing:
         result = _JsonResult(outgoing)
@@ -909,9 +909,20 @@ def _shard_worker(requests, answers):
             unittest.TestSuite([case(method) for method in names[1:]]).run(result)
 
 
-def _start_second_process(classes, groups, lock, reports):
-    """A second interpreter that takes a class's tests (`groups`) from `classes` as it finishes each; its
-    reports go to `reports`. The suite's in-process tests are CPU-bound, and one interpreter uses one core."""
+# Interpreters that run the serial classes: many of their tests wait on the
+# clock, a server or a child, so one more than the two cores keeps both busy.
+TEST_PROCESSES = 3
+
+
+def _test_processes():
+    """How many interpreters run the serial classes: VDL_TEST_PROCESSES, or TEST_PROCESSES."""
+    value = os.environ.get("VDL_TEST_PROCESSES", "")
+    return int(value) if value.isdigit() and int(value) > 0 else TEST_PROCESSES
+
+
+def _start_helper_process(classes, groups, lock, reports):
+    """A helper interpreter that takes a class's tests (`groups`) from `classes` as it finishes each; its
+    reports go to `reports`. One interpreter uses one core, and the in-process tests are mostly CPU-bound."""
     import subprocess
     from_parent, to_child = os.pipe()
     from_child, to_parent = os.pipe()
@@ -943,7 +954,7 @@ def _start_second_process(classes, groups, lock, reports):
 
 
 def _replay(reports, by_id, result, durations):
-    """Pass the second process's reports on to the result, as if the tests had run here."""
+    """Pass the helper processes' reports on to the result, as if the tests had run here."""
     while reports:
         report = reports.pop(0)
         test = by_id[report["id"]]
@@ -955,14 +966,14 @@ def _replay(reports, by_id, result, durations):
         elif outcome == "skip":
             result.addSkip(test, report["text"])
         else:
-            err = (_ShardFailure, _ShardFailure("in the second process:\n" + report["text"]), None)
+            err = (_ShardFailure, _ShardFailure("in a helper process:\n" + report["text"]), None)
             (result.addFailure if outcome == "fail" else result.addError)(test, err)
         result.stopTest(test)
 
 
 class _Suite(unittest.TestSuite):
     """The module's tests: the @independent ones first, at once, on threads; the others class by class in
-    this process and, meanwhile, in a second one (VDL_TEST_PROCESSES=1: this one only).
+    this process and, meanwhile, in TEST_PROCESSES - 1 helper ones (VDL_TEST_PROCESSES=N: N in all).
 
     With VDL_TEST_TIMES set, writes "seconds test-id" lines to that file,
     slowest first: `make test` shows the slowest from it.
@@ -989,10 +1000,10 @@ class _Suite(unittest.TestSuite):
         # The longest classes first, so that neither process is left with one at the end.
         classes.sort(key=lambda name: -getattr(getattr(sys.modules[__name__], name, None), "seconds", 0))
         lock, reports = threading.Lock(), []
-        second = None
-        if os.environ.get("VDL_TEST_PROCESSES") != "1" and len(classes) > 1 \
-                and all(getattr(sys.modules[__name__], name, None) is type(groups[name][0]) for name in classes):
-            second = _start_second_process(classes, groups, lock, reports)
+        helpers = []
+        if all(getattr(sys.modules[__name__], name, None) is type(groups[name][0]) for name in classes):
+            helpers = [_start_helper_process(classes, groups, lock, reports)
+                       for _ in range(min(_test_processes(), len(classes)) - 1)]
         # Here the independent tests go first, on their own: the others patch os.environ, which their
         # processes would inherit.
         recorded = []
@@ -1007,8 +1018,8 @@ class _Suite(unittest.TestSuite):
             if name is None:
                 break
             unittest.TestSuite(groups[name]).run(result)
-        if second is not None:
-            second.join()
+        for helper in helpers:
+            helper.join()
         _replay(reports, by_id, result, durations)
         if times:
             with open(times, "w") as handle:
@@ -2153,12 +2164,12 @@ class PerThread:
 
 
 def run_jobs_at_once(jobs):
-    """Call each job(main) on a thread of its own, STALL_BATCH at a time.
+    """Call each job(main) on a thread of its own, up to STALL_BATCH at a time.
 
     `main(argv)` runs vouch_device_login.main with this thread's own stdout,
     stderr and FakeClock, and returns a Result. Returns one entry per job:
     what it returned, the exception it raised, or None when it was still
-    running HANG_GUARD s after its batch began.
+    running HANG_GUARD s after it began.
     """
     routes = {name: PerThread(fallback) for name, fallback in (
         ("stdout", sys.stdout), ("stderr", sys.stderr), ("clock", vdl._monotonic), ("sleep", vdl._sleep))}
@@ -2180,24 +2191,33 @@ def run_jobs_at_once(jobs):
             outcomes[index] = job(main)
         except Exception as exc:  # noqa: BLE001 - reported by the test, with the case it belongs to
             outcomes[index] = exc
+        finally:
+            with ended:
+                ended.notify()
 
-    outcomes = [None] * len(jobs)
+    outcomes, ended = [None] * len(jobs), threading.Condition()
+    pending, running = list(range(len(jobs))), {}
     with mock.patch.object(sys, "stdout", routes["stdout"]), mock.patch.object(sys, "stderr", routes["stderr"]), \
-            mock.patch.object(vdl, "_monotonic", routes["clock"]), mock.patch.object(vdl, "_sleep", routes["sleep"]):
-        for first in range(0, len(jobs), STALL_BATCH):
-            threads = [threading.Thread(target=run, args=(index, jobs[index]), daemon=True)
-                       for index in range(first, min(first + STALL_BATCH, len(jobs)))]
-            began = time.monotonic()
-            for thread in threads:
+            mock.patch.object(vdl, "_monotonic", routes["clock"]), mock.patch.object(vdl, "_sleep", routes["sleep"]), \
+            ended:
+        while pending or running:
+            # A job past its guard is given up (its outcome stays None) and frees its place.
+            running = {index: (thread, began) for index, (thread, began) in running.items()
+                       if thread.is_alive() and time.monotonic() - began < HANG_GUARD}
+            while pending and len(running) < STALL_BATCH:
+                index = pending.pop(0)
+                thread = threading.Thread(target=run, args=(index, jobs[index]), daemon=True)
+                running[index] = (thread, time.monotonic())
                 thread.start()
-            for thread in threads:
-                thread.join(max(0, began + HANG_GUARD - time.monotonic()))
+            if running:
+                ended.wait(0.1)
     return outcomes
 
 
 class TransportDeadlineTests(unittest.TestCase):
     """Every request ends within --timeout with exit 5 and one line, whatever the peer does."""
 
+    seconds = 15  # about how long it takes: the suite starts the longest first
     endpoints = ("discovery", "device", "token", "jwks", "userinfo", "revocation", "refresh")
 
     def setUp(self):
@@ -2298,6 +2318,11 @@ class TransportDeadlineTests(unittest.TestCase):
         cases = [(name, STALL_CASES[name]) for name in TLS_STALL_CASES] + [("handshake", (stall_handshake, TIMED_OUT))]
         self.check_all([(endpoint, name, case) for endpoint in self.endpoints for name, case in cases], tls=True)
 
+
+
+class TransportDeadlineCaseTests(unittest.TestCase):
+    """The time limit where the stall matrix does not reach: proxy, resolver, a real process."""
+
     def test_a_stalling_https_proxy_is_cut_off_too(self):
         for name, case in (("CONNECT never answered", stall_proxy_silent),
                            ("CONNECT answered a byte at a time", stall_proxy_trickle),
@@ -2343,6 +2368,7 @@ class TransportDeadlineTests(unittest.TestCase):
         self.assertEqual(result.code, 0, result.stderr)
         self.assertEqual(result.json()["issuer"], issuer.issuer)
 
+    @independent
     def test_a_tls_sign_in_prints_no_python_warning_even_with_w_error(self):
         with LocalIssuer(tls=True, rate_limit=False, approve_after_polls=0) as issuer:
             for flags in ([], ["-W", "error"]):
@@ -2360,6 +2386,7 @@ class TransportDeadlineTests(unittest.TestCase):
                     self.assertNotRegex(stderr, r"\w+Warning|\.py:\d+|Traceback")
                     self.assertEqual(json.loads(proc.stdout.decode())["verified"], True)
 
+    @independent
     def test_the_case_that_opened_issue_11_as_a_real_process_over_tls(self):
         """Token endpoint: chunked, Connection: close, one byte every 0.2 s, for ever."""
         def trickle(server, sock):
