@@ -14,9 +14,9 @@ TEST_PACKAGES := cryptography==50.0.2 segno==1.6.6 zxing-cpp==3.1.1 numpy==2.4.6
 	'moto[server]==5.2.5' awscli==1.46.3 botocore==1.44.8
 PYENV_ROOT := $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 MATRIX := 3.6 3.7 3.8 3.9 3.10 3.11 3.12 3.13
-# Interpreters tested at a time: each runs its suite in two processes, and more than a few at once on
+# Interpreters tested at a time: each runs its suite in three processes, and more than a few at once on
 # two cores would put the deadline tests (a 1 s --timeout) past their peers' bytes.
-TEST_JOBS ?= 3
+TEST_JOBS ?= 2
 
 .PHONY: demo test slow lint bench system-deps clean
 
