@@ -997,7 +997,7 @@ class _Suite(unittest.TestSuite):
                 classes.append(name)
                 groups[name] = []
             groups[name].append(test)
-        # The longest classes first, so that neither process is left with one at the end.
+        # The longest classes first, so that no process is left with one at the end.
         classes.sort(key=lambda name: -getattr(getattr(sys.modules[__name__], name, None), "seconds", 0))
         lock, reports = threading.Lock(), []
         helpers = []
