@@ -11,7 +11,7 @@ VENV_PY := $(VENV)/bin/python
 # Reference libraries the optional tests and the benchmark compare against.
 TEST_PACKAGES := cryptography==50.0.2 segno==1.6.6 zxing-cpp==3.1.1 numpy==2.4.6 \
 	PyJWT==2.15.1 ecdsa==0.19.2 ruff==0.17.6 \
-	'moto[server]==5.2.5' awscli==1.46.3 botocore==1.44.8
+	'moto[server]==5.2.5' awscli==1.46.3 botocore==1.44.8 http-message-signatures==3.0.0
 PYENV_ROOT := $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 MATRIX := 3.6 3.7 3.8 3.9 3.10 3.11 3.12 3.13
 # Interpreters tested at a time: each runs its suite in three processes, and more than a few at once on

@@ -742,6 +742,310 @@ class LocalIssuer(LocalServer):
         handler.send(200, info)
 
 
+def ecdsa_p256_verify(jwk, message, r, s):
+    """ECDSA P-256 SHA-256 verification (SEC 1 §4.1.4), in the test file's own arithmetic."""
+    if not (0 < r < P256_N and 0 < s < P256_N):
+        return False
+    q = (int.from_bytes(b64u(jwk["x"]), "big"), int.from_bytes(b64u(jwk["y"]), "big"))
+    z = int.from_bytes(hashlib.sha256(message).digest(), "big")
+    w = pow(s, P256_N - 2, P256_N)
+    point = _ec_add(_ec_mul_base(z * w % P256_N), _ec_mul(r * w % P256_N, q))
+    return point is not None and point[0] % P256_N == r
+
+
+def der_to_rs(der):
+    """(r, s) of a DER ECDSA-Sig-Value (RFC 3279 §2.2.3), parsed strictly; ValueError otherwise."""
+    if len(der) < 8 or der[0] != 0x30 or der[1] != len(der) - 2:
+        raise ValueError("not a DER SEQUENCE")
+    values, at = [], 2
+    for _ in range(2):
+        if der[at] != 0x02 or der[at + 1] > 33:
+            raise ValueError("not a DER INTEGER")
+        size = der[at + 1]
+        octets = der[at + 2:at + 2 + size]
+        if len(octets) != size or size == 0 or octets[0] & 0x80 or (size > 1 and octets[0] == 0 and not octets[1] & 0x80):
+            raise ValueError("not a minimal positive INTEGER")
+        values.append(int.from_bytes(octets, "big"))
+        at += 2 + size
+    if at != len(der):
+        raise ValueError("bytes after the SEQUENCE")
+    return values
+
+
+SIGNATURE_INPUT = re.compile(r'(?P<label>[a-z][a-z0-9_.*-]*)=(?P<params>\((?P<items>[^()]*)\)'
+                             r'(?:;[a-z][a-z0-9_.*-]*=(?:"[^"\\]*"|[0-9]+))*)\Z')
+
+
+class LocalVouch(LocalIssuer):
+    """Vouch's client registration, client authentication and /v1 credential API, enforced as its source does.
+
+    RFC 7591 registration with a P-256 JWKS; private_key_jwt (RFC 7523, aud the
+    issuer, single-use jti) at the device, token and revocation endpoints for
+    registered clients; DPoP on every grant; /v1 requests need a DPoP-bound,
+    hardware-verified token of the client, an RFC 9421 signature by a key of
+    that client's JWKS covering @method @authority @path @query authorization
+    dpop (content-type content-digest with a body), DER-encoded, with a
+    single-use nonce the server handed out, and a matching RFC 9530 digest.
+    """
+
+    REQUIRED_COMPONENTS = ("@method", "@authority", "@path", "@query", "authorization", "dpop")
+
+    def __init__(self, **options):
+        options.setdefault("dpop", True)
+        options.setdefault("refresh_tokens", True)
+        options.setdefault("tls", "test")
+        LocalIssuer.__init__(self, **options)
+        self.registered = {}
+        self.registrations = []
+        self.assertion_jtis = set()
+        self.signature_nonces = set()
+        self.v1_refusals = []
+        self.v1_served = []
+        self.github_tokens = []
+        self.ssh_ca = None
+        self.ssh_serial = 1000
+
+    def metadata(self):
+        document = LocalIssuer.metadata(self)
+        document["registration_endpoint"] = self.issuer + "/oauth/register"
+        document["token_endpoint_auth_methods_supported"] = ["private_key_jwt"]
+        return document
+
+    def handle(self, handler, method):
+        route = urlsplit(handler.path).path
+        local = route[len(self.path):] if route.startswith(self.path + "/") else None
+        if route in self.overrides:
+            return LocalIssuer.handle(self, handler, method)
+        if local == "/oauth/register" and method == "POST":
+            return self._register(handler)
+        if local is not None and local.startswith("/v1/"):
+            return self._v1(handler, method, local)
+        if method == "POST" and local in ("/oauth/device", "/oauth/token", "/oauth/revoke") and "/oauth/" in route:
+            length = int(handler.headers.get("Content-Length") or 0)
+            body = handler.rfile.read(length) if length else b""
+            form = dict(parse_qsl(body.decode(), keep_blank_values=True))
+            refusal = self._client_authentication(form)
+            if refusal is None and local == "/oauth/token" and form.get("client_id") in self.registered \
+                    and handler.headers.get("DPoP") is None:
+                refusal = "a registered client's every grant needs DPoP"
+            if refusal is not None:
+                with self.lock:
+                    self.requests.append({"method": method, "path": route, "headers": dict(handler.headers),
+                                          "body": body})
+                return handler.send(401, {"error": "invalid_client", "error_description": refusal})
+            handler.rfile = io.BytesIO(body)
+        return LocalIssuer.handle(self, handler, method)
+
+    # -- RFC 7591 and RFC 7523 --------------------------------------------
+
+    def _register(self, handler):
+        length = int(handler.headers.get("Content-Length") or 0)
+        try:
+            request = json.loads(handler.rfile.read(length).decode())
+        except ValueError:
+            return handler.send(400, {"error": "invalid_client_metadata", "error_description": "not JSON"})
+        self.registrations.append(request)
+        keys = (request.get("jwks") or {}).get("keys") if isinstance(request.get("jwks"), dict) else None
+        problems = []
+        if handler.headers.get("Content-Type") != "application/json":
+            problems.append("Content-Type must be application/json")
+        if request.get("token_endpoint_auth_method") != "private_key_jwt":
+            problems.append("token_endpoint_auth_method must be private_key_jwt")
+        if request.get("dpop_bound_access_tokens") is not True:
+            problems.append("dpop_bound_access_tokens must be true")
+        if vdl.DEVICE_CODE_GRANT not in (request.get("grant_types") or []):
+            problems.append("grant_types must include the device code grant")
+        if not keys or not all(isinstance(k, dict) and k.get("kty") == "EC" and k.get("crv") == "P-256"
+                               and k.get("kid") and "d" not in k for k in keys):
+            problems.append("jwks must hold public P-256 keys with a kid")
+        if problems:
+            return handler.send(400, {"error": "invalid_client_metadata", "error_description": "; ".join(problems)})
+        client_id = "dyn-" + secrets.token_hex(8)
+        with self.lock:
+            self.registered[client_id] = {k["kid"]: k for k in keys}
+            self.clients.add(client_id)
+        handler.send(201, {"client_id": client_id, "client_id_issued_at": int(time.time()),
+                           "token_endpoint_auth_method": "private_key_jwt", "grant_types": request["grant_types"],
+                           "dpop_bound_access_tokens": True, "jwks": request["jwks"]})
+
+    def _client_authentication(self, form):
+        """None when a registered client proved itself with a fresh assertion (RFC 7523 §3), else why not."""
+        client_id = form.get("client_id")
+        if client_id not in self.registered:
+            return None
+        if form.get("client_assertion_type") != vdl.CLIENT_ASSERTION_TYPE or not form.get("client_assertion"):
+            return "private_key_jwt: client_assertion missing"
+        token = form["client_assertion"]
+        try:
+            header_b64, claims_b64, signature_b64 = token.split(".")
+            header, claims = json.loads(b64u(header_b64)), json.loads(b64u(claims_b64))
+            signature = b64u(signature_b64)
+        except ValueError:
+            return "malformed client assertion"
+        key = self.registered[client_id].get(header.get("kid"))
+        if header.get("alg") != "ES256" or key is None or len(signature) != 64 or not ecdsa_p256_verify(
+                key, (header_b64 + "." + claims_b64).encode(), int.from_bytes(signature[:32], "big"),
+                int.from_bytes(signature[32:], "big")):
+            return "client assertion signature"
+        now = time.time()
+        if claims.get("iss") != client_id or claims.get("sub") != client_id or claims.get("aud") != self.issuer:
+            return "client assertion iss/sub/aud"
+        if not isinstance(claims.get("exp"), int) or not now - 5 < claims["exp"] <= now + 300:
+            return "client assertion expired or too long-lived"
+        with self.lock:
+            if claims.get("jti") in self.assertion_jtis or not claims.get("jti"):
+                return "client assertion jti replayed"
+            self.assertion_jtis.add(claims["jti"])
+        return None
+
+    # -- /v1: RFC 9421 signatures, RFC 9530 digests, DPoP, hardware --------
+
+    def _new_signature_nonce(self):
+        nonce = b64url(secrets.token_bytes(12))
+        with self.lock:
+            self.signature_nonces.add(nonce)
+        return nonce
+
+    def _v1_answer(self, handler, status, document):
+        headers = {"Signature-Nonce": self._new_signature_nonce()}
+        if status == 401:
+            headers["DPoP-Nonce"] = self.dpop_nonce
+            headers["WWW-Authenticate"] = 'DPoP error="invalid_token"'
+        if status != 200:
+            self.v1_refusals.append((status, document.get("message")))
+        handler.send(status, document, headers)
+
+    def _v1(self, handler, method, local):
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        query = dict(parse_qsl(urlsplit(handler.path).query))
+        with self.lock:
+            self.requests.append({"method": method, "path": local, "headers": dict(handler.headers), "body": body})
+        if local == "/v1/credentials/ssh/ca" and method == "GET":
+            return handler.send(200, {"public_key": self._ssh_ca_key(), "comment": "vouch-test-ca"})
+        refusal, claims = self._check_signed(handler, method, local, body)
+        if refusal is not None:
+            return self._v1_answer(handler, refusal[0], {"error": "unauthorized", "message": refusal[1]})
+        if claims.get("hardware_verified") is not True:
+            return self._v1_answer(handler, 403, {"error": "hardware_required", "message":
+                                                  "requires a hardware-verified session"})
+        document = json.loads(body.decode()) if body else None
+        if local == "/v1/credentials/github/token" and method == "POST":
+            token = "ghs_" + secrets.token_hex(18)
+            self.github_tokens.append(token)
+            answer = {"token": token, "expires_at": "2099-01-01T00:00:00Z", "permissions": {"contents": "read"},
+                      "owner": document.get("owner")}
+        elif local == "/v1/credentials/ssh" and method == "POST":
+            answer = self._ssh_sign(document.get("public_key"), claims)
+            if answer is None:
+                return self._v1_answer(handler, 400, {"error": "signing_failed", "message": "Failed to sign"})
+        elif local == "/v1/credentials/k8s/token" and method == "GET" and query.get("audience"):
+            answer = {"id_token": self.id_token(query["audience"], hardware_verified=True), "expires_in": 3600}
+        elif local == "/v1/credentials/aws/token" and method == "GET":
+            extra = {"https://aws.amazon.com/roles": query["role_arn"]} if query.get("role_arn") else {}
+            answer = {"id_token": self.id_token("sts.amazonaws.com", hardware_verified=True, **extra)}
+        else:
+            return self._v1_answer(handler, 404, {"error": "not_found", "message": "no such credential"})
+        self.v1_served.append((local, answer))
+        self._v1_answer(handler, 200, answer)
+
+    def _check_signed(self, handler, method, local, body):
+        """(None, access-token claims) for a request signed as Vouch wants, else ((status, why), None)."""
+        inputs, signatures = handler.headers.get_all("Signature-Input") or [], handler.headers.get_all("Signature") or []
+        if len(inputs) != 1 or len(signatures) != 1:
+            return (401, "exactly one Signature-Input and one Signature"), None
+        match = SIGNATURE_INPUT.match(inputs[0])
+        sig = re.match(r"([a-z][a-z0-9_.*-]*)=:([A-Za-z0-9+/]+={0,2}):\Z", signatures[0])
+        if not match or not sig or sig.group(1) != match.group("label"):
+            return (401, "Signature-Input or Signature malformed"), None
+        components = re.findall(r'"([^"]*)"', match.group("items"))
+        if " ".join('"%s"' % c for c in components) != match.group("items"):
+            return (401, "covered components malformed"), None
+        params = dict(re.findall(r';([a-z][a-z0-9_.*-]*)=("[^"\\]*"|[0-9]+)', match.group("params")))
+        params = {k: v[1:-1] if v.startswith('"') else int(v) for k, v in params.items()}
+        required = self.REQUIRED_COMPONENTS + (("content-type", "content-digest") if body else ())
+        if any(c not in components for c in required):
+            return (401, "the signature must cover %s" % " ".join(required)), None
+        if params.get("alg", "ecdsa-p256-sha256") != "ecdsa-p256-sha256" or not isinstance(params.get("created"), int) \
+                or abs(time.time() - params["created"]) > 300:
+            return (401, "alg or created"), None
+        if body and handler.headers.get("Content-Digest") != \
+                "sha-256=:%s:" % base64.b64encode(hashlib.sha256(body).digest()).decode():
+            return (401, "Content-Digest does not match the body"), None
+        scheme, _, token = (handler.headers.get("Authorization") or "").partition(" ")
+        claims = self._issued_claims(token)
+        if scheme != "DPoP" or claims is None or token not in self.bound:
+            return (401, "a DPoP-bound access token of this issuer is required"), None
+        client_keys = self.registered.get(claims.get("client_id"))
+        key = (client_keys or {}).get(params.get("keyid"))
+        if key is None or claims.get("aud") != claims.get("client_id"):
+            return (401, "keyid is not a key of the token's client"), None
+        derived = {"@method": method, "@authority": (handler.headers.get("Host") or "").lower(),
+                   "@path": urlsplit(handler.path).path, "@query": "?" + urlsplit(handler.path).query}
+        lines = []
+        for name in components:
+            value = derived.get(name) if name.startswith("@") else handler.headers.get(name)
+            if value is None:
+                return (401, "covered component %s missing" % name), None
+            lines.append('"%s": %s' % (name, value.strip()))
+        lines.append('"@signature-params": ' + match.group("params"))
+        try:
+            r, s = der_to_rs(base64.b64decode(sig.group(2)))
+        except ValueError as exc:
+            return (401, "signature is not DER: %s" % exc), None
+        if not ecdsa_p256_verify(key, "\n".join(lines).encode(), r, s):
+            return (401, "signature does not verify"), None
+        with self.lock:
+            if params.get("nonce") not in self.signature_nonces:
+                return (401, "a fresh Signature-Nonce is required"), None
+            self.signature_nonces.discard(params["nonce"])
+        jkt, refusal = self._check_dpop(handler, method, local, token)
+        if refusal is not None or jkt != self.bound[token]:
+            return (401, "DPoP proof: %s" % (refusal[1] if refusal else "another key")), None
+        return None, claims
+
+    def _issued_claims(self, token):
+        if token not in self.issued:
+            return None
+        return vdl.decode_jwt(token)[1]
+
+    # -- the SSH CA: ssh-keygen signs, as Vouch's ssh-key crate would -------
+
+    def _ssh_folder(self):
+        import tempfile
+        if self.ssh_ca is None:
+            folder = tempfile.mkdtemp(prefix="vdl-ssh-ca-")
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vouch-test-ca", "-f",
+                            os.path.join(folder, "ca")], check=True, stdout=subprocess.DEVNULL)
+            self.ssh_ca = folder
+        return self.ssh_ca
+
+    def _ssh_ca_key(self):
+        with open(os.path.join(self._ssh_folder(), "ca.pub")) as handle:
+            return " ".join(handle.read().split()[:2])
+
+    def _ssh_sign(self, public_key, claims):
+        folder = self._ssh_folder()
+        if not isinstance(public_key, str) or "\n" in public_key:
+            return None
+        name = os.path.join(folder, "user-%s" % secrets.token_hex(4))
+        with open(name + ".pub", "w") as handle:
+            handle.write(public_key + "\n")
+        principal = claims["email"].split("@")[0]
+        with self.lock:
+            self.ssh_serial += 1
+            serial = self.ssh_serial
+        done = subprocess.run(["ssh-keygen", "-q", "-s", os.path.join(folder, "ca"), "-I", claims["email"], "-n",
+                               principal, "-V", "+8h", "-z", str(serial), name + ".pub"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+        if done.returncode != 0:
+            return None
+        with open(name + "-cert.pub") as handle:
+            certificate = handle.read().strip()
+        return {"certificate": certificate, "valid_for_seconds": 28800, "principals": [principal],
+                "serial": str(serial)}
+
+
 # ============================================================================
 # Running the suite: independent tests at once, and how long each took
 # ============================================================================
@@ -7509,7 +7813,7 @@ class SignInTests(IssuerTest):
             '  eval "$(python3 vouch_device_login.py --client-id ID --cache --format shell)"'])
         self.assertEqual([line for line in lines if line.endswith(":") and not line.startswith(" ")],
                          ["sign-in:", "output:", "AWS credentials:", "sessions:", "verification and policy:",
-                          "requests:", "DPoP:", "this command:"])
+                          "requests:", "Vouch credentials:", "DPoP:", "this command:"])
         self.assertLess(result.stdout.index("--client-id ID  "), result.stdout.index("--timeout SECONDS"))
 
     @independent
@@ -8094,6 +8398,8 @@ class FakeSts(LocalServer):
         self.requests = []
         self.script = []
         self.issued = []
+        # the web identity tokens' aud: the sign-in's client, or STS's own for Vouch's AWS tokens
+        self.audience = "cli"
         self.url = "http://127.0.0.1:%d/" % self.start_server()
 
     def handle(self, handler, method):
@@ -8116,7 +8422,7 @@ class FakeSts(LocalServer):
             claims = vdl.decode_jwt(form.get("WebIdentityToken", ""))[1]
         except vdl.VouchError:
             return sts_error("InvalidIdentityToken", "Couldn't retrieve verification key from your identity provider")[:2]
-        if claims.get("iss") != self.issuer.issuer or claims.get("aud") != "cli" or claims["exp"] < time.time():
+        if claims.get("iss") != self.issuer.issuer or claims.get("aud") != self.audience or claims["exp"] < time.time():
             return sts_error("InvalidIdentityToken", "Incorrect token audience")[:2]
         expiration = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + int(form["DurationSeconds"])))
         credentials = {"AccessKeyId": "ASIA" + "".join(random.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
@@ -8844,6 +9150,623 @@ class KubectlTests(CacheFixture):
 
 
 # ============================================================================
+# Vouch's credentials: registration (RFC 7591, RFC 7523), signed /v1 requests
+# (RFC 9421, RFC 9530), git, Docker and SSH helpers
+# ============================================================================
+
+# RFC 9421 Appendix B.2's test request, and the B.1.4 Ed25519 key (its PKCS#8 ends with the 32-octet seed)
+RFC9421_URL = "https://example.com/foo?param=Value&Pet=dog"
+RFC9421_HEADERS = {"host": "example.com", "date": "Tue, 20 Apr 2021 02:07:55 GMT", "content-type": "application/json",
+                   "content-digest": "sha-512=:WZDPaVn/7XgHaAy8pmojAkGWoRx2UFChF41A2svX+TaPm+AbwAgBWnrIiYllu7BNNyealdVL"
+                                     "vRwEmTHWXvJwew==:", "content-length": "18"}
+RFC9421_ED25519_SEED = base64.b64decode("MC4CAQAwBQYDK2VwBCIEIJ+DYvh6SEqVTm50DFtMDoQikTmiCqirVv9mWG9qfSnF")[-32:]
+
+
+class HttpSignatureVectorTests(unittest.TestCase):
+    """The signature base and the signatures against RFC 9421 Appendix B.2, and the DER Vouch reads."""
+
+    def test_b_2_3_full_coverage_signature_base(self):
+        components = ("date", "@method", "@path", "@query", "@authority", "content-type", "content-digest",
+                      "content-length")
+        params = '("date" "@method" "@path" "@query" "@authority" "content-type" "content-digest" "content-length")' \
+                 ';created=1618884473;keyid="test-key-rsa-pss"'
+        base = vdl._signature_base("POST", RFC9421_URL, RFC9421_HEADERS, components, params)
+        self.assertEqual(base, "\n".join([
+            '"date": Tue, 20 Apr 2021 02:07:55 GMT', '"@method": POST', '"@path": /foo',
+            '"@query": ?param=Value&Pet=dog', '"@authority": example.com', '"content-type": application/json',
+            '"content-digest": ' + RFC9421_HEADERS["content-digest"], '"content-length": 18',
+            '"@signature-params": ' + params]))
+
+    def test_b_2_5_hmac_base_and_b_2_6_ed25519_signature_byte_for_byte(self):
+        params = '("date" "@authority" "content-type");created=1618884473;keyid="test-shared-secret"'
+        self.assertEqual(vdl._signature_base("POST", RFC9421_URL, RFC9421_HEADERS, ("date", "@authority", "content-type"),
+                                             params),
+                         '"date": Tue, 20 Apr 2021 02:07:55 GMT\n"@authority": example.com\n'
+                         '"content-type": application/json\n"@signature-params": ' + params)
+        components = ("date", "@method", "@path", "@authority", "content-type", "content-length")
+        params = '("date" "@method" "@path" "@authority" "content-type" "content-length");created=1618884473' \
+                 ';keyid="test-key-ed25519"'
+        base = vdl._signature_base("POST", RFC9421_URL, RFC9421_HEADERS, components, params)
+        signer = vdl._DPoP({"kty": "OKP", "crv": "Ed25519", "d": b64url(RFC9421_ED25519_SEED),
+                            "x": b64url(vdl._ed25519_public(RFC9421_ED25519_SEED))})
+        self.assertEqual(base64.b64encode(signer.sign(base.encode())).decode(),
+                         "wqcAqbmYJ2ji2glfAMaRy4gruYYnx2nEFN2HN6jrnDnQCK1u02Gb04v9EDgwUPiu4A0w6vuQv5lIp5WPpBKRCw==")
+
+    def test_authority_and_query_edge_cases(self):
+        base = vdl._signature_base("get", "https://Example.COM:443/", {}, ("@method", "@authority", "@path", "@query"),
+                                   "()")
+        self.assertEqual(base.split("\n")[:4], ['"@method": GET', '"@authority": example.com', '"@path": /',
+                                                '"@query": ?'])
+        self.assertIn('"@authority": 127.0.0.1:8443', vdl._signature_base(
+            "GET", "https://127.0.0.1:8443/v1/x?a=b", {}, ("@authority",), "()"))
+
+    def test_content_digest_is_rfc_9530_sha_256(self):
+        body = b'{"hello": "world"}'
+        self.assertEqual(vdl._digest_header(body), "sha-256=:%s:" % base64.b64encode(hashlib.sha256(body).digest()).decode())
+
+    def test_der_signature_is_strict_der_for_every_shape_of_r_and_s(self):
+        shapes = [(1, 1), (0x7f, 0x80), (P256_N - 1, 0x80 << 248), (0xff << 248, 1 << 200), (12345, P256_N - 2)]
+        for r, s in shapes:
+            der = vdl._der_signature(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+            self.assertEqual(der_to_rs(der), [r, s])
+            if HAVE_CRYPTO:
+                self.assertEqual(der, encode_dss_signature(r, s))
+
+    @unittest.skipUnless(HAVE_CRYPTO, "needs cryptography")
+    def test_cryptography_verifies_the_der_signature_over_a_signature_base(self):
+        key = vdl._dpop_generate("ES256")
+        base = vdl._signature_base("POST", "https://vouch.test/v1/credentials/ssh", {"authorization": "DPoP x"},
+                                   ("@method", "@path", "authorization"), '("@method" "@path" "authorization")')
+        der = vdl._der_signature(vdl._DPoP(key).sign(base.encode()))
+        public = ec.EllipticCurvePublicNumbers(int.from_bytes(b64u(key["x"]), "big"), int.from_bytes(b64u(key["y"]), "big"),
+                                               ec.SECP256R1()).public_key()
+        public.verify(der, base.encode(), ec.ECDSA(hashes.SHA256()))
+        from cryptography.exceptions import InvalidSignature
+        with self.assertRaises(InvalidSignature):
+            public.verify(der, base.encode() + b" ", ec.ECDSA(hashes.SHA256()))
+
+
+try:
+    import http_message_signatures
+    import requests as _requests
+    HAVE_HTTPSIG = True
+except ImportError:
+    HAVE_HTTPSIG = False
+
+
+class VouchFixture(unittest.TestCase):
+    """A local Vouch over TLS, a private cache and home, and the tool run against them."""
+
+    vouch_options = {}
+
+    def setUp(self):
+        import tempfile
+        self.vouch = LocalVouch(approve_after_polls=0, rate_limit=False, **self.vouch_options)
+        self.vouch.__enter__()
+        self.addCleanup(self.vouch.__exit__)
+        self.cacert = pem_file("ca.pem", TEST_CA_PEM)
+        self.home = os.path.realpath(tempfile.mkdtemp(prefix="vdl-vouch-"))
+        self.addCleanup(shutil.rmtree, self.home, True)
+        self.env = {"XDG_CACHE_HOME": os.path.join(self.home, "cache"), "HOME": self.home,
+                    "VOUCH_ISSUER": self.vouch.issuer, "SSL_CERT_FILE": self.cacert}
+
+    def run_tool(self, *args, stdin=b""):
+        """main() in-process (fake clock), stdin as git or Docker would write it."""
+        fake_stdin = io.TextIOWrapper(io.BytesIO(stdin))
+        with mock.patch.object(sys, "stdin", fake_stdin):
+            return run_main(list(args), env=self.env)
+
+    def register(self):
+        result = self.run_tool("--register", "--cache", "--format", "token")
+        self.assertEqual(result.code, 0, result.stderr)
+        return result
+
+    def ssh_key(self, kind="ed25519"):
+        folder = os.path.join(self.home, ".ssh")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "id_" + kind)
+        subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "ada@laptop", "-f", path], check=True,
+                       stdout=subprocess.DEVNULL)
+        return path
+
+
+class RegistrationTests(VouchFixture):
+    def test_register_makes_a_p256_client_with_private_key_jwt_and_dpop_and_later_runs_reuse_it(self):
+        first = self.register()
+        self.assertEqual(len(self.vouch.registrations), 1)
+        request = self.vouch.registrations[0]
+        self.assertEqual(request["token_endpoint_auth_method"], "private_key_jwt")
+        self.assertIs(request["dpop_bound_access_tokens"], True)
+        self.assertEqual(set(request["grant_types"]), {vdl.DEVICE_CODE_GRANT, "refresh_token"})
+        client_id = next(iter(self.vouch.registered))
+        self.assertIn("registered client %s" % client_id, first.stderr)
+        # the token is the client's own (aud) and DPoP-bound; every OAuth request carried a fresh assertion
+        claims = vdl.decode_jwt(first.stdout.strip())[1]
+        self.assertEqual((claims["aud"], claims["client_id"]), (client_id, client_id))
+        self.assertEqual(self.vouch.bound[first.stdout.strip()], claims["cnf"]["jkt"])
+        oauth = [r for r in self.vouch.requests if r["path"].startswith("/oauth/") and r["method"] == "POST"
+                 and not r["path"].endswith("/register")]
+        self.assertTrue(oauth)
+        self.assertTrue(all(b"client_assertion=" in r["body"] for r in oauth))
+        self.assertGreaterEqual(len(self.vouch.assertion_jtis), len({r["body"] for r in oauth}))
+        # the key: 0600 beside the cache entries, a P-256 key whose public part is the one registered
+        directory = os.path.join(self.home, "cache", "vouch-device-login")
+        [name] = [n for n in os.listdir(directory) if n.startswith("client-") and n.endswith(".json")]
+        self.assertEqual(os.stat(os.path.join(directory, name)).st_mode & 0o777, 0o600)
+        with open(os.path.join(directory, name)) as handle:
+            kept = json.load(handle)["result"]
+        self.assertEqual(kept["client_id"], client_id)
+        public = request["jwks"]["keys"][0]
+        self.assertEqual((kept["key"]["x"], kept["key"]["y"]), (public["x"], public["y"]))
+        self.assertEqual(public["kid"], reference_thumbprint(public))
+        self.assertNotIn("d", public)
+        # later runs: no client id, no registration; the cached token is served
+        again = self.run_tool("--cache", "--format", "token")
+        self.assertEqual((again.code, again.stdout), (0, first.stdout))
+        self.run_tool("--register", "--cache", "--format", "token")
+        self.assertEqual(len(self.vouch.registrations), 1)
+
+    def test_a_new_sign_in_and_a_refresh_of_the_registered_client_authenticate_and_bind(self):
+        self.register()
+        fresh = self.run_tool()
+        self.assertEqual(fresh.code, 0, fresh.stderr)
+        self.assertIn(fresh.json()["access_token"], self.vouch.bound)
+        # a refresh: the cached entry's access token is about to expire
+        result = self.run_tool("--cache", "--min-ttl", "999999", "--format", "token")
+        self.assertEqual(result.code, 0, result.stderr)
+        refreshes = [r for r in self.vouch.requests if b"grant_type=refresh_token" in r["body"]]
+        # a use_dpop_nonce answer may come first; each send carries an assertion of its own
+        self.assertEqual(len(self.vouch.refresh_spent), 1)
+        self.assertTrue(all(b"client_assertion=" in r["body"] and "DPoP" in r["headers"] for r in refreshes))
+        self.assertEqual(len({r["body"] for r in refreshes}), len(refreshes))
+
+    def test_without_a_registered_client_or_a_client_id_the_advice_names_register(self):
+        result = self.run_tool("--format", "token")
+        self.assertEqual(result.code, 2)
+        self.assertIn("--register", result.stderr)
+        both = self.run_tool("--register", "--client-id", "cli")
+        self.assertEqual(both.code, 2)
+        self.assertIn("drop --client-id", both.stderr)
+        self.assertEqual(self.vouch.registrations, [])
+
+    def test_a_refused_registration_or_a_changed_auth_method_is_an_error_and_keeps_nothing(self):
+        self.vouch.overrides["/oauth/register"] = lambda handler, body: (400, {
+            "error": "invalid_client_metadata", "error_description": "no \x1b[31mthanks"})
+        result = self.run_tool("--register")
+        self.assertEqual(result.code, 6, result.stderr)
+        self.assertIn("invalid_client_metadata", result.stderr)
+        self.assertNotIn("\x1b", result.stderr)
+        self.vouch.overrides["/oauth/register"] = lambda handler, body: (201, {
+            "client_id": "x", "token_endpoint_auth_method": "none"})
+        result = self.run_tool("--register")
+        self.assertEqual(result.code, 6, result.stderr)
+        self.assertIn("not private_key_jwt", result.stderr)
+        directory = os.path.join(self.home, "cache", "vouch-device-login")
+        self.assertFalse([n for n in os.listdir(directory) if n.endswith(".json")] if os.path.isdir(directory) else [])
+
+    def test_a_damaged_client_file_is_refused_with_the_way_out(self):
+        self.register()
+        directory = os.path.join(self.home, "cache", "vouch-device-login")
+        [name] = [n for n in os.listdir(directory) if n.startswith("client-") and n.endswith(".json")]
+        path = os.path.join(directory, name)
+        with open(path) as handle:
+            entry = json.load(handle)
+        entry["result"]["key"]["x"] = entry["result"]["key"]["y"]
+        with open(path, "w") as handle:
+            json.dump(entry, handle)
+        result = self.run_tool("--cache", "--format", "token")
+        self.assertEqual(result.code, 2)
+        self.assertIn("rm %s" % path, result.stderr)
+        self.assertNotIn(entry["result"]["key"]["d"], result.stderr)
+
+
+class SignedRequestTests(VouchFixture):
+    def test_every_v1_request_verifies_at_vouch_and_a_nonce_is_used_once(self):
+        self.register()
+        result = self.run_tool("--git-credential", "get", stdin=b"protocol=https\nhost=github.com\n\n")
+        self.assertEqual(result.code, 0, result.stderr)
+        v1 = [r for r in self.vouch.requests if r["path"] == "/v1/credentials/github/token"]
+        # the first answer hands out the nonce the second carries: one retry, then served
+        self.assertEqual(len(v1), 2)
+        self.assertEqual([status for status, _ in self.vouch.v1_refusals], [401])
+        self.assertIn("Signature-Nonce", self.vouch.v1_refusals[0][1])
+        signed = v1[1]["headers"]
+        self.assertIn('"@method" "@authority" "@path" "@query" "authorization" "dpop" "content-type" '
+                      '"content-digest"', signed["Signature-Input"])
+        # the very same request again: its nonce is spent
+        replay = vdl._HttpClient(cafile=self.cacert)
+        headers = {k: v for k, v in signed.items() if k.lower() not in ("host", "content-length", "accept-encoding")}
+        answer = replay.request("POST", self.vouch.issuer + "/v1/credentials/github/token", "replay",
+                                headers=headers, content=v1[1]["body"])
+        replay.close()
+        self.assertEqual(answer.status, 401)
+        self.assertEqual(len(self.vouch.github_tokens), 1)
+
+    @unittest.skipUnless(HAVE_HTTPSIG and HAVE_CRYPTO, "needs http-message-signatures and cryptography")
+    def test_http_message_signatures_verifies_what_the_tool_sent(self):
+        self.register()
+        result = self.run_tool("--git-credential", "get", stdin=b"protocol=https\nhost=github.com\npath=acme/x\n\n")
+        self.assertEqual(result.code, 0, result.stderr)
+        sent = [r for r in self.vouch.requests if r["path"] == "/v1/credentials/github/token"][-1]
+        [key] = next(iter(self.vouch.registered.values())).values()
+        public = ec.EllipticCurvePublicNumbers(int.from_bytes(b64u(key["x"]), "big"),
+                                               int.from_bytes(b64u(key["y"]), "big"), ec.SECP256R1()).public_key()
+        # Vouch reads DER; RFC 9421 §3.3.4 and this package R || S: the same signature, written the other way
+        label, _, value = sent["headers"]["Signature"].partition("=")
+        r, s = decode_dss_signature(base64.b64decode(value.strip(":")))
+        headers = dict(sent["headers"], Signature="%s=:%s:" % (
+            label, base64.b64encode(r.to_bytes(32, "big") + s.to_bytes(32, "big")).decode()))
+        request = _requests.Request("POST", self.vouch.issuer + "/v1/credentials/github/token", headers=headers,
+                                    data=sent["body"]).prepare()
+        verifier = http_message_signatures.HTTPMessageVerifier(
+            signature_algorithm=http_message_signatures.algorithms.ECDSA_P256_SHA256,
+            key_resolver=http_message_signatures.MappingKeyResolver(public_keys={key["kid"]: public}, private_keys={}))
+        [verified] = verifier.verify(request, require_components=LocalVouch.REQUIRED_COMPONENTS, body=sent["body"])
+        self.assertEqual(verified.parameters["keyid"], key["kid"])
+        tampered = _requests.Request("POST", self.vouch.issuer + "/v1/credentials/github/token?x=1", headers=headers,
+                                     data=sent["body"]).prepare()
+        with self.assertRaises(http_message_signatures.InvalidSignature):
+            verifier.verify(tampered, body=sent["body"])
+
+    def test_a_session_without_hardware_proof_is_refused_by_vouch(self):
+        self.vouch.user["hardware_verified"] = False
+        self.register()
+        result = self.run_tool("--git-credential", "get", stdin=b"protocol=https\nhost=github.com\n\n")
+        self.assertEqual(result.code, 3)
+        self.assertIn("hardware-verified", result.stderr)
+        self.assertEqual(result.stdout, "")
+
+    def test_a_401_that_brings_no_fresh_nonce_is_not_retried(self):
+        self.register()
+        self.vouch.overrides["/v1/credentials/github/token"] = lambda handler, body: (401, {"message": "nope"})
+        result = self.run_tool("--git-credential", "get", stdin=b"protocol=https\nhost=github.com\n\n")
+        self.assertEqual(result.code, 3)
+        self.assertIn("--logout", result.stderr)
+        self.assertEqual(len([r for r in self.vouch.requests if r["path"] == "/v1/credentials/github/token"]), 1)
+
+
+class GitCredentialTests(VouchFixture):
+    def test_get_answers_the_git_protocol_and_store_and_erase_keep_nothing(self):
+        self.register()
+        result = self.run_tool("--git-credential", "get",
+                               stdin=b"protocol=https\nhost=github.com\npath=acme-corp/app.git\n\n")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(result.stdout, "protocol=https\nhost=github.com\nusername=x-access-token\npassword=%s\n"
+                         % self.vouch.github_tokens[0])
+        self.assertEqual(self.vouch.v1_served[-1][1]["owner"], "acme-corp")
+        before = len(self.vouch.requests)
+        for operation in ("store", "erase"):
+            quiet = self.run_tool("--git-credential", operation, stdin=b"protocol=https\nhost=github.com\n"
+                                  b"username=x-access-token\npassword=ghs_x\n\n")
+            self.assertEqual((quiet.code, quiet.stdout), (0, ""), quiet.stderr)
+        plain = self.run_tool("--git-credential", "get", stdin=b"protocol=http\nhost=github.com\n\n")
+        self.assertEqual((plain.code, plain.stdout), (0, ""))
+        self.assertEqual(len(self.vouch.requests), before)
+
+    def test_without_a_cached_sign_in_the_helper_fails_fast_and_starts_no_device_flow(self):
+        self.register()
+        self.run_tool("--logout")
+        devices = len(self.vouch.devices)
+        result = run_cli(["--git-credential", "get"], env=self.env, input_bytes=b"protocol=https\nhost=github.com\n\n")
+        self.assertEqual(result.code, 2, result.stderr)
+        self.assertIn("vouch-device-login --cache", result.stderr)
+        self.assertEqual((result.stdout, len(self.vouch.devices)), ("", devices))
+        unregistered = dict(self.env, XDG_CACHE_HOME=os.path.join(self.home, "other"))
+        result = run_cli(["--git-credential", "get"], env=unregistered, input_bytes=b"protocol=https\nhost=x\n\n")
+        self.assertEqual(result.code, 2)
+        self.assertIn("--register", result.stderr)
+
+    def test_a_token_that_would_inject_git_protocol_lines_is_refused(self):
+        self.register()
+        self.vouch.overrides["/v1/credentials/github/token"] = lambda handler, body: (
+            200, {"token": "ghs_x\nusername=evil"}, {"Signature-Nonce": "n1"})
+        result = self.run_tool("--git-credential", "get", stdin=b"protocol=https\nhost=github.com\n\n")
+        self.assertEqual((result.code, result.stdout), (6, ""), result.stderr)
+
+    @unittest.skipUnless(shutil.which("git"), "needs git")
+    def test_real_git_clones_over_https_with_the_helper_password(self):
+        self.register()
+        with LocalGitServer(self.vouch, self.home) as server:
+            target = os.path.join(self.home, "clone")
+            helper = "!%s %s --git-credential" % (sys.executable, SCRIPT)
+            env = dict({k: v for k, v in os.environ.items() if k not in _ENV_KEYS}, GIT_TERMINAL_PROMPT="0",
+                       GIT_SSL_CAINFO=self.cacert, GIT_CONFIG_NOSYSTEM="1", **self.env)
+            done = subprocess.run(["git", "-c", "credential.helper=", "-c", "credential.helper=" + helper,
+                                   "-c", "credential.useHttpPath=true", "clone", "-q", server.url + "/acme/app.git",
+                                   target], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+                                  check=False)
+            self.assertEqual(done.returncode, 0, done.stderr.decode())
+            with open(os.path.join(target, "README")) as handle:
+                self.assertEqual(handle.read(), "hello from the local git server\n")
+            self.assertEqual(server.refused, 1)  # git asks without a password first, as it does with GitHub
+            self.assertIn(server.passwords[-1], self.vouch.github_tokens)
+            self.assertEqual(self.vouch.v1_served[-1][1]["owner"], "acme")
+
+
+class LocalGitServer(LocalServer):
+    """A git smart-HTTP server (git http-backend as CGI) over TLS that takes only Vouch's GitHub tokens."""
+
+    def __init__(self, vouch, home):
+        import ssl
+        self.vouch = vouch
+        self.connections = self.tls_handshakes = 0
+        self.refused = 0
+        self.passwords = []
+        self.root = os.path.join(home, "git-root")
+        work = os.path.join(home, "git-work")
+        os.makedirs(work)
+        for command in (["init", "-q", work], ["-C", work, "add", "README"],
+                        ["-C", work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one"],
+                        ["clone", "-q", "--bare", work, os.path.join(self.root, "acme", "app.git")]):
+            if command[0] == "-C" and command[2] == "add":
+                with open(os.path.join(work, "README"), "w") as handle:
+                    handle.write("hello from the local git server\n")
+            subprocess.run(["git"] + command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls_context.load_cert_chain(pem_file("server.pem", TEST_SERVER_CERT_PEM),
+                                         pem_file("server.key", TEST_SERVER_KEY_PEM))
+        self.url = "https://127.0.0.1:%d" % self.start_server()
+
+    def handle(self, handler, method):
+        scheme, _, credentials = (handler.headers.get("Authorization") or "").partition(" ")
+        try:
+            user, _, password = base64.b64decode(credentials).decode().partition(":")
+        except ValueError:
+            user = password = ""
+        if scheme != "Basic" or user != "x-access-token" or password not in self.vouch.github_tokens:
+            self.refused += 1
+            return handler.send(401, b"", {"WWW-Authenticate": 'Basic realm="git"'}, "text/plain")
+        self.passwords.append(password)
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        path, _, query = handler.path.partition("?")
+        env = {"GIT_PROJECT_ROOT": self.root, "GIT_HTTP_EXPORT_ALL": "1", "PATH_INFO": path, "QUERY_STRING": query,
+               "REQUEST_METHOD": method, "CONTENT_TYPE": handler.headers.get("Content-Type", ""),
+               "CONTENT_LENGTH": str(len(body)), "REMOTE_USER": user, "PATH": os.environ.get("PATH", ""),
+               "HTTP_CONTENT_ENCODING": handler.headers.get("Content-Encoding", ""),
+               "GIT_PROTOCOL": handler.headers.get("Git-Protocol", "")}
+        done = subprocess.run(["git", "http-backend"], input=body, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, check=False)
+        head, _, payload = done.stdout.partition(b"\r\n\r\n")
+        fields = dict(line.split(": ", 1) for line in head.decode().split("\r\n") if ": " in line)
+        status = int(fields.pop("Status", "200").split()[0])
+        content_type = fields.pop("Content-Type", "application/octet-stream")
+        handler.send(status, payload, fields, content_type)
+
+
+class SshCertificateTests(VouchFixture):
+    @unittest.skipUnless(shutil.which("ssh-keygen"), "needs ssh-keygen")
+    def test_the_certificate_goes_beside_the_key_and_ssh_keygen_reads_it(self):
+        self.register()
+        key = self.ssh_key()
+        result = self.run_tool("--ssh-certificate")
+        self.assertEqual(result.code, 0, result.stderr)
+        self.assertEqual(result.stdout, key + "-cert.pub\n")
+        self.assertEqual(os.stat(key + "-cert.pub").st_mode & 0o777, 0o644)
+        shown = subprocess.run(["ssh-keygen", "-L", "-f", key + "-cert.pub"], stdout=subprocess.PIPE,
+                               check=True).stdout.decode()
+        self.assertIn("ssh-ed25519-cert-v01@openssh.com user certificate", shown)
+        self.assertRegex(shown, r"Principals: \n\s+ada\n")
+        with open(key + ".pub") as handle:
+            self.assertEqual(self.vouch.registrations and json.loads(self.vouch.requests[-1]["body"])["public_key"],
+                             handle.read().strip())
+        ca = self.run_tool("--ssh-ca")
+        self.assertEqual(ca.code, 0, ca.stderr)
+        fingerprint = subprocess.run(["ssh-keygen", "-l", "-f", os.path.join(self.vouch.ssh_ca, "ca.pub")],
+                                     stdout=subprocess.PIPE, check=True).stdout.decode().split()[1]
+        self.assertIn("Signing CA: ED25519 %s" % fingerprint, shown)
+        self.assertEqual(ca.stdout, self.vouch._ssh_ca_key() + " vouch-test-ca\n")
+
+    @unittest.skipUnless(shutil.which("ssh-keygen"), "needs ssh-keygen")
+    def test_a_named_key_an_rsa_key_and_the_refusals(self):
+        self.register()
+        key = self.ssh_key("rsa")
+        result = self.run_tool("--ssh-certificate", key)
+        self.assertEqual((result.code, result.stdout), (0, key + "-cert.pub\n"), result.stderr)
+        private = self.run_tool("--ssh-certificate", key + ".pub.missing")
+        self.assertEqual(private.code, 2)
+        with open(key) as handle, open(key + ".copy.pub", "w") as copy:
+            copy.write(handle.read())
+        self.assertIn("private key", self.run_tool("--ssh-certificate", key + ".copy.pub").stderr)
+        self.vouch.overrides["/v1/credentials/ssh"] = lambda handler, body: (
+            200, {"certificate": "ssh-ed25519-cert-v01@openssh.com AAAA\nevil"}, {"Signature-Nonce": "n"})
+        os.unlink(key + "-cert.pub")
+        bad = self.run_tool("--ssh-certificate", key)
+        self.assertEqual((bad.code, bad.stdout), (6, ""), bad.stderr)
+        self.assertFalse(os.path.exists(key + "-cert.pub"))
+
+    def test_no_key_in_ssh_folder_names_ssh_keygen(self):
+        self.register()
+        result = self.run_tool("--ssh-certificate")
+        self.assertEqual(result.code, 2)
+        self.assertIn("ssh-keygen -t ed25519", result.stderr)
+
+
+try:
+    import docker.credentials as docker_credentials
+    HAVE_DOCKER_PY = True
+except ImportError:
+    HAVE_DOCKER_PY = False
+try:
+    import botocore.auth
+    import botocore.awsrequest
+    import botocore.credentials
+    HAVE_BOTOCORE = True
+except ImportError:
+    HAVE_BOTOCORE = False
+
+
+class FakeEcr(LocalServer):
+    """ECR's GetAuthorizationToken on 127.0.0.1: it takes only STS credentials FakeSts issued, SigV4-signed.
+
+    With botocore at hand the signature is recomputed by botocore's own SigV4Auth and must be the same.
+    """
+
+    def __init__(self, sts):
+        self.sts = sts
+        self.connections = 0
+        self.tls_context = None
+        self.requests = []
+        self.passwords = []
+        self.url = "http://127.0.0.1:%d/" % self.start_server()
+
+    def handle(self, handler, method):
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        self.requests.append(dict(handler.headers))
+        authorization = handler.headers.get("Authorization", "")
+        match = re.match(r"AWS4-HMAC-SHA256 Credential=([A-Z0-9]+)/(\d{8})/([a-z0-9-]+)/ecr/aws4_request, "
+                         r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})\Z", authorization)
+        credentials = next((c for c in self.sts.issued if match and c["AccessKeyId"] == match.group(1)), None)
+        if credentials is None or handler.headers.get("X-Amz-Security-Token") != credentials["SessionToken"] \
+                or handler.headers.get("X-Amz-Target") != vdl._ECR_TARGET:
+            return handler.send(400, {"__type": "UnrecognizedClientException", "message": "bad credentials"})
+        if HAVE_BOTOCORE:
+            signed = match.group(4).split(";")
+            request = botocore.awsrequest.AWSRequest(method="POST", url=self.url, data=body, headers={
+                name: handler.headers[name] for name in signed if name != "host"})
+            request.context["timestamp"] = handler.headers["X-Amz-Date"]
+            auth = botocore.auth.SigV4Auth(botocore.credentials.Credentials(
+                credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials["SessionToken"]), "ecr",
+                match.group(3))
+            expected = auth.signature(auth.string_to_sign(request, auth.canonical_request(request)), request)
+            if expected != match.group(5):
+                return handler.send(403, {"__type": "InvalidSignatureException", "message": "signature mismatch"})
+        password = b64url(secrets.token_bytes(48))
+        self.passwords.append(password)
+        handler.send(200, {"authorizationData": [{
+            "authorizationToken": base64.b64encode(("AWS:" + password).encode()).decode(), "expiresAt": 1.8e9,
+            "proxyEndpoint": "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com"}]},
+            content_type="application/x-amz-json-1.1")
+
+
+class DockerCredentialTests(VouchFixture):
+    def installed_helper(self):
+        prefix = os.path.join(self.home, "prefix")
+        result = run_cli(["--install", prefix])
+        self.assertEqual(result.code, 0, result.stderr)
+        return os.path.join(prefix, "bin", "docker-credential-vouch")
+
+    def test_ghcr_get_list_store_erase_through_the_installed_helper(self):
+        self.register()
+        helper = self.installed_helper()
+        env = dict({k: v for k, v in os.environ.items() if k not in _ENV_KEYS}, **self.env)
+
+        def call(operation, data):
+            done = subprocess.run([helper, operation], input=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=env, timeout=60, check=False)
+            return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+        code, out, err = call("get", b"https://ghcr.io\n")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out), {"ServerURL": "https://ghcr.io", "Username": "x-access-token",
+                                           "Secret": self.vouch.github_tokens[-1]})
+        self.assertEqual(call("list", b""), (0, "{}\n", ""))
+        for operation, data in (("store", b'{"ServerURL":"x","Username":"u","Secret":"s"}'), ("erase", b"x\n")):
+            self.assertEqual(call(operation, data)[:2], (0, ""))
+        code, out, err = call("get", b"registry.example.com\n")
+        self.assertEqual((code, out), (1, "credentials not found in native keychain\n"), err)
+
+    @unittest.skipUnless(HAVE_DOCKER_PY, "needs the docker package (docker-py)")
+    def test_docker_pys_credential_store_reads_the_helper(self):
+        self.register()
+        helper = self.installed_helper()
+        env = dict({k: v for k, v in os.environ.items() if k not in _ENV_KEYS}, **self.env)
+        env["PATH"] = os.path.dirname(helper) + os.pathsep + env.get("PATH", "")
+        # docker-py looks the helper up on the PATH of its own process
+        with mock.patch.dict(os.environ, {"PATH": env["PATH"]}):
+            store = docker_credentials.Store("vouch", environment=env)
+            self.assertEqual(store.get("ghcr.io"), {"ServerURL": "ghcr.io", "Username": "x-access-token",
+                                                    "Secret": self.vouch.github_tokens[-1]})
+            with self.assertRaises(docker_credentials.errors.CredentialsNotFound):
+                store.get("quay.io")
+            self.assertEqual(store.list(), {})
+
+    def test_ecr_gets_sts_credentials_from_vouchs_aws_token_and_a_sigv4_login(self):
+        self.register()
+        with FakeSts(self.vouch) as sts, FakeEcr(sts) as ecr:
+            sts.audience = "sts.amazonaws.com"
+            self.env.update(VOUCH_AWS_ROLE_ARN=ROLE_ARN, AWS_ENDPOINT_URL_STS=sts.url, AWS_ENDPOINT_URL_ECR=ecr.url)
+            result = self.run_tool("--docker-credential", "get", stdin=b"123456789012.dkr.ecr.eu-west-1.amazonaws.com")
+            self.assertEqual(result.code, 0, result.stderr)
+            self.assertEqual(json.loads(result.stdout), {
+                "ServerURL": "123456789012.dkr.ecr.eu-west-1.amazonaws.com", "Username": "AWS",
+                "Secret": ecr.passwords[-1]})
+            # STS got Vouch's AWS token pinned to the role, not the sign-in's access token
+            token = sts.requests[-1]["form"]["WebIdentityToken"]
+            self.assertEqual(vdl.decode_jwt(token)[1]["https://aws.amazon.com/roles"], ROLE_ARN)
+            self.assertIn("eu-west-1/ecr/aws4_request", ecr.requests[-1]["Authorization"])
+            # ghcr.io with the same environment: no STS exchange
+            before = len(sts.requests)
+            self.assertEqual(self.run_tool("--docker-credential", "get", stdin=b"ghcr.io").code, 0)
+            self.assertEqual(len(sts.requests), before)
+
+    def test_ecr_without_a_role_and_a_refused_login_are_clear(self):
+        self.register()
+        result = self.run_tool("--docker-credential", "get", stdin=b"123456789012.dkr.ecr.eu-west-1.amazonaws.com")
+        self.assertEqual(result.code, 2)
+        self.assertIn("VOUCH_AWS_ROLE_ARN", result.stderr)
+        self.assertIn("VOUCH_AWS_ROLE_ARN", result.stdout)  # Docker shows a helper's stdout, not its stderr
+
+
+class VouchAwsAndKubernetesTests(VouchFixture):
+    def test_format_aws_exchanges_vouchs_role_pinned_token(self):
+        self.register()
+        with FakeSts(self.vouch) as sts:
+            sts.audience = "sts.amazonaws.com"
+            result = self.run_tool("--cache", "--format", "aws", "--aws-role-arn", ROLE_ARN, "--aws-sts-endpoint",
+                                   sts.url)
+            self.assertEqual(result.code, 0, result.stderr)
+            self.assertEqual(result.json()["AccessKeyId"], sts.issued[-1]["AccessKeyId"])
+            claims = vdl.decode_jwt(sts.requests[-1]["form"]["WebIdentityToken"])[1]
+            self.assertEqual((claims["aud"], claims["https://aws.amazon.com/roles"]), ("sts.amazonaws.com", ROLE_ARN))
+            # cached: the same credentials, no new exchange
+            again = self.run_tool("--cache", "--format", "aws", "--aws-role-arn", ROLE_ARN, "--aws-sts-endpoint",
+                                  sts.url)
+            self.assertEqual((again.code, again.stdout), (0, result.stdout))
+            self.assertEqual(len(sts.requests), 1)
+
+    @unittest.skipUnless(shutil.which("kubectl"), "needs kubectl")
+    def test_kubectl_gets_vouchs_token_for_the_clusters_audience(self):
+        self.register()
+        args = ["--format", "exec-credential", "--k8s-audience", "https://k8s.example.com:6443"]
+        result = self.run_tool(*args)
+        self.assertEqual(result.code, 0, result.stderr)
+        credential = result.json()
+        token = credential["status"]["token"]
+        self.assertEqual(vdl.decode_jwt(token)[1]["aud"], "https://k8s.example.com:6443")
+        self.assertIn("expirationTimestamp", credential["status"])
+        # the second run serves the cached token: no /v1 request
+        before = len([r for r in self.vouch.requests if r["path"].startswith("/v1/")])
+        self.assertEqual(self.run_tool(*args).stdout, result.stdout)
+        self.assertEqual(len([r for r in self.vouch.requests if r["path"].startswith("/v1/")]), before)
+        # kubectl itself runs it as its exec plugin and sends the token to an API server that takes only it
+        with FakeKubeApi(lambda: [answer["id_token"] for path, answer in self.vouch.v1_served
+                                  if path == "/v1/credentials/k8s/token"]) as api:
+            config = os.path.join(self.home, "kubeconfig")
+            with open(config, "w") as handle:
+                json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "c",
+                           "clusters": [{"name": "c", "cluster": {"server": api.url, "certificate-authority":
+                                                                  self.cacert}}],
+                           "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+                           "users": [{"name": "u", "user": {"exec": {
+                               "apiVersion": EXEC_V1, "command": sys.executable, "args": [SCRIPT] + args,
+                               "interactiveMode": "Never"}}}]}, handle)
+            done = subprocess.run(["kubectl", "--kubeconfig", config, "get", "--raw", "/version"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False, timeout=60,
+                                  env=consumer_env(dict(self.env)))
+            self.assertEqual(done.returncode, 0, done.stderr.decode())
+            self.assertEqual(json.loads(done.stdout)["gitVersion"], "v1.32.0-vouch-test")
+            self.assertEqual({auth for _, path, auth in api.requests if path == "/version"}, {"Bearer " + token})
+
+    def test_a_registered_client_without_an_audience_says_which_flag(self):
+        self.register()
+        result = self.run_tool("--format", "exec-credential")
+        self.assertEqual(result.code, 2)
+        self.assertIn("--k8s-audience", result.stderr)
+
+
+# ============================================================================
 # Installation (--install): a launcher that runs the module from bytecode
 # ============================================================================
 
@@ -9041,7 +9964,8 @@ class InstallTests(IssuerTest):
         result = run_cli(["--install", self.prefix], env={
             "PYTHONPYCACHEPREFIX": os.path.join(self.prefix, "elsewhere"), "SOURCE_DATE_EPOCH": "1"})
         self.assertEqual((result.code, result.stdout), (0, ""), result.stderr)
-        self.assertIn("installed %s (%s, for %s)" % (self.launcher, vdl.__version__, sys.executable), result.stderr)
+        self.assertIn("installed %s and docker-credential-vouch (%s, for %s)" % (self.launcher, vdl.__version__,
+                                                                            sys.executable), result.stderr)
         with open(self.launcher) as handle:
             self.assertEqual(handle.readline(), "#!%s -IS\n" % sys.executable)
         self.assertTrue(os.access(self.launcher, os.X_OK))
@@ -9192,7 +10116,8 @@ class InstallTests(IssuerTest):
         os.remove(os.path.join(self.prefix, "bin"))
         os.makedirs(self.launcher)
         self.assertFailed(run_main(["--install", self.prefix]), 2, "--install: %s: " % self.launcher)
-        self.assertEqual(os.listdir(os.path.dirname(self.launcher)), ["vouch-device-login"])
+        self.assertEqual(sorted(os.listdir(os.path.dirname(self.launcher))),
+                         ["docker-credential-vouch", "vouch-device-login"])
         gone = os.path.join(self.prefix, "gone")
         os.mkdir(gone)
         here = os.getcwd()

@@ -603,6 +603,7 @@ class _HttpClient:
         self._notice = None
         self.requests = 0
         self.connections = 0
+        self.client_assertion = None
 
     def close(self):
         """Close every kept-alive connection."""
@@ -618,8 +619,13 @@ class _HttpClient:
         """POST form (a dict or list of pairs) form-encoded to url."""
         return self.request("POST", url, what, form=form, headers=headers, idempotent=idempotent)
 
-    def request(self, method, url, what, form=None, headers=None, idempotent=True):
+    def request(self, method, url, what, form=None, headers=None, idempotent=True, content=None):
         """Send one request and return the whole _Response.
+
+        The body is the form, form-encoded, or content (bytes, its
+        Content-Type among the headers). A form naming a client_id is an
+        authorization server's: with client_assertion set (a registered
+        client, RFC 7523 §2.2) it gains a fresh assertion on every send.
 
         A request that must not be sent twice (idempotent=False: a refresh
         with rotation, a revocation, STS) goes on a connection of its own,
@@ -638,8 +644,12 @@ class _HttpClient:
             "User-Agent": "%s/%s" % (_PROG, __version__),
         }
         if form is not None:
+            if self.client_assertion is not None and any(name == "client_id" for name, _ in _form_items(form)):
+                form = list(_form_items(form)) + self.client_assertion()
             body = urlencode(form).encode("ascii")
             all_headers["Content-Type"] = "application/x-www-form-urlencoded"
+        elif content is not None:
+            body = content
         all_headers.update(headers or {})
         self.requests += 1
         self._log_request(method, url, all_headers, form)
@@ -3801,16 +3811,20 @@ class _DPoP:
             claims["nonce"] = nonce
         if access_token is not None:
             claims["ath"] = _b64url_encode(hashlib.sha256(access_token.encode("ascii")).digest())
-        header = {"typ": "dpop+jwt", "alg": self.alg, "jwk": self.public}
+        return self.jws({"typ": "dpop+jwt", "alg": self.alg, "jwk": self.public}, claims)
+
+    def jws(self, header, claims):
+        """The compact JWS of claims under header, signed with this key (RFC 7515 §7.1)."""
         signing_input = (_b64url_encode(_json_compact(header).encode("ascii")) + "."
                          + _b64url_encode(_json_compact(claims).encode("ascii")))
-        message = signing_input.encode("ascii")
+        return signing_input + "." + _b64url_encode(self.sign(signing_input.encode("ascii")))
+
+    def sign(self, message):
+        """Ed25519 (RFC 8032 §5.1.6), or ECDSA P-256 with SHA-256 as R || S (RFC 7518 §3.4)."""
         if self.alg == "EdDSA":
-            signature = _ed25519_sign(_b64url_decode(self.key["d"]), _b64url_decode(self.key["x"]), message)
-        else:
-            signature = _ecdsa_sign("P-256", int.from_bytes(_b64url_decode(self.key["d"]), "big"),
-                                    hashlib.sha256(message).digest(), "sha256")
-        return signing_input + "." + _b64url_encode(signature)
+            return _ed25519_sign(_b64url_decode(self.key["d"]), _b64url_decode(self.key["x"]), message)
+        return _ecdsa_sign("P-256", int.from_bytes(_b64url_decode(self.key["d"]), "big"),
+                           _sha256(message).digest(), "sha256")
 
     def request(self, http, method, url, what, form=None, access_token=None, idempotent=True):
         """Send a request with a proof; when the server asks for a fresh nonce, once more with it."""
@@ -3937,6 +3951,214 @@ def _quick_proof_arguments(argv):
     if len(argv) in (3, 5) and argv[0] == "--dpop-proof" and (len(argv) == 3 or argv[3] == "--dpop-nonce"):
         return argv[1], argv[2], argv[4] if len(argv) == 5 else None
     return None
+
+
+# ============================================================================
+# A client of our own (RFC 7591) that authenticates with its key (RFC 7523),
+# and requests signed with it (RFC 9421, RFC 9530), as Vouch's /v1 API wants
+# ============================================================================
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+# Vouch's CLI says 60 s; a clock a little off still gets through.
+_ASSERTION_LIFETIME = 60
+_SIGNATURE_LABEL = "sig1"
+_SIGNED_COMPONENTS = ("@method", "@authority", "@path", "@query", "authorization", "dpop")
+_FIELD_NAMES = {"dpop": "DPoP"}
+
+
+class _RegisteredClient:
+    """The client id the issuer gave this tool and the P-256 key it registered (RFC 7591 §3.2.1)."""
+
+    def __init__(self, issuer, client_id, key):
+        self.issuer = issuer
+        self.client_id = client_id
+        self.signer = _DPoP(key)
+        # RFC 7638 thumbprint as the kid: the same in the JWKS, assertions and Signature-Input
+        self.kid = self.signer.thumbprint()
+        self.nonces = {}
+
+    def assertion(self):
+        """[client_assertion_type, client_assertion] for one request (RFC 7523 §2.2, §3): aud is the issuer."""
+        import time
+        now = int(time.time())
+        claims = {"iss": self.client_id, "sub": self.client_id, "aud": self.issuer,
+                  "jti": _b64url_encode(os.urandom(16)), "iat": now, "exp": now + _ASSERTION_LIFETIME}
+        header = {"alg": "ES256", "kid": self.kid, "typ": "JWT"}
+        return [("client_assertion_type", CLIENT_ASSERTION_TYPE), ("client_assertion", self.signer.jws(header, claims))]
+
+
+def _client_store(environ, issuer):
+    """Where the registered client of issuer lives: beside the cache entries, under the same rules."""
+    key = "registered client of " + issuer.rstrip("/")
+    return _Cache(_cache_directory(environ), digest="client-" + _sha256(key.encode("utf-8")).hexdigest()[:32], key=key)
+
+
+def _load_client(store, issuer):
+    """The _RegisteredClient kept in store, or None; one that is unusable is reported, not used."""
+    entry = store.load()
+    if store.unreadable:
+        raise UsageError("the registered client %s cannot be used (%s); remove it (rm %s) and run --register again"
+                         % (store.path, store.unreadable, store.path))
+    if entry is None:
+        return None
+    kept = entry["result"]
+    problem = _dpop_key_problem(kept.get("key"))
+    if problem or kept["key"].get("kty") != "EC" or not isinstance(kept.get("client_id"), str):
+        raise UsageError("the registered client %s is damaged (%s); remove it (rm %s) and run --register again"
+                         % (store.path, problem or "no P-256 key or client id", store.path))
+    return _RegisteredClient(issuer.rstrip("/"), kept["client_id"], kept["key"])
+
+
+def register_client(http, endpoint, issuer, key):
+    """Register this tool with its public key (RFC 7591 §3.1) and return the client id the issuer chose.
+
+    The client authenticates with private_key_jwt and asks for DPoP-bound
+    tokens, as Vouch's /v1 API requires; nothing is secret in the request.
+    """
+    import json
+    import socket
+    signer = _DPoP(key)
+    public = dict(signer.public, kid=signer.thumbprint(), alg="ES256", use="sig")
+    request = {
+        "client_name": "%s/%s" % (_PROG, _sanitize(socket.gethostname(), 64) or "unknown"),
+        "software_id": _PROG, "software_version": __version__,
+        "token_endpoint_auth_method": "private_key_jwt", "token_endpoint_auth_signing_alg": "ES256",
+        "grant_types": [DEVICE_CODE_GRANT, "refresh_token"], "response_types": [],
+        "dpop_bound_access_tokens": True, "jwks": {"keys": [public]},
+    }
+    what = "client registration"
+    response = http.request("POST", endpoint, what, headers={"Content-Type": "application/json"},
+                            content=json.dumps(request).encode("ascii"), idempotent=False)
+    if response.status not in (200, 201):
+        _raise_for_error_answer(response, what)
+    document = _json_document(response, what)
+    client_id = document.get("client_id")
+    if not isinstance(client_id, str) or not client_id or _has_control_character(client_id) or len(client_id) > 256:
+        raise ProtocolError("%s: the answer has no usable client_id" % what)
+    method = document.get("token_endpoint_auth_method", "private_key_jwt")
+    if method != "private_key_jwt":
+        # RFC 7591 §3.2.1: the server may change what was asked; a client without its key is not ours
+        raise ProtocolError("%s: the issuer registered the client for %s, not private_key_jwt"
+                            % (what, _sanitize(_json_text(method), 64)))
+    return client_id
+
+
+def _registered_client(config, http, terminal):
+    """The client --register made for this issuer, registered now if there is none (under the cache lock)."""
+    store = _client_store(config.environ, config.issuer)
+    client = _load_client(store, config.issuer)
+    if client is not None or not config.register:
+        return client
+    store.acquire(terminal)
+    try:
+        client = _load_client(store, config.issuer)
+        if client is None:
+            metadata = discover(http, config.issuer)
+            endpoint = metadata.get("registration_endpoint") or config.issuer.rstrip("/") + "/oauth/register"
+            key = _dpop_generate("ES256")
+            terminal.add_secret(key["d"])
+            client_id = register_client(http, endpoint, config.issuer, key)
+            try:
+                store.save({"result": {"issuer": config.issuer.rstrip("/"), "client_id": client_id, "key": key}})
+            except _CacheUnwritable as exc:
+                raise UsageError("registered client %s, but could not keep its key (%s); nothing can use it"
+                                 % (_sanitize(client_id), exc))
+            terminal.info("registered client %s at %s; its key is in %s" % (_sanitize(client_id), config.issuer,
+                                                                            store.path))
+            client = _RegisteredClient(config.issuer.rstrip("/"), client_id, key)
+        return client
+    finally:
+        store.release()
+
+
+def _digest_header(body):
+    """RFC 9530 §2: Content-Digest with sha-256, a Structured Field byte sequence."""
+    import base64
+    return "sha-256=:%s:" % base64.b64encode(_sha256(body).digest()).decode("ascii")
+
+
+def _der_signature(raw):
+    """R || S as the DER SEQUENCE of two INTEGERs (RFC 3279 §2.2.3) that Vouch's verifier reads."""
+    def integer(octets):
+        octets = octets.lstrip(b"\0") or b"\0"
+        if octets[0] & 0x80:
+            octets = b"\0" + octets
+        return b"\x02" + bytes((len(octets),)) + octets
+    half = len(raw) // 2
+    body = integer(raw[:half]) + integer(raw[half:])
+    return b"\x30" + bytes((len(body),)) + body
+
+
+def _signature_base(method, url, headers, components, parameters):
+    """The signature base (RFC 9421 §2.5) of a request; headers by lower-case name."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    authority = "[%s]" % host if ":" in host else host
+    if parts.port is not None and parts.port != {"https": 443, "http": 80}.get(parts.scheme):
+        authority += ":%d" % parts.port
+    derived = {"@method": method.upper(), "@authority": authority, "@path": parts.path or "/",
+               "@query": "?" + parts.query}  # §2.2.7: "?" alone for no query
+    lines = []
+    for name in components:
+        value = derived[name] if name.startswith("@") else headers[name].strip()
+        lines.append('"%s": %s' % (name, value))
+    lines.append('"@signature-params": ' + parameters)
+    return "\n".join(lines)
+
+
+def _signature_parameters(components, created, keyid, nonce):
+    # RFC 9421 §2.3, as a Structured Field inner list with parameters (RFC 8941 §3.1.1)
+    text = "(%s);created=%d;keyid=\"%s\";alg=\"ecdsa-p256-sha256\"" % (
+        " ".join('"%s"' % name for name in components), created, keyid)
+    if nonce is not None:
+        text += ';nonce="%s"' % nonce
+    return text
+
+
+def _is_signature_nonce(value):
+    # an sf-string's characters (RFC 8941 §3.3.3) without the two that would need escaping
+    return isinstance(value, str) and 0 < len(value) <= _MAX_NONCE and \
+        all(" " <= ch <= "~" and ch not in '"\\' for ch in value)
+
+
+def signed_request(http, client, method, url, what, access_token, dpop, document=None):
+    """A /v1 request as Vouch wants it: DPoP-bound token, RFC 9421 signature, RFC 9530 digest.
+
+    The signature covers @method @authority @path @query authorization dpop
+    (and content-type content-digest with a JSON body), carries the
+    single-use nonce the server's last answer gave, and is DER-encoded as
+    Vouch's verifier reads it. A 401 that brings a fresh nonce is retried once.
+    """
+    import base64
+    import json
+    import time
+    body = None if document is None else json.dumps(document).encode("ascii")
+    server = _dpop_server(url)
+    for attempt in (1, 2):
+        headers = {"authorization": "DPoP " + access_token, "dpop": dpop.proof(method, url, access_token)}
+        components = _SIGNED_COMPONENTS
+        if body is not None:
+            headers.update({"content-type": "application/json", "content-digest": _digest_header(body)})
+            components += ("content-type", "content-digest")
+        parameters = _signature_parameters(components, int(time.time()), client.kid, client.nonces.get(server))
+        base = _signature_base(method, url, headers, components, parameters)
+        signature = base64.b64encode(_der_signature(client.signer.sign(base.encode("utf-8")))).decode("ascii")
+        headers["signature-input"] = "%s=%s" % (_SIGNATURE_LABEL, parameters)
+        headers["signature"] = "%s=:%s:" % (_SIGNATURE_LABEL, signature)
+        response = http.request(method, url, what, headers={_FIELD_NAMES.get(k, k.title()): v for k, v in headers.items()},
+                                content=body, idempotent=method == "GET")
+        nonce = response.header("signature-nonce")
+        fresh = False
+        if nonce is not None:
+            if not _is_signature_nonce(nonce):
+                raise ProtocolError("%s: the Signature-Nonce header is not a nonce: %s" % (what, _sanitize(nonce, 80)))
+            fresh = client.nonces.get(server) != nonce
+            client.nonces[server] = nonce
+        dpop_fresh = dpop._take_nonce(url, response, what)
+        if attempt == 2 or response.status != 401 or not (fresh or dpop_fresh):
+            return response
+        http.terminal.debug("%s: HTTP 401 with a fresh nonce; signing the request again with it" % what)
 
 
 # ============================================================================
@@ -4600,7 +4822,7 @@ class _Cache:
         except OSError:
             return
         for name in names:
-            if re.match(r"\.[0-9a-f]{32}\.(json|answers)\.[A-Za-z0-9_-]+\.tmp\Z", name):
+            if re.match(r"\.(client-)?[0-9a-f]{32}\.(json|answers)\.[A-Za-z0-9_-]+\.tmp\Z", name):
                 target, dir_fd = self._at(name)
                 try:
                     status = os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
@@ -4722,6 +4944,9 @@ def _resolve_endpoints(config, http):
 def _sign_in(config, http, terminal, metadata, dpop=None):
     """Run the device flow, restarting with a new code when one expires."""
     if config.interactive is False:
+        if config.helper:
+            raise UsageError("no usable sign-in for %s at %s: run %s --cache in a terminal to sign in, then retry"
+                             % (config.helper, config.issuer, _LAUNCHER_NAME))
         raise UsageError("a sign-in is needed, but kubectl runs this without a terminal (KUBERNETES_EXEC_INFO "
                          "says interactive: false): run the same command in a terminal to sign in, then retry")
     restarts = 0
@@ -5016,6 +5241,12 @@ def _metadata_subset(metadata):
 def _run(config, http, terminal):
     """Do what the command line asked; return the result to print, or None."""
     import time
+    if config.register and config.client is None:
+        config.client = _registered_client(config, http, terminal)
+        config.client_id = config.client.client_id
+    if config.client is not None:
+        http.client_assertion = config.client.assertion
+        config.audience = config.audience or config.client_id
     if config.logout:
         _logout(config, http, terminal)
         return None
@@ -5041,6 +5272,8 @@ def _run(config, http, terminal):
         _check_policy(config, result)
         if config.aws_role_arn:
             _add_aws_credentials(config, http, terminal, result)
+        if config.k8s_audience:
+            _add_k8s_token(config, http, terminal, result)
         terminal.info(_summary(result, time.time()))
         return result
     if result is None:
@@ -5079,6 +5312,8 @@ def _run(config, http, terminal):
     if config.aws_role_arn:
         # After the policy check: no token reaches STS unless the policy allows it.
         _add_aws_credentials(config, http, terminal, result, cache, entry)
+    if config.k8s_audience:
+        _add_k8s_token(config, http, terminal, result, cache, entry)
     # kubectl shows its plugin's stderr on every command: only a sign-in is news there.
     quiet_hit = result.get("cached") and config.output_format in ("exec-credential", "aws")
     (terminal.debug if quiet_hit else terminal.info)(_summary(result, time.time()))
@@ -5282,7 +5517,10 @@ def _exec_info(environ):
 
 
 def _handed_token(result):
-    """The token other tools get, with its expiry: the ID token when there is one (as kubelogin does), else the access token."""
+    """The token other tools get, with its expiry: Vouch's token for the cluster (a registered client), the ID
+    token when there is one (as kubelogin does), else the access token."""
+    if isinstance(result.get("k8s"), dict):
+        return result["k8s"]["token"], result["k8s"]["expires_at"]
     if result.get("id_token"):
         expires_at = (result.get("id_token_claims") or {}).get("exp")
         return result["id_token"], expires_at if _is_number(expires_at) else None
@@ -5581,10 +5819,343 @@ def _add_aws_credentials(config, http, terminal, result, cache=None, entry=None)
 
 def _exchange_for_aws(config, http, terminal, result):
     credentials, expires_at = _assume_role_with_web_identity(
-        http, config.aws_sts_endpoint, config.aws_role_arn, _handed_token(result)[0],
+        http, config.aws_sts_endpoint, config.aws_role_arn, _web_identity_token(config, http, result),
         _session_name(config, result), config.aws_duration)
     terminal.info("AWS credentials for %s until %s" % (credentials["AssumedRoleArn"], credentials["Expiration"]))
     return credentials, expires_at
+
+
+def _web_identity_token(config, http, result):
+    """The token STS gets: Vouch's own AWS token for the role when the client is registered, else the sign-in's."""
+    if config.client is None:
+        return _handed_token(result)[0]
+    from urllib.parse import quote
+    document = _v1_document(config, http, (result, _cached_dpop(result)), "GET", "/v1/credentials/aws/token?role_arn="
+                            + quote(config.aws_role_arn, safe=""), "AWS token")
+    return _one_line(document.get("id_token"), "the AWS token the server sent", _MAX_TOKEN_LENGTH)
+
+
+def _add_k8s_token(config, http, terminal, result, cache=None, entry=None):
+    """exec-credential with a registered client: Vouch's token for the cluster's audience, cached while it lasts."""
+    import time
+    slots = (entry or {}).get("k8s") if isinstance((entry or {}).get("k8s"), dict) else {}
+    slot = slots.get(config.k8s_audience)
+    if not (isinstance(slot, dict) and _is_number(slot.get("expires_at")) and isinstance(slot.get("token"), str)
+            and slot["expires_at"] - time.time() > config.min_ttl):
+        from urllib.parse import quote
+        document = _v1_document(config, http, (result, _cached_dpop(result)), "GET",
+                                "/v1/credentials/k8s/token?audience=" + quote(config.k8s_audience, safe=""),
+                                "Kubernetes token")
+        expires_in = document.get("expires_in")
+        if not _is_number(expires_in) or not 0 < expires_in <= 86400 * 7:
+            raise ProtocolError("Kubernetes token: expires_in is not a number of seconds")
+        slot = {"token": _one_line(document.get("id_token"), "the Kubernetes token the server sent", _MAX_TOKEN_LENGTH),
+                "expires_at": int(time.time() + expires_in)}
+        if cache is not None and entry is not None and entry["result"].get("access_token") == result["access_token"]:
+            cache.acquire(terminal)
+            try:
+                latest = cache.load()
+                if latest is not None and latest["result"].get("access_token") == result["access_token"]:
+                    kept = latest.get("k8s") if isinstance(latest.get("k8s"), dict) else {}
+                    kept[config.k8s_audience] = slot
+                    cache.save(dict(latest, k8s=kept))
+            except UsageError as exc:
+                terminal.warn("the Kubernetes token was not cached: %s" % exc)
+            finally:
+                cache.release()
+    result["k8s"] = slot
+
+
+# ============================================================================
+# Vouch's own credentials for git, Docker and SSH: its /v1 API, signed requests
+# ============================================================================
+
+MAX_HELPER_INPUT = 64 * 1024
+# what ssh-keygen makes, in the order ssh tries them
+_SSH_DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_ed25519_sk", "id_ecdsa_sk", "id_rsa")
+_SSH_KEY_TYPES = frozenset(("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                            "ssh-rsa", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com"))
+_DOCKER_NOT_FOUND = "credentials not found in native keychain"
+_GHCR = "ghcr.io"
+
+
+def _v1_document(config, http, session, method, path, what, document=None):
+    """The JSON object a /v1 endpoint answers a signed request with; errors as the exit codes say."""
+    result, dpop = session
+    url = config.issuer.rstrip("/") + path
+    response = signed_request(http, config.client, method, url, what, result["access_token"], dpop, document)
+    if response.status == 200:
+        return _json_document(response, what)
+    _check_redirect(response, what)
+    if response.status >= 500 or response.status == 429:
+        _raise_http_status(response, what)
+    try:
+        answer = _loads_json(response.body)
+    except ValueError:
+        answer = None
+    said = ""
+    if isinstance(answer, dict):
+        said = next((answer[k] for k in ("message", "error_description", "error") if isinstance(answer.get(k), str)),
+                    "")
+    said = ": " + _sanitize(said, 200) if said else ""
+    if response.status == 401:
+        raise AccessDeniedError("%s: the server did not accept the sign-in (HTTP 401%s); sign in again with %s"
+                                " --logout, then --cache" % (what, said, _LAUNCHER_NAME))
+    if response.status == 403:
+        raise AccessDeniedError("%s: refused (HTTP 403%s)" % (what, said))
+    raise ProtocolError("%s: HTTP %d%s" % (what, response.status, said))
+
+
+def _session(config, http, terminal):
+    """The sign-in /v1 requests go with: the cached one (refreshed if need be), else a new one where allowed."""
+    result = _run(config, http, terminal)
+    dpop = _cached_dpop(result)
+    if dpop is None:
+        raise ProtocolError("the sign-in has no DPoP key; Vouch's /v1 API takes DPoP-bound tokens only")
+    return result, dpop
+
+
+def _one_line(value, what, limit=16384):
+    """A string another program will read as one line: printable ASCII, no blanks at its ends."""
+    if not isinstance(value, str) or not value or len(value) > limit or value != value.strip() \
+            or not all(" " <= ch <= "~" for ch in value):
+        raise ProtocolError("%s is not one line of printable text" % what)
+    return value
+
+
+def _ssh_key_line(text, what):
+    """`type base64 [comment]` of an OpenSSH public key or certificate, checked; the line."""
+    import base64
+    import binascii
+    line = _one_line(text.strip(), what)
+    fields = line.split()
+    try:
+        blob = base64.b64decode(fields[1], validate=True) if len(fields) > 1 else b""
+    except (binascii.Error, ValueError):
+        blob = b""
+    # RFC 4253 §6.6: the blob starts with the key type as an SSH string
+    named = blob[4:4 + int.from_bytes(blob[:4], "big")] if len(blob) > 4 else b""
+    if named != fields[0].encode("ascii"):
+        raise ProtocolError("%s is not an OpenSSH key line" % what)
+    return line
+
+
+def _ssh_public_key(argument):
+    """(path, line) of the public key to sign: PUBKEY, else the first of ~/.ssh's usual ones."""
+    if argument:
+        candidates = [argument if argument.endswith(".pub") or not os.path.exists(argument + ".pub")
+                      else argument + ".pub"]
+    else:
+        folder = os.path.join(os.path.expanduser("~"), ".ssh")
+        candidates = [os.path.join(folder, name + ".pub") for name in _SSH_DEFAULT_KEYS]
+        if not any(os.path.isfile(path) for path in candidates):
+            raise UsageError("--ssh-certificate: no public key in %s (%s); make one with ssh-keygen -t ed25519, or "
+                             "name it" % (folder, ", ".join(name + ".pub" for name in _SSH_DEFAULT_KEYS)))
+        candidates = [next(path for path in candidates if os.path.isfile(path))]
+    path = candidates[0]
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_HELPER_INPUT + 1)
+    except OSError as exc:
+        raise UsageError("--ssh-certificate: cannot read %s: %s" % (path, exc.strerror or exc))
+    if b"PRIVATE KEY" in data:
+        raise UsageError("--ssh-certificate: %s is a private key; name its .pub file" % path)
+    try:
+        line = _ssh_key_line(data.decode("ascii"), path)
+    except (UnicodeDecodeError, ProtocolError):
+        raise UsageError("--ssh-certificate: %s is not an OpenSSH public key (one line: type, base64, comment)" % path)
+    if line.split()[0] not in _SSH_KEY_TYPES:
+        raise UsageError("--ssh-certificate: %s is a %s key, which OpenSSH certificates do not carry"
+                         % (path, _sanitize(line.split()[0], 40)))
+    return path, line
+
+
+def _ssh_certificate(config, http, terminal):
+    """--ssh-certificate: POST /v1/credentials/ssh; the certificate goes beside the key, its path on stdout."""
+    path, line = _ssh_public_key(config.ssh_certificate)
+    what = "SSH certificate"
+    document = _v1_document(config, http, _session(config, http, terminal), "POST", "/v1/credentials/ssh", what,
+                            {"public_key": line})
+    certificate = _ssh_key_line(document.get("certificate") if isinstance(document.get("certificate"), str)
+                                else "", "the SSH certificate the server sent")
+    if certificate.split()[0] != line.split()[0].replace("@openssh.com", "") + "-cert-v01@openssh.com":
+        raise ProtocolError("the server sent a %s certificate for a %s key"
+                            % (_sanitize(certificate.split()[0], 60), line.split()[0]))
+    target = (path[:-len(".pub")] if path.endswith(".pub") else path) + "-cert.pub"
+    try:
+        _write_replacing(target, (certificate + "\n").encode("ascii"), 0o644)
+    except OSError as exc:
+        raise UsageError("cannot write the certificate to %s: %s" % (target, exc.strerror or exc))
+    valid = document.get("valid_for_seconds")
+    principals = document.get("principals")
+    terminal.info("wrote %s%s%s" % (
+        target, " for %s" % _sanitize(", ".join(principals), 200)
+        if isinstance(principals, list) and all(isinstance(p, str) for p in principals) and principals else "",
+        ", valid for %s" % _format_duration(valid) if _is_number(valid) and valid > 0 else ""))
+    return target + "\n"
+
+
+def _ssh_ca(config, http):
+    """--ssh-ca: the CA's public key line (GET /v1/credentials/ssh/ca, no sign-in needed)."""
+    what = "SSH CA key"
+    response = http.get(config.issuer.rstrip("/") + "/v1/credentials/ssh/ca", what)
+    if response.status != 200:
+        _raise_http_status(response, what)
+    document = _json_document(response, what)
+    key = document.get("public_key")
+    line = _ssh_key_line(key if isinstance(key, str) else "", "the SSH CA key the server sent")
+    comment = document.get("comment")
+    if len(line.split()) == 2 and isinstance(comment, str) and comment and " " not in comment:
+        line += " " + _one_line(comment, "the CA key's comment", 200)
+    return line + "\n"
+
+
+def _helper_input(stdin):
+    """What git or Docker wrote on stdin, as text; a cap keeps a runaway writer from filling memory."""
+    data = stdin.read(MAX_HELPER_INPUT + 1) if stdin is not None else b""
+    if len(data) > MAX_HELPER_INPUT:
+        raise UsageError("more than %d bytes on stdin; a credential request is a few lines" % MAX_HELPER_INPUT)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("the credential request on stdin is not UTF-8")
+
+
+def _github_token(config, http, terminal, owner=None):
+    """POST /v1/credentials/github/token: an installation token, checked to be one line."""
+    what = "GitHub token"
+    document = _v1_document(config, http, _session(config, http, terminal), "POST", "/v1/credentials/github/token",
+                            what, {"owner": owner, "repositories": None})
+    return _one_line(document.get("token"), "the GitHub token the server sent", 4096)
+
+
+def _git_credential(config, http, terminal, stdin):
+    """git's credential protocol (gitcredentials(7)): get answers username and password; store and erase keep nothing."""
+    attributes = {}
+    for line in _helper_input(stdin).split("\n"):
+        name, equals, value = line.partition("=")
+        if equals:
+            attributes[name] = value
+    if config.git_credential != "get":
+        return ""
+    if attributes.get("protocol") != "https":
+        # git asks every helper in turn: one that has nothing says nothing
+        return ""
+    path = attributes.get("path", "").strip("/")
+    token = _github_token(config, http, terminal, path.split("/", 1)[0] or None)
+    return "protocol=https\nhost=%s\nusername=x-access-token\npassword=%s\n" % (attributes.get("host", ""), token)
+
+
+def _docker_credential(config, http, terminal, stdin):
+    """Docker's credential-helper protocol: get prints {ServerURL, Username, Secret}; nothing is stored."""
+    import json
+    text = _helper_input(stdin)
+    if config.docker_credential == "list":
+        return "{}\n"
+    if config.docker_credential != "get":
+        return ""
+    registry = text.strip()
+    host = registry.split("://", 1)[-1].split("/", 1)[0].lower()
+    if host == _GHCR:
+        config.aws_role_arn = None
+        username, secret = "x-access-token", _github_token(config, http, terminal)
+    elif _ecr_region(host):
+        username, secret = _ecr_login(config, http, terminal, host)
+    else:
+        raise _DockerNotFound(_DOCKER_NOT_FOUND)
+    return json.dumps({"ServerURL": registry, "Username": username, "Secret": secret}) + "\n"
+
+
+class _DockerNotFound(VouchError):
+    """Docker's helper protocol: this exact text on stdout says the helper has no credentials for a registry."""
+
+
+def _ecr_region(host):
+    """The region of an ECR registry host (ACCOUNT.dkr.ecr[-fips].REGION.amazonaws.com[.cn]), or None."""
+    import re
+    match = re.match(r"[0-9]{12}\.dkr\.ecr(-fips)?\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?\Z", host)
+    return match.group(2) if match else None
+
+
+_ECR_TARGET = "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken"
+
+
+def _sigv4_headers(credentials, region, service, url, headers, body, now):
+    """headers plus X-Amz-Date, X-Amz-Security-Token and Authorization: AWS Signature Version 4 of a request."""
+    import hashlib
+    import hmac
+    import time
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    host = parts.hostname + ("" if parts.port in (None, {"https": 443, "http": 80}[parts.scheme]) else ":%d" % parts.port)
+    signed = {k.lower(): v.strip() for k, v in headers.items()}
+    signed.update({"host": host, "x-amz-date": amz_date, "x-amz-security-token": credentials["SessionToken"]})
+    names = sorted(signed)
+    # the canonical request: method, path, query, header lines, their names, the body's hash
+    canonical = "\n".join(["POST", parts.path or "/", parts.query, "".join("%s:%s\n" % (n, signed[n]) for n in names),
+                           ";".join(names), hashlib.sha256(body).hexdigest()])
+    scope = "%s/%s/%s/aws4_request" % (amz_date[:8], region, service)
+    string_to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + credentials["SecretAccessKey"]).encode()
+    for part in (amz_date[:8], region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+    return dict(headers, **{"X-Amz-Date": amz_date, "X-Amz-Security-Token": credentials["SessionToken"],
+                            "Authorization": "AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s"
+                            % (credentials["AccessKeyId"], scope, ";".join(names), signature)})
+
+
+def _ecr_login(config, http, terminal, host):
+    """An ECR registry's login: AWS credentials for the role (from Vouch's AWS token), then GetAuthorizationToken."""
+    import base64
+    import binascii
+    import time
+    if not config.aws_role_arn:
+        raise UsageError("%s is an ECR registry: set VOUCH_AWS_ROLE_ARN to the IAM role to log in with" % host)
+    region = _ecr_region(host)
+    result = _run(config, http, terminal)
+    endpoint = config.environ.get("AWS_ENDPOINT_URL_ECR") or "https://api.ecr.%s.amazonaws.com%s/" % (
+        region, ".cn" if region.startswith("cn-") else "")
+    what = "ECR GetAuthorizationToken"
+    body = b"{}"
+    headers = _sigv4_headers(result["aws"], region, "ecr", endpoint, {
+        "Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": _ECR_TARGET}, body, time.time())
+    response = http.request("POST", endpoint, what, headers=headers, content=body)
+    if response.status != 200:
+        try:
+            said = _loads_json(response.body)
+        except ValueError:
+            said = None
+        said = said.get("message") or said.get("Message") if isinstance(said, dict) else None
+        if response.status >= 500:
+            _raise_http_status(response, what)
+        raise AccessDeniedError("%s: HTTP %d%s" % (what, response.status,
+                                                    ": " + _sanitize(said, 200) if isinstance(said, str) else ""))
+    data = _json_document(response, what).get("authorizationData")
+    token = data[0].get("authorizationToken") if isinstance(data, list) and data and isinstance(data[0], dict) else None
+    try:
+        user, _, password = base64.b64decode(token if isinstance(token, str) else "", validate=True).decode(
+            "ascii").partition(":")
+    except (binascii.Error, ValueError):
+        user = password = ""
+    if user != "AWS" or not password:
+        raise ProtocolError("%s: the answer holds no AWS:password authorization token" % what)
+    return user, _one_line(password, "the ECR password", 16384)
+
+
+def _credential(config, http, terminal, stdin):
+    """The answer of the credential mode config asks for, as its consumer reads it."""
+    if not config.docker_credential:
+        # a VOUCH_AWS_ROLE_ARN exported for the AWS CLI is not for git or ssh
+        config.aws_role_arn = None
+    if config.ssh_ca:
+        return _ssh_ca(config, http)
+    if config.ssh_certificate is not None:
+        return _ssh_certificate(config, http, terminal)
+    if config.git_credential is not None:
+        return _git_credential(config, http, terminal, stdin)
+    return _docker_credential(config, http, terminal, stdin)
 
 
 # Options a cached credential is answered for without argparse, and whether
@@ -5608,7 +6179,7 @@ def _fast_answers(entry):
     alone (re, enum) costs such a run more than everything else it does.
     """
     result = entry["result"]
-    if result.get("dpop"):
+    if result.get("dpop") or "access_token" not in result:
         # A DPoP-bound token is useless without proofs, which kubectl and the AWS SDKs never send.
         return ""
     facts = "%s\t%s" % (_json_text(result.get("hardware_verified")), result.get("hardware_aaguid") or "-")
@@ -5731,8 +6302,10 @@ _LAUNCHER = """\
 import sys
 sys.path.insert(0, {library!r})
 from vouch_device_login import main
-sys.exit(main())
+sys.exit(main({arguments}))
 """
+# Docker finds its credential helpers on PATH by this name (docker-credential-<credsStore>).
+_DOCKER_HELPER_NAME = "docker-credential-vouch"
 # Linux reads at most 127 bytes of a #! line before 5.1.
 _MAX_SHEBANG = 127
 
@@ -5792,13 +6365,14 @@ def _install(prefix, terminal, source_path=None):
         # optimize=0: the bytecode the launcher (which runs without -O) loads.
         py_compile.compile(module, cfile=bytecode, doraise=True, optimize=0, **options)
         os.chmod(bytecode, 0o644)
-        text = _LAUNCHER.format(python=python, name=_LAUNCHER_NAME, version=__version__, library=library)
-        _write_replacing(launcher, text.encode("utf-8"), 0o755)
+        for name, arguments in ((_DOCKER_HELPER_NAME, '["--docker-credential"] + sys.argv[1:]'), (_LAUNCHER_NAME, "")):
+            text = _LAUNCHER.format(python=python, name=name, version=__version__, library=library, arguments=arguments)
+            _write_replacing(os.path.join(bin_directory, name), text.encode("utf-8"), 0o755)
     except OSError as exc:
         raise UsageError("--install: %s: %s" % (getattr(exc, "filename", None) or prefix, exc.strerror or exc))
     except py_compile.PyCompileError as exc:
         raise UsageError("--install: cannot compile %s: %s" % (module, exc.msg))
-    terminal.info("installed %s (%s, for %s)" % (launcher, __version__, python))
+    terminal.info("installed %s and %s (%s, for %s)" % (launcher, _DOCKER_HELPER_NAME, __version__, python))
     on_path = [os.path.realpath(entry) for entry in os.environ.get("PATH", "").split(os.pathsep) if os.path.isabs(entry)]
     if bin_directory not in on_path:
         terminal.info("%s is not on PATH: add it, or run %s by its full path" % (bin_directory, launcher))
@@ -5881,9 +6455,8 @@ def _has_acl(path):
 # ============================================================================
 
 _DESCRIPTION = """\
-Sign in with the OAuth 2.0 Device Authorization Grant (RFC 8628): the URL and \
-the code to enter go to stderr, the token to stdout as JSON, as shell \
-variables or bare.
+Sign in with the OAuth 2.0 Device Authorization Grant (RFC 8628): the code to \
+enter goes to stderr, the token to stdout (JSON, shell variables or bare).
 
   {command} --client-id ID
   eval "$({command} --client-id ID --format shell)"
@@ -5891,10 +6464,9 @@ variables or bare.
 """
 _INSTALL_EXAMPLE = "  {command} --install   # installs vouch-device-login\n"
 _EPILOG = """\
-Each setting comes from its flag, then its environment variable, then the \
-default. Exit codes: 0 signed in, 1 internal error, 2 usage, 3 denied, 4 code \
-expired, 5 network/TLS/HTTP failure, 6 protocol error, 7 verification \
-failed, 8 policy not met, 130 interrupted."""
+Settings: flag, else environment variable, else default. Exit codes: 0 signed \
+in, 1 internal error, 2 usage, 3 denied, 4 code expired, 5 network/TLS/HTTP, \
+6 protocol error, 7 verification failed, 8 policy not met, 130 interrupted."""
 
 
 def _invoked_as(argv0):
@@ -5956,8 +6528,8 @@ def _argument_parser(prog=_PROG, command="python3 vouch_device_login.py"):
     add("-v", "--verbose", action="store_true", help="log requests and responses, secrets masked")
     add = parser.add_argument_group("output").add_argument
     add("--format", metavar="FORMAT", choices=("json", "shell", "token", "exec-credential", "aws"),
-        default="json", help="json (default), shell (export lines), token, "
-        "exec-credential (kubectl; implies --cache) or aws (credential_process)")
+        default="json", help="json (default), shell, token, exec-credential "
+        "(kubectl; implies --cache) or aws (AWS SDKs)")
     add = parser.add_argument_group("AWS credentials").add_argument
     add("--aws-role-arn", metavar="ARN", help="for this IAM role (env VOUCH_AWS_ROLE_ARN)")
     add("--aws-region", metavar="REGION", help="regional STS (env AWS_REGION; default global)")
@@ -5991,6 +6563,16 @@ def _argument_parser(prog=_PROG, command="python3 vouch_device_login.py"):
     add("--timeout", metavar="SECONDS", type=float, default=DEFAULT_TIMEOUT,
         help="limit for each HTTP request (default %g)" % DEFAULT_TIMEOUT)
     add("--cacert", metavar="FILE", help="trust these CA certificates (env SSL_CERT_FILE)")
+    add = parser.add_argument_group("Vouch credentials").add_argument
+    add("--register", action="store_true", help="register this tool with the issuer, once")
+    add("--ssh-certificate", metavar="PUBKEY", nargs="?", const="",
+        help="write PUBKEY's certificate (~/.ssh/id_*.pub)")
+    add("--ssh-ca", action="store_true", help="print the SSH CA's key (TrustedUserCAKeys)")
+    add("--git-credential", metavar="OP", choices=("get", "store", "erase"),
+        help="git credential helper: get, store or erase")
+    # what the docker-credential-vouch launcher runs: Docker's helper protocol, not a person's flag
+    add("--docker-credential", metavar="OP", choices=("get", "list", "store", "erase"), help=argparse.SUPPRESS)
+    add("--k8s-audience", metavar="AUD", help="exec-credential: the cluster's audience")
     add = parser.add_argument_group("DPoP").add_argument
     add("--dpop", action="store_true", help="a token bound to a new key (env VOUCH_DPOP=1)")
     add("--dpop-alg", choices=DPOP_ALGORITHMS, help="its algorithm; implies --dpop")
@@ -6013,8 +6595,19 @@ def _config_from_args(args, environ, terminal):
     issuer = args.issuer or environ.get("VOUCH_ISSUER") or DEFAULT_ISSUER
     client_id = args.client_id or environ.get("VOUCH_CLIENT_ID")
     inspect = _inspect_argument(args.inspect)
-    if not client_id and inspect is None:
-        raise UsageError("no client id: pass --client-id or set VOUCH_CLIENT_ID")
+    helper = _helper_mode(args)
+    client = None
+    if client_id and args.register:
+        raise UsageError("--register makes a client of its own; drop --client-id (and VOUCH_CLIENT_ID)")
+    if not client_id and inspect is None and not args.ssh_ca:
+        client = _load_client(_client_store(environ, issuer), issuer)
+        if client is None and not args.register:
+            if helper:
+                raise UsageError("%s needs a client registered with --register: run %s --register --cache once in a"
+                                 " terminal" % (helper, _LAUNCHER_NAME))
+            raise UsageError("no client id: pass --client-id, set VOUCH_CLIENT_ID, or register this tool with"
+                             " --register")
+        client_id = client.client_id if client is not None else None
     if client_id and (client_id != client_id.strip() or _has_control_character(client_id)):
         raise UsageError("the client id %r holds control characters or blanks at its ends; pass it as the issuer"
                          " shows it" % client_id)
@@ -6055,9 +6648,12 @@ def _config_from_args(args, environ, terminal):
     jwks = _read_jwks_file(args.jwks) if args.jwks else None
     if args.min_ttl < 0:
         raise UsageError("--min-ttl must not be negative")
-    dpop = bool(args.dpop or args.dpop_alg) or environ.get("VOUCH_DPOP", "").lower() in ("1", "true", "yes", "on")
-    # kubectl runs its exec plugin before every command: only a cache makes that bearable.
-    cache = args.cache or args.format == "exec-credential" \
+    # a registered client's every grant is DPoP-bound, as Vouch requires of it
+    dpop = bool(args.dpop or args.dpop_alg or client or args.register) \
+        or environ.get("VOUCH_DPOP", "").lower() in ("1", "true", "yes", "on")
+    # kubectl runs its exec plugin before every command, git and Docker theirs before every pull: only a
+    # cache makes that bearable.
+    cache = args.cache or args.format == "exec-credential" or bool(helper) \
         or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on")
     if dpop and args.format == "token" and not cache and args.dpop_proof is None:
         raise UsageError("--format token with --dpop needs --cache: the token is useless without its key, "
@@ -6065,6 +6661,20 @@ def _config_from_args(args, environ, terminal):
     details = _authorization_details(args.authorization_details)
     aws = _aws_settings(args, environ)
     exec_api_version, interactive = _exec_info(environ) if args.format == "exec-credential" else (None, None)
+    if helper in ("git", "Docker"):
+        # git and Docker run helpers without a terminal and swallow their stderr: nobody would see a prompt
+        interactive = False
+    k8s_audience = args.k8s_audience or (environ.get("VOUCH_K8S_AUDIENCE") if args.format == "exec-credential"
+                                         else None)
+    if k8s_audience is not None and (args.format != "exec-credential" or _has_control_character(k8s_audience)
+                                     or not k8s_audience.strip()):
+        raise UsageError("--k8s-audience goes with --format exec-credential and names the cluster's audience")
+    if (client or args.register) and args.format == "exec-credential" and not k8s_audience:
+        raise UsageError("kubectl's token comes from Vouch's /v1 API for a registered client: pass --k8s-audience AUD"
+                         " (env VOUCH_K8S_AUDIENCE), the audience the cluster's OIDC settings expect")
+    if (args.ssh_certificate is not None or k8s_audience) and not (client or args.register):
+        raise UsageError("--ssh-certificate and --k8s-audience use Vouch's /v1 API, which takes requests signed with"
+                         " the key of a client registered with --register; drop --client-id and run --register")
     for resource in args.resource:
         _check_resource(resource)
     extra = [("resource", r) for r in args.resource]
@@ -6105,8 +6715,27 @@ def _config_from_args(args, environ, terminal):
         interactive=interactive,
         dpop=dpop,
         dpop_alg=args.dpop_alg,
+        register=args.register,
+        client=client,
+        helper=helper,
+        ssh_certificate=args.ssh_certificate,
+        ssh_ca=args.ssh_ca,
+        git_credential=args.git_credential,
+        docker_credential=args.docker_credential,
+        k8s_audience=k8s_audience,
         **aws
     )
+
+
+def _helper_mode(args):
+    """The name of the credential mode asked for (git, Docker, SSH), or None; two at once are a usage error."""
+    modes = [name for name, on in (("git", args.git_credential), ("Docker", args.docker_credential),
+                                   ("SSH", args.ssh_certificate is not None or args.ssh_ca)) if on]
+    if len(modes) > 1:
+        raise UsageError("one credential at a time: %s" % " or ".join(modes))
+    if modes and (args.logout or args.inspect is not None or args.format != "json"):
+        raise UsageError("a credential mode prints what its consumer reads; drop --format, --logout and --inspect")
+    return modes[0] if modes else None
 
 
 MAX_AUTHORIZATION_DETAILS = 8 * 1024
@@ -6253,6 +6882,16 @@ def main(argv=None):
         if not config.logout:
             _check_stdout()
         http = _HttpClient(timeout=config.timeout, cafile=config.cacert, terminal=terminal)
+        if config.helper:
+            stdin = getattr(sys.stdin, "buffer", None) if config.git_credential or config.docker_credential else None
+            try:
+                _write_stdout(_credential(config, http, terminal, stdin))
+            except VouchError as exc:
+                if config.docker_credential:
+                    # Docker reads a helper's error from its stdout, and its not-found text by the letter
+                    _write_stdout(str(exc) + "\n")
+                raise
+            return 0
         result = _run(config, http, terminal)
         if result is not None:
             _write_stdout(render_output(result, config.output_format, pretty=_isatty(sys.stdout),
