@@ -11,7 +11,8 @@ VENV_PY := $(VENV)/bin/python
 # Reference libraries the optional tests and the benchmark compare against.
 TEST_PACKAGES := cryptography==50.0.2 segno==1.6.6 zxing-cpp==3.1.1 numpy==2.4.6 \
 	PyJWT==2.15.1 ecdsa==0.19.2 ruff==0.17.6 \
-	'moto[server]==5.2.5' awscli==1.46.3 botocore==1.44.8 http-message-signatures==3.0.0
+	'moto[server]==5.2.5' awscli==1.46.3 botocore==1.44.8 http-message-signatures==3.0.0 \
+	docker==7.2.0
 PYENV_ROOT := $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 MATRIX := 3.6 3.7 3.8 3.9 3.10 3.11 3.12 3.13
 # Interpreters tested at a time: each runs its suite in three processes, and more than a few at once on
@@ -29,15 +30,16 @@ $(VENV)/.installed: Makefile
 	@touch $@
 
 # PyPy3 widens the matrix, zsh, dash and busybox judge --format shell, kubectl judges
-# --format exec-credential; install them where this machine allows it (root with apt),
-# and go on without them elsewhere.
+# --format exec-credential, git, ssh-keygen and sshd judge the git helper and --ssh-certificate;
+# install them where this machine allows it (root with apt), and go on without them elsewhere.
 system-deps:
 	@if { ! command -v pypy3 || ! command -v zsh || ! command -v dash || ! command -v busybox \
-	      || ! command -v kubectl; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing pypy3, zsh, dash, busybox and kubectl (kubernetes-client) for the test matrix"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pypy3 zsh dash busybox \
-	    $$(command -v kubectl >/dev/null || echo kubernetes-client)) >/dev/null 2>&1 \
-	    || echo "note: could not install pypy3/zsh/dash/busybox/kubectl; testing without them"; \
+	      || ! command -v kubectl || ! command -v git || ! command -v ssh || ! test -x /usr/sbin/sshd; } >/dev/null 2>&1 \
+	      && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing pypy3, zsh, dash, busybox, kubectl (kubernetes-client), git and openssh for the test matrix"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pypy3 zsh dash busybox git \
+	    openssh-client openssh-server $$(command -v kubectl >/dev/null || echo kubernetes-client)) >/dev/null 2>&1 \
+	    || echo "note: could not install pypy3/zsh/dash/busybox/kubectl/git/openssh; testing without them"; \
 	fi
 
 # The matrix: the venv (every test), then each interpreter found, stdlib only.

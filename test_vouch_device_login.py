@@ -9575,6 +9575,55 @@ class SshCertificateTests(VouchFixture):
         self.assertEqual((bad.code, bad.stdout), (6, ""), bad.stderr)
         self.assertFalse(os.path.exists(key + "-cert.pub"))
 
+    @unittest.skipUnless(os.path.exists("/usr/sbin/sshd") and shutil.which("ssh") and shutil.which("ssh-keygen"),
+                         "needs openssh-server and openssh-client")
+    def test_a_local_sshd_trusting_the_ca_lets_the_certificate_in_and_not_the_bare_key(self):
+        import getpass
+        self.register()
+        key = self.ssh_key()
+        self.assertEqual(self.run_tool("--ssh-certificate").code, 0)
+        folder = os.path.join(self.home, "sshd")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "ca.pub"), "w") as handle:
+            handle.write(self.run_tool("--ssh-ca").stdout)
+        with open(os.path.join(folder, "principals"), "w") as handle:
+            handle.write("ada\n")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(folder, "host")], check=True,
+                       stdout=subprocess.DEVNULL)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with open(os.path.join(folder, "sshd_config"), "w") as handle:
+            handle.write("\n".join([
+                "Port %d" % port, "ListenAddress 127.0.0.1", "HostKey %s/host" % folder, "PidFile %s/pid" % folder,
+                "TrustedUserCAKeys %s/ca.pub" % folder, "AuthorizedPrincipalsFile %s/principals" % folder,
+                "AuthorizedKeysFile none", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+                "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password", ""]))
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", exist_ok=True)
+        server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", os.path.join(folder, "sshd_config")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(server.wait)
+        self.addCleanup(server.kill)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+
+        def login(*options):
+            return subprocess.run(["ssh", "-F", "/dev/null", "-i", key, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                                   "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
+                                   "LogLevel=ERROR", "-p", str(port)] + list(options)
+                                  + ["%s@127.0.0.1" % getpass.getuser(), "echo", "vouch-ok"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, check=False)
+        accepted = login("-o", "CertificateFile=%s-cert.pub" % key)
+        self.assertEqual((accepted.returncode, accepted.stdout), (0, b"vouch-ok\n"), accepted.stderr)
+        os.rename(key + "-cert.pub", key + "-cert.pub.aside")
+        refused = login()
+        self.assertEqual(refused.returncode, 255, refused.stdout)
+
     def test_no_key_in_ssh_folder_names_ssh_keygen(self):
         self.register()
         result = self.run_tool("--ssh-certificate")
