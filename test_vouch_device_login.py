@@ -9808,6 +9808,27 @@ class VouchAwsAndKubernetesTests(VouchFixture):
             self.assertEqual(json.loads(done.stdout)["gitVersion"], "v1.32.0-vouch-test")
             self.assertEqual({auth for _, path, auth in api.requests if path == "/version"}, {"Bearer " + token})
 
+    def test_cached_answers_of_a_registered_client_take_the_fast_path(self):
+        self.register()
+        with FakeSts(self.vouch) as sts:
+            sts.audience = "sts.amazonaws.com"
+            kubectl = ["--format", "exec-credential", "--k8s-audience", "my-cluster"]
+            aws = ["--cache", "--format", "aws", "--aws-role-arn", ROLE_ARN, "--aws-sts-endpoint", sts.url]
+            for args in (kubectl, aws):
+                with self.subTest(args=args[1]):
+                    code, first, modules = imported_modules(args, self.env)
+                    self.assertEqual(code, 0)
+                    self.assertIn("socket", modules)
+                    requests = (len(self.vouch.requests), len(sts.requests))
+                    code, second, modules = imported_modules(args, self.env)
+                    self.assertEqual((code, second), (0, first))
+                    self.assertEqual((len(self.vouch.requests), len(sts.requests)), requests)
+                    self.assertEqual([m for m in CredentialCacheHitImportTests.HEAVY if m in modules], [])
+            # another audience is another token; the cached answer of one is never the other's
+            code, other, _ = imported_modules(["--format", "exec-credential", "--k8s-audience", "other"], self.env)
+            self.assertEqual(code, 0)
+            self.assertEqual(vdl.decode_jwt(json.loads(other)["status"]["token"])[1]["aud"], "other")
+
     def test_a_registered_client_without_an_audience_says_which_flag(self):
         self.register()
         result = self.run_tool("--format", "exec-credential")

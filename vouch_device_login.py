@@ -6164,7 +6164,7 @@ _FAST_OPTIONS = {
     "--issuer": True, "--client-id": True, "--scope": True, "--format": True, "--min-ttl": True,
     "--cacert": True, "--timeout": True, "--max-restarts": True, "--require-aaguid": True,
     "--aws-role-arn": True, "--aws-region": True, "--aws-sts-endpoint": True, "--aws-session-name": True,
-    "--aws-duration": True, "--cache": False, "--require-hardware": False, "-q": False, "--quiet": False,
+    "--aws-duration": True, "--k8s-audience": True, "--cache": False, "--require-hardware": False, "-q": False, "--quiet": False,
     "--qr": False, "--copy": False, "--browser": False, "--no-browser": False,
 }
 
@@ -6179,13 +6179,23 @@ def _fast_answers(entry):
     alone (re, enum) costs such a run more than everything else it does.
     """
     result = entry["result"]
-    if result.get("dpop") or "access_token" not in result:
-        # A DPoP-bound token is useless without proofs, which kubectl and the AWS SDKs never send.
-        return ""
+    if "access_token" not in result:
+        # a registered client's entry: the fast path needs its id to find the sign-in's entry
+        client_id = result.get("client_id")
+        return "key\t%s\nclient\t%s\n" % (entry["key"], client_id) if isinstance(client_id, str) else ""
     facts = "%s\t%s" % (_json_text(result.get("hardware_verified")), result.get("hardware_aaguid") or "-")
     lines = []
     token_expiry, expires_at = _handed_token(result)[1], result.get("expires_at")
-    if _is_number(token_expiry) and _is_number(expires_at):
+    # A DPoP-bound token is useless without proofs, which kubectl and the AWS SDKs never send; what Vouch's
+    # /v1 API gave for it (a cluster's token, AWS credentials) is theirs, tagged as a registered client's.
+    dpop = "dpop " if result.get("dpop") else ""
+    k8s = entry.get("k8s") if dpop and isinstance(entry.get("k8s"), dict) else {}
+    for audience, slot in sorted(k8s.items()):
+        if isinstance(slot, dict) and _is_number(slot.get("expires_at")) and _is_number(expires_at):
+            lines.extend(("dpop k8s %s %s" % (version, audience), min(slot["expires_at"], expires_at),
+                          render_output(dict(result, k8s=slot), "exec-credential", exec_api_version=version))
+                         for version in EXEC_CREDENTIAL_API_VERSIONS)
+    if not dpop and _is_number(token_expiry) and _is_number(expires_at):
         try:
             lines = [("exec " + version, min(token_expiry, expires_at),
                       render_output(result, "exec-credential", exec_api_version=version))
@@ -6194,7 +6204,8 @@ def _fast_answers(entry):
             pass  # an expiry RFC 3339 cannot write; the full path reports it
     slots = entry.get("aws")
     for slot, value in sorted(slots.items()) if isinstance(slots, dict) else ():
-        lines.append(("aws " + slot, value["expires_at"], render_output(dict(result, aws=value["credentials"]), "aws")))
+        lines.append((dpop + "aws " + slot, value["expires_at"],
+                      render_output(dict(result, aws=value["credentials"]), "aws")))
     if not lines:
         return ""
     # The sign-in these answers are for: _cached_credential serves them only to the very same one.
@@ -6231,8 +6242,19 @@ def _cached_credential(argv, environ):
         else:
             flags.add(name)
     output_format = values.get("--format")
+    issuer = (values.get("--issuer") or environ.get("VOUCH_ISSUER") or DEFAULT_ISSUER).rstrip("/")
     client_id = values.get("--client-id") or environ.get("VOUCH_CLIENT_ID")
-    if environ.get("VOUCH_DPOP", "").lower() in ("1", "true", "yes", "on"):
+    registered = ""
+    if not client_id and output_format in ("exec-credential", "aws"):
+        # a client of --register: its id, from the answers file beside its key
+        kept = _client_store(environ, issuer).load_answers() or ""
+        if kept.startswith("client\t") and kept.endswith("\n") and kept.count("\n") == 1:
+            client_id, registered = kept[len("client\t"):-1], "dpop "
+    if environ.get("VOUCH_DPOP", "").lower() in ("1", "true", "yes", "on") and not registered:
+        return None
+    audience = values.get("--k8s-audience") or (environ.get("VOUCH_K8S_AUDIENCE") if output_format == "exec-credential"
+                                                 else None)
+    if bool(audience) != (bool(registered) and output_format == "exec-credential"):
         return None
     cache = output_format == "exec-credential" or "--cache" in flags \
         or environ.get("VOUCH_CACHE", "").lower() in ("1", "true", "yes", "on")
@@ -6250,16 +6272,16 @@ def _cached_credential(argv, environ):
         return None
     if min_ttl < 0 or not 0 < timeout <= 3600 or not 0 <= restarts <= 100:
         return None
-    key = ((values.get("--issuer") or environ.get("VOUCH_ISSUER") or DEFAULT_ISSUER).rstrip("/"), client_id,
-           values["--scope"] if "--scope" in values else environ.get("VOUCH_SCOPE", DEFAULT_SCOPE))
+    key = (issuer, client_id, values["--scope"] if "--scope" in values else environ.get("VOUCH_SCOPE", DEFAULT_SCOPE))
     if any(not "\x20" <= ch <= "\x7e" or ch in "\"\\" for part in key for ch in part):
         return None
     # For such values this is the very text _Cache hashes: json.dumps([issuer, client_id, scope, None, []]).
     answers = _Cache(_cache_directory(environ), key='["%s", "%s", "%s", null, []]' % key).load_answers()
     if output_format == "aws":
         endpoint = _sts_endpoint(values.get("--aws-sts-endpoint"), values.get("--aws-region"), environ)[0]
-        tag = "aws " + _aws_slot(_Config(aws_sts_endpoint=endpoint, aws_role_arn=role_arn,
-                                         aws_session_name=values.get("--aws-session-name"), aws_duration=duration))
+        tag = registered + "aws " + _aws_slot(_Config(aws_sts_endpoint=endpoint, aws_role_arn=role_arn,
+                                                      aws_session_name=values.get("--aws-session-name"),
+                                                      aws_duration=duration))
     else:
         # kubectl writes KUBERNETES_EXEC_INFO with Go's encoding/json: compact, kind before apiVersion.
         info = environ.get("KUBERNETES_EXEC_INFO")
@@ -6267,7 +6289,7 @@ def _cached_credential(argv, environ):
                     if not info or info.startswith('{"kind":"ExecCredential","apiVersion":"%s",' % v)]
         if not versions:
             return None
-        tag = "exec " + versions[0]
+        tag = "dpop k8s %s %s" % (versions[0], audience) if registered else "exec " + versions[0]
     for line in (answers or "").splitlines(True):
         fields = line.split("\t", 4)
         if len(fields) == 5 and fields[0] == tag:
@@ -6666,8 +6688,8 @@ def _config_from_args(args, environ, terminal):
         interactive = False
     k8s_audience = args.k8s_audience or (environ.get("VOUCH_K8S_AUDIENCE") if args.format == "exec-credential"
                                          else None)
-    if k8s_audience is not None and (args.format != "exec-credential" or _has_control_character(k8s_audience)
-                                     or not k8s_audience.strip()):
+    if k8s_audience is not None and (args.format != "exec-credential" or not k8s_audience
+                                     or not all("\x21" <= ch <= "\x7e" for ch in k8s_audience)):
         raise UsageError("--k8s-audience goes with --format exec-credential and names the cluster's audience")
     if (client or args.register) and args.format == "exec-credential" and not k8s_audience:
         raise UsageError("kubectl's token comes from Vouch's /v1 API for a registered client: pass --k8s-audience AUD"
