@@ -3962,7 +3962,8 @@ class TerminalSizeTests(IssuerTest):
         self.assertIn('"sub"', stdout)
         rows = terminal_rows(screen, 120)
         demo = [row for row in rows if "[demo]" in row]
-        for message in ("a person opens the link", "the person approves", "the userinfo endpoint accepted"):
+        for message in ("a person opens the link", "the person approves", "the userinfo endpoint accepted",
+                        "the certificate above sits beside the key"):
             self.assertTrue(any(message in row for row in demo), demo)
         self.assertTrue(all(row.startswith("[demo]") for row in demo), demo)
 
@@ -10401,7 +10402,44 @@ def run_dpop_demo():
         accepted = proc.returncode == 0 and b'"sub"' in proc.stdout
         sys.stderr.write("[demo] %s\n" % ("the userinfo endpoint accepted the DPoP-bound token and its proof"
                                           " (its answer is above)" if accepted else "the DPoP recipe FAILED"))
-        return 0 if accepted else 1
+        return run_ssh_demo() if accepted else 1
+
+
+def run_ssh_demo():
+    """--register, then an SSH certificate from the local Vouch's /v1 API (signed requests), read by ssh-keygen."""
+    import tempfile
+    if not shutil.which("ssh-keygen"):
+        sys.stderr.write("\n[demo] (no ssh-keygen on this machine: the SSH certificate step is left out)\n")
+        return 0
+    home = tempfile.mkdtemp(prefix="vdl-demo-")
+    try:
+        key = os.path.join(home, "id_ed25519")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True, stdout=subprocess.DEVNULL)
+        with LocalVouch(interval=1) as vouch:
+            sys.stderr.write("\n[demo] and an SSH certificate, as Vouch's own CLI fetches one: the tool registers itself"
+                             "\n[demo] (RFC 7591), signs in, and signs its /v1 request (RFC 9421):\n"
+                             "[demo] running: python3 vouch_device_login.py --register --ssh-certificate %s.pub\n" % key)
+
+            def person():
+                while not vouch.devices:
+                    time.sleep(0.05)
+                time.sleep(2 * DEMO_PACE)
+                clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+                sys.stderr.write(clear + "[demo] the person approves...\n")
+                vouch.approve()
+
+            threading.Thread(target=person, daemon=True).start()
+            environment = dict(_child_env(), XDG_CACHE_HOME=os.path.join(home, "cache"), VOUCH_ISSUER=vouch.issuer,
+                               SSL_CERT_FILE=pem_file("ca.pem", TEST_CA_PEM))
+            code = subprocess.call([sys.executable, SCRIPT, "--register", "--ssh-certificate", key + ".pub",
+                                    "--no-browser"], env=environment, stdin=subprocess.DEVNULL)
+            if code == 0:
+                subprocess.call(["ssh-keygen", "-L", "-f", key + "-cert.pub"], stdout=sys.stderr)
+            sys.stderr.write("[demo] %s\n" % ("the certificate above sits beside the key, ready for ssh" if code == 0
+                                              else "the SSH certificate step FAILED (exit %d)" % code))
+            return code
+    finally:
+        shutil.rmtree(home, True)
 
 
 # ============================================================================
