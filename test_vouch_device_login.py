@@ -11095,7 +11095,18 @@ def _bench_credential_cache_hits(workdir, installed):
             "python3 vouch_device_login.py --format exec-credential, cached": [sys.executable, SCRIPT] + kubectl,
             "python3 vouch_device_login.py --format aws, cached": [sys.executable, SCRIPT] + aws,
         }
-        medians = _median_wall_times(commands, BENCH_STARTUP_RUNS)
+        # a client of --register: kubectl's token from Vouch's /v1 API, cached for the cluster's audience
+        with LocalVouch(approve_after_polls=0, rate_limit=False) as vouch:
+            at = ["--issuer", vouch.issuer, "--cacert", pem_file("ca.pem", TEST_CA_PEM)]
+            vouch_kubectl = at + ["--format", "exec-credential", "--k8s-audience", "my-cluster"]
+            _run_child(installed + at + ["--register", "--cache", "--format", "token"])
+            _run_child(installed + vouch_kubectl)
+            before = len(vouch.requests)
+            commands["vouch-device-login --format exec-credential --k8s-audience, registered, cached (installed)"] = \
+                installed + vouch_kubectl
+            medians = _median_wall_times(commands, BENCH_STARTUP_RUNS)
+            if len(vouch.requests) != before:
+                raise _BenchFailure("a registered client's cache hit made a request")
         if (len(issuer.requests), len(sts.requests)) != requests:
             raise _BenchFailure("a cache hit made a request")
     rows = []
