@@ -29,6 +29,16 @@ $(VENV)/.installed: Makefile
 	@$(VENV_PY) -m pip install --quiet --disable-pip-version-check $(TEST_PACKAGES)
 	@touch $@
 
+# oidc-provider (npm) judges --register, private_key_jwt and DPoP; without npm its test skips.
+NODE_DIR := .node
+$(NODE_DIR)/.installed: Makefile
+	@mkdir -p $(NODE_DIR)
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm install --prefix $(NODE_DIR) --no-audit --no-fund --silent oidc-provider@9.13.3 >/dev/null 2>&1 \
+	    || echo "note: could not install oidc-provider with npm; testing without it"; \
+	fi
+	@touch $@
+
 # PyPy3 widens the matrix, zsh, dash and busybox judge --format shell, kubectl judges
 # --format exec-credential, git, ssh-keygen and sshd judge the git helper and --ssh-certificate;
 # install them where this machine allows it (root with apt), and go on without them elsewhere.
@@ -45,7 +55,7 @@ system-deps:
 # The matrix: the venv (every test), then each interpreter found, stdlib only.
 # Without pyenv that is the python3 on PATH; what could not be tested is named.
 # CI (CI=true) needs all of them.
-test: $(VENV)/.installed system-deps
+test: $(VENV)/.installed $(NODE_DIR)/.installed system-deps
 	@pys=""; seen=""; missing=""; \
 	for v in $(MATRIX); do \
 	  py=$$(ls -d $(PYENV_ROOT)/versions/$$v.*/bin/python3 2>/dev/null | sort -V | tail -n 1); \
@@ -99,4 +109,4 @@ bench: $(VENV)/.installed
 	@$(VENV_PY) test_vouch_device_login.py bench
 
 clean:
-	rm -rf $(VENV) __pycache__ .ruff_cache
+	rm -rf $(VENV) $(NODE_DIR) __pycache__ .ruff_cache

@@ -9837,6 +9837,119 @@ class VouchAwsAndKubernetesTests(VouchFixture):
         self.assertIn("--k8s-audience", result.stderr)
 
 
+# oidc-provider (npm), configured with registration, the device flow, private_key_jwt and DPoP with nonces;
+# /test/approve stands in for the person, /test/seen tells what it accepted.
+OIDC_PROVIDER_JS = r"""
+import http from 'node:http';
+import Provider from 'oidc-provider';
+
+const port = Number(process.argv[2]);
+const issuer = `http://127.0.0.1:${port}`;
+const provider = new Provider(issuer, {
+  clientAuthMethods: ['private_key_jwt'],
+  clientDefaults: { id_token_signed_response_alg: 'ES256', grant_types: [], response_types: [] },
+  features: {
+    devInteractions: { enabled: false },
+    deviceFlow: { enabled: true },
+    registration: { enabled: true },
+    revocation: { enabled: true },
+    dPoP: { enabled: true, nonceSecret: Buffer.alloc(32, 7) },
+  },
+  scopes: ['openid', 'email', 'offline_access'],
+  claims: { openid: ['sub'], email: ['email'] },
+  findAccount: async (ctx, sub) => ({ accountId: sub, claims: async () => ({ sub, email: 'ada@example.com' }) }),
+  ttl: { AccessToken: 3600, IdToken: 3600, DeviceCode: 600, Grant: 3600, Interaction: 600, Session: 3600, RefreshToken: 86400 },
+  jwks: { keys: [JSON.parse(process.argv[3])] },
+});
+const seen = [];
+provider.on('device_authorization.success', (ctx, body) => { body.interval = 1; });
+for (const event of ['registration_create.success', 'grant.success', 'grant.error', 'registration_create.error',
+                     'device_authorization.error', 'revocation.success', 'revocation.error', 'server_error']) {
+  provider.on(event, (ctx, err) => seen.push([event, ctx?.oidc?.client?.clientAuthMethod || null,
+                                               err && err.message ? err.message : null,
+                                               ctx?.oidc?.body?.token_type || null]));
+}
+provider.on('grant.success', (ctx) => seen.push(['token_type', ctx.body?.token_type]));
+const callback = provider.callback();
+http.createServer(async (req, res) => {
+  const url = new URL(req.url, issuer);
+  if (url.pathname === '/test/approve') {
+    const code = await provider.DeviceCode.findByUserCode(url.searchParams.get('user_code').replace(/[^A-Z]/g, ''));
+    const grant = new provider.Grant({ accountId: 'ada', clientId: code.clientId });
+    grant.addOIDCScope(code.params.scope);
+    code.grantId = await grant.save();
+    code.accountId = 'ada';
+    code.authTime = Math.floor(Date.now() / 1000);
+    await code.save();
+    res.end('approved');
+    return;
+  }
+  if (url.pathname === '/test/seen') {
+    res.setHeader('Content-Type', 'application/json');
+    res.end(JSON.stringify(seen));
+    return;
+  }
+  callback(req, res);
+}).listen(port, '127.0.0.1', () => process.stdout.write('ready\n'));
+"""
+
+OIDC_PROVIDER_DIR = os.path.join(HERE, ".node", "node_modules")
+
+
+@unittest.skipUnless(shutil.which("node") and os.path.isdir(os.path.join(OIDC_PROVIDER_DIR, "oidc-provider")),
+                     "needs node and oidc-provider (make test installs it with npm into .node)")
+class OidcProviderTests(unittest.TestCase):
+    """RFC 7591 registration, private_key_jwt and DPoP judged by a provider nobody here wrote."""
+
+    @independent
+    def test_oidc_provider_registers_the_client_takes_its_assertions_and_binds_the_token(self):
+        import tempfile
+        import urllib.request
+        folder = tempfile.mkdtemp(prefix="vdl-oidc-provider-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        os.symlink(OIDC_PROVIDER_DIR, os.path.join(folder, "node_modules"))
+        with open(os.path.join(folder, "server.mjs"), "w") as handle:
+            handle.write(OIDC_PROVIDER_JS)
+        key = EcKey("op-1")
+        signing_key = dict(key.jwk(), d=b64url(key.d.to_bytes(32, "big")))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        node = subprocess.Popen(["node", os.path.join(folder, "server.mjs"), str(port), json.dumps(signing_key)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=folder)
+        self.addCleanup(node.wait)
+        self.addCleanup(node.kill)
+        self.addCleanup(node.stdout.close)
+        self.assertEqual(node.stdout.readline(), b"ready\n")
+        issuer = "http://127.0.0.1:%d" % port
+        env = dict({k: v for k, v in os.environ.items() if k not in _ENV_KEYS},
+                   XDG_CACHE_HOME=os.path.join(folder, "cache"), VOUCH_ISSUER=issuer)
+        tool = subprocess.Popen([sys.executable, SCRIPT, "--register", "--cache", "--format", "token", "--no-browser"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        shown = b""
+        while b"enter the code:" not in shown:
+            line = tool.stderr.readline()
+            self.assertTrue(line, shown)
+            shown += line
+        user_code = re.search(rb"enter the code:\s+([A-Z]{4}-[A-Z]{4})", shown).group(1).decode()
+        urllib.request.urlopen("%s/test/approve?user_code=%s" % (issuer, user_code), timeout=30).read()
+        out, err = tool.communicate(timeout=60)
+        self.assertEqual(tool.returncode, 0, (shown + err).decode())
+        self.assertTrue(out.strip())
+        seen = json.loads(urllib.request.urlopen(issuer + "/test/seen", timeout=30).read())
+        self.assertIn(["registration_create.success", "private_key_jwt", None, None], seen)
+        self.assertIn(["grant.success", "private_key_jwt", None, None], seen)
+        self.assertIn(["token_type", "DPoP"], seen)
+        refused = [entry for entry in seen if entry[0] == "grant.error"
+                   and entry[2] not in ("authorization_pending", "use_dpop_nonce")]
+        self.assertEqual(refused, [])
+        # the revocation authenticates the same way (oidc-provider refuses an unauthenticated one)
+        logout = subprocess.run([sys.executable, SCRIPT, "--logout"], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, check=False)
+        self.assertEqual(logout.returncode, 0, logout.stderr.decode())
+        self.assertIn(b"revoked and removed", logout.stderr)
+
+
 # ============================================================================
 # Installation (--install): a launcher that runs the module from bytecode
 # ============================================================================
