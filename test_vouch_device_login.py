@@ -9321,6 +9321,14 @@ class RegistrationTests(VouchFixture):
         self.assertTrue(all(b"client_assertion=" in r["body"] and "DPoP" in r["headers"] for r in refreshes))
         self.assertEqual(len({r["body"] for r in refreshes}), len(refreshes))
 
+    def test_dpop_proof_uses_the_registered_clients_cached_sign_in(self):
+        token = self.register().stdout.strip()
+        result = self.run_tool("--dpop-proof", "GET", self.vouch.issuer + "/oauth/userinfo")
+        self.assertEqual(result.code, 0, result.stderr)
+        header, claims = vdl.decode_jwt(result.stdout.strip())
+        self.assertEqual(reference_thumbprint(header["jwk"]), self.vouch.bound[token])
+        self.assertEqual(claims["ath"], b64url(hashlib.sha256(token.encode()).digest()))
+
     def test_without_a_registered_client_or_a_client_id_the_advice_names_register(self):
         result = self.run_tool("--format", "token")
         self.assertEqual(result.code, 2)
@@ -9482,6 +9490,60 @@ class GitCredentialTests(VouchFixture):
             self.assertEqual(server.refused, 1)  # git asks without a password first, as it does with GitHub
             self.assertIn(server.passwords[-1], self.vouch.github_tokens)
             self.assertEqual(self.vouch.v1_served[-1][1]["owner"], "acme")
+
+
+class VouchHostileAnswerTests(VouchFixture):
+    """The registration endpoint and each /v1 endpoint answering hostile bodies: one line, the exit code, no stdout."""
+
+    def hostile_cases(self):
+        return [("endless", endless_body, 5), ("huge", huge_body, 5), ("reset", reset_mid_body, 5),
+                ("not JSON", lambda h, b: (200, b"<html>", {"Signature-Nonce": "n"}, "text/html"), 6),
+                ("a list", lambda h, b: (200, b"[1]", {"Signature-Nonce": "n"}), 6),
+                ("escapes", lambda h, b: (200, {"token": "\x1b]52;c;x\x07", "certificate": "\x1b[2J",
+                                               "id_token": "\x1b[2J", "expires_in": 60}, {"Signature-Nonce": "n"}), 6),
+                ("redirect", lambda h, b: (302, b"", {"Location": "https://evil.example/"}), 6),
+                ("a bad nonce", lambda h, b: (401, {}, {"Signature-Nonce": "a\"b"}), 6)]
+
+    def assertOneLine(self, result, code, case):
+        self.assertEqual((result.code, result.stdout), (code, ""), (case, result.stderr))
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertNotIn("\x1b", result.stderr)
+        self.assertEqual(len([line for line in result.stderr.splitlines() if ": error: " in line]), 1, result.stderr)
+
+    def test_v1_endpoints(self):
+        self.register()
+        key = self.ssh_key() if shutil.which("ssh-keygen") else None
+        modes = [("/v1/credentials/github/token", ["--git-credential", "get"], b"protocol=https\nhost=github.com\n\n"),
+                 ("/v1/credentials/k8s/token", ["--format", "exec-credential", "--k8s-audience", "c"], b""),
+                 ("/v1/credentials/ssh/ca", ["--ssh-ca"], b"")]
+        if key:
+            modes.append(("/v1/credentials/ssh", ["--ssh-certificate"], b""))
+        for path, args, stdin in modes:
+            for case, answer, code in self.hostile_cases():
+                if path == "/v1/credentials/ssh/ca" and case == "a bad nonce":
+                    continue  # not a signed request: a 401 is just a refusal
+                with self.subTest(path=path, case=case):
+                    self.vouch.overrides[path] = answer
+                    try:
+                        result = self.run_tool("--timeout", "5", *args, stdin=stdin)
+                    finally:
+                        self.vouch.overrides.clear()
+                    self.assertOneLine(result, code, case)
+        if key:
+            self.assertFalse(os.path.exists(key + "-cert.pub"))
+
+    def test_registration_endpoint(self):
+        for case, answer, code in self.hostile_cases():
+            if case == "a bad nonce":
+                continue
+            with self.subTest(case=case):
+                self.vouch.overrides["/oauth/register"] = answer
+                try:
+                    result = self.run_tool("--timeout", "5", "--register")
+                finally:
+                    self.vouch.overrides.clear()
+                self.assertOneLine(result, code, case)
+                self.assertEqual(self.vouch.registered, {})
 
 
 class LocalGitServer(LocalServer):

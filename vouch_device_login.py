@@ -6888,8 +6888,10 @@ def main(argv=None):
         terminal = _Terminal(quiet=args.quiet, verbose=args.verbose, prog=prog)
         if args.dpop_proof is not None:
             # the cache entry to read is that of the configuration; without a client id there is none
+            registered = os.path.exists(_client_store(os.environ, args.issuer or os.environ.get("VOUCH_ISSUER")
+                                                      or DEFAULT_ISSUER).path)
             config = None if os.environ.get("VOUCH_DPOP_KEY") or not (args.client_id or os.environ.get(
-                "VOUCH_CLIENT_ID")) else _config_from_args(args, os.environ, terminal)
+                "VOUCH_CLIENT_ID") or registered) else _config_from_args(args, os.environ, terminal)
             _write_stdout(_dpop_proof_text(*args.dpop_proof, nonce=args.dpop_nonce, environ=os.environ,
                                            config=config) + "\n")
             return 0
