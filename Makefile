@@ -40,16 +40,19 @@ $(NODE_DIR)/.installed: Makefile
 	@touch $@
 
 # PyPy3 widens the matrix, zsh, dash and busybox judge --format shell, kubectl judges
-# --format exec-credential, git, ssh-keygen and sshd judge the git helper and --ssh-certificate;
+# --format exec-credential, git, ssh-keygen and sshd judge the git helper and --ssh-certificate, Docker's
+# Go helper client the Docker helper;
 # install them where this machine allows it (root with apt), and go on without them elsewhere.
 system-deps:
 	@if { ! command -v pypy3 || ! command -v zsh || ! command -v dash || ! command -v busybox \
-	      || ! command -v kubectl || ! command -v git || ! command -v ssh || ! test -x /usr/sbin/sshd; } >/dev/null 2>&1 \
+	      || ! command -v kubectl || ! command -v git || ! command -v ssh || ! test -x /usr/sbin/sshd || ! command -v go \
+	      || ! test -d /usr/share/gocode/src/github.com/docker/docker-credential-helpers; } >/dev/null 2>&1 \
 	      && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing pypy3, zsh, dash, busybox, kubectl (kubernetes-client), git and openssh for the test matrix"; \
+	  echo "installing pypy3, zsh, dash, busybox, kubectl, git, openssh and Go's docker-credential-helpers for the tests"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pypy3 zsh dash busybox git \
-	    openssh-client openssh-server $$(command -v kubectl >/dev/null || echo kubernetes-client)) >/dev/null 2>&1 \
-	    || echo "note: could not install pypy3/zsh/dash/busybox/kubectl/git/openssh; testing without them"; \
+	    openssh-client openssh-server golang-go golang-github-docker-docker-credential-helpers-dev \
+	    golang-golang-x-sys-dev $$(command -v kubectl >/dev/null || echo kubernetes-client)) >/dev/null 2>&1 \
+	    || echo "note: could not install some of pypy3/zsh/dash/busybox/kubectl/git/openssh/go; testing without them"; \
 	fi
 
 # The matrix: the venv (every test), then each interpreter found, stdlib only.

@@ -9708,6 +9708,41 @@ except ImportError:
     HAVE_BOTOCORE = False
 
 
+DOCKER_HELPERS_GO = "/usr/share/gocode/src/github.com/docker/docker-credential-helpers"
+# Docker's own client of the helper protocol (docker-credential-helpers/client), against our helper.
+DOCKER_HELPER_JUDGE_GO = r"""
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+
+	"github.com/docker/docker-credential-helpers/client"
+	"github.com/docker/docker-credential-helpers/credentials"
+)
+
+// Docker's own client of the credential-helper protocol, run against the helper named in os.Args[1].
+func main() {
+	program := client.NewShellProgramFunc(os.Args[1])
+	report := map[string]interface{}{}
+	if creds, err := client.Get(program, os.Args[2]); err != nil {
+		report["get_error"] = err.Error()
+	} else {
+		report["get"] = creds
+	}
+	_, err := client.Get(program, "https://registry.example.com")
+	report["unknown_is_not_found"] = credentials.IsErrCredentialsNotFound(err)
+	list, err := client.List(program)
+	report["list"], report["list_error"] = list, fmt.Sprint(err)
+	report["store_error"] = fmt.Sprint(client.Store(program, &credentials.Credentials{ServerURL: "ghcr.io", Username: "u", Secret: "s"}))
+	report["erase_error"] = fmt.Sprint(client.Erase(program, "ghcr.io"))
+	out, _ := json.Marshal(report)
+	fmt.Println(string(out))
+}
+"""
+
+
 class FakeEcr(LocalServer):
     """ECR's GetAuthorizationToken on 127.0.0.1: it takes only STS credentials FakeSts issued, SigV4-signed.
 
@@ -9793,6 +9828,28 @@ class DockerCredentialTests(VouchFixture):
             with self.assertRaises(docker_credentials.errors.CredentialsNotFound):
                 store.get("quay.io")
             self.assertEqual(store.list(), {})
+
+    @unittest.skipUnless(shutil.which("go") and os.path.isdir(DOCKER_HELPERS_GO), "needs go and Debian's "
+                         "golang-github-docker-docker-credential-helpers-dev")
+    def test_dockers_own_helper_client_reads_the_helper(self):
+        self.register()
+        helper = self.installed_helper()
+        folder = os.path.join(self.home, "go")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "judge.go"), "w") as handle:
+            handle.write(DOCKER_HELPER_JUDGE_GO)
+        env = dict({k: v for k, v in os.environ.items() if k not in _ENV_KEYS}, GO111MODULE="off",
+                   GOPATH="/usr/share/gocode", GOCACHE=os.path.join(folder, "cache"), **self.env)
+        subprocess.run(["go", "build", "-o", os.path.join(folder, "judge"), os.path.join(folder, "judge.go")],
+                       env=env, check=True, timeout=300, stdout=subprocess.DEVNULL)
+        done = subprocess.run([os.path.join(folder, "judge"), helper, "ghcr.io"], env=env, stdout=subprocess.PIPE,
+                              check=True, timeout=120)
+        report = json.loads(done.stdout)
+        self.assertEqual(report["get"], {"ServerURL": "ghcr.io", "Username": "x-access-token",
+                                         "Secret": self.vouch.github_tokens[-1]})
+        self.assertIs(report["unknown_is_not_found"], True)
+        self.assertEqual((report["list"], report["list_error"]), ({}, "<nil>"))
+        self.assertEqual((report["store_error"], report["erase_error"]), ("<nil>", "<nil>"))
 
     def test_ecr_gets_sts_credentials_from_vouchs_aws_token_and_a_sigv4_login(self):
         self.register()
