@@ -2522,7 +2522,7 @@ class TransportDeadlineTests(unittest.TestCase):
     """Every request ends within --timeout with exit 5 and one line, whatever the peer does."""
 
     seconds = 15  # about how long it takes: the suite starts the longest first
-    endpoints = ("discovery", "device", "token", "jwks", "userinfo", "revocation", "refresh")
+    endpoints = ("discovery", "device", "token", "jwks", "userinfo", "revocation", "refresh", "register")
 
     def setUp(self):
         # One cache for every case: each case has an issuer (and a port) of its own.
@@ -2540,6 +2540,13 @@ class TransportDeadlineTests(unittest.TestCase):
         """
         options = {"rate_limit": False, "enforce_interval": False, "approve_after_polls": 0,
                    "refresh_tokens": True, "tls": True if tls else None}
+        if endpoint == "register":
+            with LocalVouch(**options) as vouch:
+                metadata = dict(vouch.metadata(), registration_endpoint=server.base + "/register")
+                for path in vouch._discovery_paths():
+                    vouch.overrides[path] = lambda handler, body: (200, metadata)
+                return main(["--issuer", vouch.issuer, "--register", "--max-restarts", "0", "--cacert",
+                             pem_file("ca.pem", TEST_CA_PEM), "--timeout", str(timeout)]), None, vouch.base
         with LocalIssuer(**options) as issuer:
             common = ["--client-id", "cli", "--max-restarts", "0", "--cacert", pem_file("ca.pem", TEST_CA_PEM)]
             limit = ["--timeout", str(timeout)]
@@ -9531,6 +9538,47 @@ class VouchHostileAnswerTests(VouchFixture):
                     self.assertOneLine(result, code, case)
         if key:
             self.assertFalse(os.path.exists(key + "-cert.pub"))
+
+    def test_v1_answers_chunked_close_delimited_or_trickling(self):
+        self.register()
+        document = json.dumps({"token": "ghs_" + "t" * 36, "expires_at": "2099-01-01T00:00:00Z"}).encode()
+
+        def chunked(handler, body):
+            handler.send_response(200)
+            for name, value in (("Content-Type", "application/json"), ("Transfer-Encoding", "chunked"),
+                                ("Signature-Nonce", "n-chunked")):
+                handler.send_header(name, value)
+            handler.end_headers()
+            for at in range(0, len(document), 7):
+                piece = document[at:at + 7]
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            handler.wfile.write(b"0\r\n\r\n")
+
+        def close_delimited(handler, body):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Connection", "close")
+            handler.end_headers()
+            handler.wfile.write(document)
+            handler.wfile.flush()
+            # the body ends with the connection: over TLS, with close_notify (RFC 9112 §9.8)
+            try:
+                handler.connection.unwrap()
+            except (OSError, ValueError):
+                pass
+            handler.close_connection = True
+
+        git = ["--git-credential", "get"]
+        for name, answer in (("chunked", chunked), ("close-delimited", close_delimited)):
+            with self.subTest(case=name):
+                self.vouch.overrides["/v1/credentials/github/token"] = answer
+                result = self.run_tool(*git, stdin=b"protocol=https\nhost=github.com\n\n")
+                self.assertEqual(result.code, 0, result.stderr)
+                self.assertIn("password=ghs_" + "t" * 36 + "\n", result.stdout)
+        self.vouch.overrides["/v1/credentials/github/token"] = trickle_body
+        result = self.run_tool("--timeout", "1", *git, stdin=b"protocol=https\nhost=github.com\n\n")
+        self.vouch.overrides.clear()
+        self.assertOneLine(result, 5, "trickle")
 
     def test_registration_endpoint(self):
         for case, answer, code in self.hostile_cases():
