@@ -3568,7 +3568,6 @@ def _ec_mul_base(crv, k):
 
 def _rfc6979_nonces(crv, d, digest, hash_name):
     # RFC 6979 §3.2: the candidates k for key d and message hash h1 = digest, in order
-    import hashlib
     n = _NIST_CURVES[crv][2]
     qlen = n.bit_length()
     rlen = (qlen + 7) // 8
@@ -3579,15 +3578,15 @@ def _rfc6979_nonces(crv, d, digest, hash_name):
         excess = 8 * len(octets) - qlen
         return value >> excess if excess > 0 else value
 
-    block = hashlib.new(hash_name).block_size
+    block = _hash(hash_name).block_size
     ipad = int.from_bytes(b"\x36" * block, "big")
     opad = int.from_bytes(b"\x5c" * block, "big")
 
     def mac(key, data):
         # RFC 2104 HMAC (importing hmac costs --dpop-proof more than this); keys here are one hash long
         key = int.from_bytes(key.ljust(block, b"\0"), "big")
-        inner = hashlib.new(hash_name, (key ^ ipad).to_bytes(block, "big") + data).digest()
-        return hashlib.new(hash_name, (key ^ opad).to_bytes(block, "big") + inner).digest()
+        inner = _hash(hash_name, (key ^ ipad).to_bytes(block, "big") + data).digest()
+        return _hash(hash_name, (key ^ opad).to_bytes(block, "big") + inner).digest()
 
     seed = d.to_bytes(rlen, "big") + (bits2int(digest) % n).to_bytes(rlen, "big")
     # steps b-g
@@ -3654,8 +3653,7 @@ def _ed_mul_base(k):
 
 def _ed_expand(seed):
     # RFC 8032 §5.1.5 steps 1-2: the secret scalar s and the prefix
-    import hashlib
-    h = hashlib.sha512(seed).digest()
+    h = _hash("sha512", seed).digest()
     s = int.from_bytes(h[:32], "little") & ((1 << 254) - 8) | (1 << 254)
     return s, h[32:]
 
@@ -3667,13 +3665,12 @@ def _ed25519_public(seed):
 
 def _ed25519_sign(seed, public_key, message):
     """Ed25519 signature (RFC 8032 §5.1.6) by the private key seed, whose public key is given."""
-    import hashlib
     s, prefix = _ed_expand(seed)
     # steps 2-3
-    r = int.from_bytes(hashlib.sha512(prefix + message).digest(), "little") % _ED_L
+    r = int.from_bytes(_hash("sha512", prefix + message).digest(), "little") % _ED_L
     R = _ed_mul_base(r)
     # steps 4-5
-    k = int.from_bytes(hashlib.sha512(R + public_key + message).digest(), "little") % _ED_L
+    k = int.from_bytes(_hash("sha512", R + public_key + message).digest(), "little") % _ED_L
     return R + ((r + k * s) % _ED_L).to_bytes(32, "little")
 
 
@@ -3791,8 +3788,7 @@ class _DPoP:
 
     def thumbprint(self):
         """The RFC 7638 SHA-256 thumbprint of the public key (the token's cnf.jkt)."""
-        import hashlib
-        return _b64url_encode(hashlib.sha256(_json_compact(self.public).encode("ascii")).digest())
+        return _b64url_encode(_sha256(_json_compact(self.public).encode("ascii")).digest())
 
     def output(self):
         """What the result carries: {"alg", "jkt", "key"} with the private JWK."""
@@ -3800,7 +3796,6 @@ class _DPoP:
 
     def proof(self, method, url, access_token=None, nonce=None):
         """A DPoP proof JWT for one request (RFC 9449 §4.2); ath when a token goes with it."""
-        import hashlib
         import time
         htu = _dpop_htu(url)
         if htu is None:
@@ -3810,7 +3805,7 @@ class _DPoP:
         if nonce:
             claims["nonce"] = nonce
         if access_token is not None:
-            claims["ath"] = _b64url_encode(hashlib.sha256(access_token.encode("ascii")).digest())
+            claims["ath"] = _b64url_encode(_sha256(access_token.encode("ascii")).digest())
         return self.jws({"typ": "dpop+jwt", "alg": self.alg, "jwk": self.public}, claims)
 
     def jws(self, header, claims):
@@ -4445,17 +4440,33 @@ def _cache_directory(environ):
     return os.path.join(base, "vouch-device-login")
 
 
-def _sha256(data):
-    """hashlib.sha256, from the interpreter's own module where it has one: loading OpenSSL's
-    costs a cached credential (kubectl, credential_process) more than all the rest it does."""
-    try:
-        from _sha2 import sha256  # CPython 3.12 and later
-    except ImportError:
+def _hash(name, data=b""):
+    """hashlib's name(data), for sha256, sha384 and sha512 from the interpreter's own modules where it has
+    them: loading OpenSSL's costs a cached credential (kubectl, credential_process) or a --dpop-proof more than
+    all the rest it does."""
+    constructor = _HASHES.get(name)
+    if constructor is None:
         try:
-            from _sha256 import sha256
+            import _sha2 as module  # CPython 3.12 and later
         except ImportError:
-            from hashlib import sha256
-    return sha256(data)
+            try:
+                module = __import__("_sha256" if name == "sha256" else "_sha512")
+            except ImportError:
+                module = None
+        constructor = getattr(module, name, None)
+        if constructor is None:
+            import hashlib
+            constructor = getattr(hashlib, name)
+        _HASHES[name] = constructor
+    return constructor(data)
+
+
+_HASHES = {}
+
+
+def _sha256(data):
+    """SHA-256 of data (a hash object), as _hash gets it."""
+    return _hash("sha256", data)
 
 
 class _CacheRefused(UsageError):
