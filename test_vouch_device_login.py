@@ -9861,6 +9861,13 @@ class DockerCredentialTests(VouchFixture):
             self.assertEqual(call(operation, data)[:2], (0, ""))
         code, out, err = call("get", b"registry.example.com\n")
         self.assertEqual((code, out), (1, "credentials not found in native keychain\n"), err)
+        # signed out: Docker gets the way back on stdout (it shows that, not stderr); no sign-in starts
+        self.run_tool("--logout")
+        devices = len(self.vouch.devices)
+        code, out, err = call("get", b"ghcr.io\n")
+        self.assertEqual(code, 2, err)
+        self.assertIn("vouch-device-login --cache", out)
+        self.assertEqual(len(self.vouch.devices), devices)
 
     @unittest.skipUnless(HAVE_DOCKER_PY, "needs the docker package (docker-py)")
     def test_docker_pys_credential_store_reads_the_helper(self):
