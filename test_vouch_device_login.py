@@ -10596,6 +10596,20 @@ class ReadmeTests(unittest.TestCase):
 DEMO_PACE = float(os.environ.get("DEMO_PACE") or 1)
 
 
+def _play_the_person(issuer, pace, message):
+    """A thread that approves the first sign-in `pace` demo seconds after its code appears, saying so."""
+    def person():
+        while not issuer.devices:
+            time.sleep(0.05)
+        time.sleep(pace * DEMO_PACE)
+        # On a terminal the tool's countdown is on the current line: clear it, and the next update redraws it.
+        clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+        sys.stderr.write(clear + "[demo] %s\n" % message)
+        issuer.approve()
+
+    threading.Thread(target=person, daemon=True).start()
+
+
 def run_demo():
     """Start the local issuer, run the real CLI, approve after a few seconds."""
     with LocalIssuer(interval=1, user={"hardware_aaguid": "cb69481e-8ff7-4039-93ec-0a2729a154a8"}) as issuer:
@@ -10603,16 +10617,7 @@ def run_demo():
         sys.stderr.write("[demo] running: python3 vouch_device_login.py --issuer %s --client-id cli --qr --no-browser\n"
                          % issuer.issuer)
 
-        def person():
-            while not issuer.devices:
-                time.sleep(0.05)
-            time.sleep(3 * DEMO_PACE)
-            # On a terminal the tool's countdown is on the current line: clear it, and the next update redraws it.
-            clear = "\r\x1b[K" if sys.stderr.isatty() else ""
-            sys.stderr.write(clear + "[demo] a person opens the link, enters the code and touches their YubiKey...\n")
-            issuer.approve()
-
-        threading.Thread(target=person, daemon=True).start()
+        _play_the_person(issuer, 3, "a person opens the link, enters the code and touches their YubiKey...")
         environment = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
         code = subprocess.call([sys.executable, SCRIPT, "--issuer", issuer.issuer, "--client-id", "cli", "--qr",
                                 "--no-browser"],
@@ -10668,15 +10673,7 @@ def run_dpop_demo():
         sys.stderr.write("\n[demo] now with --dpop: the token is bound to a key made for this sign-in, and a\n"
                          "[demo] script proves it holds the key on every request:\n\n%s\n" % recipe)
 
-        def person():
-            while not issuer.devices:
-                time.sleep(0.05)
-            time.sleep(2 * DEMO_PACE)
-            clear = "\r\x1b[K" if sys.stderr.isatty() else ""
-            sys.stderr.write(clear + "[demo] the person approves...\n")
-            issuer.approve()
-
-        threading.Thread(target=person, daemon=True).start()
+        _play_the_person(issuer, 2, "the person approves...")
         environment = dict(_child_env(), ISSUER=issuer.issuer, URL=url, PYTHON=sys.executable, SCRIPT=SCRIPT,
                            CURL_STAND_IN=CURL_STAND_IN)
         script = 'vdl() { "$PYTHON" "$SCRIPT" "$@"; }\n' + recipe
@@ -10707,15 +10704,7 @@ def run_ssh_demo():
                              "\n[demo] (RFC 7591), signs in, and signs its /v1 request (RFC 9421):\n"
                              "[demo] running: python3 vouch_device_login.py --register --ssh-certificate %s.pub\n" % key)
 
-            def person():
-                while not vouch.devices:
-                    time.sleep(0.05)
-                time.sleep(2 * DEMO_PACE)
-                clear = "\r\x1b[K" if sys.stderr.isatty() else ""
-                sys.stderr.write(clear + "[demo] the person approves...\n")
-                vouch.approve()
-
-            threading.Thread(target=person, daemon=True).start()
+            _play_the_person(vouch, 2, "the person approves...")
             environment = dict(_child_env(), XDG_CACHE_HOME=os.path.join(home, "cache"), VOUCH_ISSUER=vouch.issuer,
                                SSL_CERT_FILE=pem_file("ca.pem", TEST_CA_PEM))
             code = subprocess.call([sys.executable, SCRIPT, "--register", "--ssh-certificate", key + ".pub",

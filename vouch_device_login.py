@@ -1572,13 +1572,7 @@ def _raise_for_error_answer(response, what, advice=None):
 
     `advice` maps an OAuth error code to what the person can do about it.
     """
-    _check_redirect(response, what)
-    if response.status >= 500 or response.status == 429:
-        _raise_http_status(response, what)
-    try:
-        document = _loads_json(response.body)
-    except ValueError:
-        document = None
+    document = _error_document(response, what)
     error = _oauth_error(document) if isinstance(document, dict) else None
     if error is None:
         raise ProtocolError("%s: HTTP %d %s without an OAuth error"
@@ -1588,6 +1582,17 @@ def _raise_for_error_answer(response, what, advice=None):
     hint = (advice or {}).get(error[0])
     raise ProtocolError("%s: the server refused: %s%s" % (what, _describe_oauth_error(*error),
                                                           "; " + hint if hint else ""))
+
+
+def _error_document(response, what):
+    """The JSON of a refusal, or None; a redirect, a 5xx and a 429 are raised as what they are."""
+    _check_redirect(response, what)
+    if response.status >= 500 or response.status == 429:
+        _raise_http_status(response, what)
+    try:
+        return _loads_json(response.body)
+    except ValueError:
+        return None
 
 
 def _format_duration(seconds):
@@ -5897,24 +5902,21 @@ def _v1_document(config, http, session, method, path, what, document=None):
     response = signed_request(http, config.client, method, url, what, result["access_token"], dpop, document)
     if response.status == 200:
         return _json_document(response, what)
-    _check_redirect(response, what)
-    if response.status >= 500 or response.status == 429:
-        _raise_http_status(response, what)
-    try:
-        answer = _loads_json(response.body)
-    except ValueError:
-        answer = None
-    said = ""
-    if isinstance(answer, dict):
-        said = next((answer[k] for k in ("message", "error_description", "error") if isinstance(answer.get(k), str)),
-                    "")
-    said = ": " + _sanitize(said, 200) if said else ""
+    said = _refusal(response, what)
     if response.status == 401:
         raise AccessDeniedError("%s: the server did not accept the sign-in (HTTP 401%s); sign in again with %s"
                                 " --logout, then --cache" % (what, said, _LAUNCHER_NAME))
     if response.status == 403:
         raise AccessDeniedError("%s: refused (HTTP 403%s)" % (what, said))
     raise ProtocolError("%s: HTTP %d%s" % (what, response.status, said))
+
+
+def _refusal(response, what):
+    """': what the server said' of a JSON error answer, or ''; 5xx, 429 and redirects are raised here."""
+    answer = _error_document(response, what)
+    said = next((answer[k] for k in ("message", "Message", "error_description", "error")
+                 if isinstance(answer.get(k), str)), "") if isinstance(answer, dict) else ""
+    return ": " + _sanitize(said, 200) if said else ""
 
 
 def _session(config, http, terminal):
@@ -6134,15 +6136,7 @@ def _ecr_login(config, http, terminal, host):
         "Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": _ECR_TARGET}, body, time.time())
     response = http.request("POST", endpoint, what, headers=headers, content=body)
     if response.status != 200:
-        try:
-            said = _loads_json(response.body)
-        except ValueError:
-            said = None
-        said = said.get("message") or said.get("Message") if isinstance(said, dict) else None
-        if response.status >= 500:
-            _raise_http_status(response, what)
-        raise AccessDeniedError("%s: HTTP %d%s" % (what, response.status,
-                                                    ": " + _sanitize(said, 200) if isinstance(said, str) else ""))
+        raise AccessDeniedError("%s: HTTP %d%s" % (what, response.status, _refusal(response, what)))
     data = _json_document(response, what).get("authorizationData")
     token = data[0].get("authorizationToken") if isinstance(data, list) and data and isinstance(data[0], dict) else None
     try:
