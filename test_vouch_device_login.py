@@ -9449,6 +9449,8 @@ class GitCredentialTests(VouchFixture):
         self.assertEqual(result.code, 0, result.stderr)
         self.assertEqual(result.stdout, "protocol=https\nhost=github.com\nusername=x-access-token\npassword=%s\n"
                          % self.vouch.github_tokens[0])
+        # git shows a helper's stderr on every fetch: a cached sign-in says nothing there
+        self.assertEqual(result.stderr, "")
         self.assertEqual(self.vouch.v1_served[-1][1]["owner"], "acme-corp")
         before = len(self.vouch.requests)
         for operation in ("store", "erase"):
@@ -9457,7 +9459,13 @@ class GitCredentialTests(VouchFixture):
             self.assertEqual((quiet.code, quiet.stdout), (0, ""), quiet.stderr)
         plain = self.run_tool("--git-credential", "get", stdin=b"protocol=http\nhost=github.com\n\n")
         self.assertEqual((plain.code, plain.stdout), (0, ""))
+        # a submodule or remote elsewhere: the GitHub token never goes there
+        for host in (b"evil.example", b"github.com.evil.example", b"notgithub.com"):
+            other = self.run_tool("--git-credential", "get", stdin=b"protocol=https\nhost=" + host + b"\n\n")
+            self.assertEqual((other.code, other.stdout), (0, ""))
         self.assertEqual(len(self.vouch.requests), before)
+        enterprise = self.run_tool("--git-credential", "get", stdin=b"protocol=https\nhost=acme.ghe.com\n\n")
+        self.assertIn("password=", enterprise.stdout)
 
     def test_without_a_cached_sign_in_the_helper_fails_fast_and_starts_no_device_flow(self):
         self.register()
@@ -9485,8 +9493,10 @@ class GitCredentialTests(VouchFixture):
         with LocalGitServer(self.vouch, self.home) as server:
             target = os.path.join(self.home, "clone")
             helper = "!%s %s --git-credential" % (sys.executable, SCRIPT)
+            # a GitHub Enterprise host of the user's own naming: the local server
             env = dict({k: v for k, v in os.environ.items() if k not in _ENV_KEYS}, GIT_TERMINAL_PROMPT="0",
-                       GIT_SSL_CAINFO=self.cacert, GIT_CONFIG_NOSYSTEM="1", **self.env)
+                       GIT_SSL_CAINFO=self.cacert, GIT_CONFIG_NOSYSTEM="1",
+                       VOUCH_GITHUB_HOSTS=server.url.split("://")[1], **self.env)
             done = subprocess.run(["git", "-c", "credential.helper=", "-c", "credential.helper=" + helper,
                                    "-c", "credential.useHttpPath=true", "clone", "-q", server.url + "/acme/app.git",
                                    target], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
@@ -9509,6 +9519,9 @@ class VouchHostileAnswerTests(VouchFixture):
                 ("escapes", lambda h, b: (200, {"token": "\x1b]52;c;x\x07", "certificate": "\x1b[2J",
                                                "id_token": "\x1b[2J", "expires_in": 60}, {"Signature-Nonce": "n"}), 6),
                 ("redirect", lambda h, b: (302, b"", {"Location": "https://evil.example/"}), 6),
+                ("a client id with a quote", lambda h, b: (201, {"client_id": ' x"y', "token": "t",
+                                                                 "certificate": "c", "id_token": "t"},
+                                                           {"Signature-Nonce": "n"}), 6),
                 ("a bad nonce", lambda h, b: (401, {}, {"Signature-Nonce": "a\"b"}), 6)]
 
     def assertOneLine(self, result, code, case):
@@ -9735,6 +9748,25 @@ class SshCertificateTests(VouchFixture):
         refused = login()
         self.assertEqual(refused.returncode, 255, refused.stdout)
 
+    @unittest.skipUnless(shutil.which("ssh-keygen"), "needs ssh-keygen")
+    def test_a_certificate_for_another_key_does_not_replace_the_users(self):
+        self.register()
+        key = self.ssh_key()
+        self.assertEqual(self.run_tool("--ssh-certificate").code, 0)
+        with open(key + "-cert.pub") as handle:
+            good = handle.read()
+        other = os.path.join(self.home, "other")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", other], check=True,
+                       stdout=subprocess.DEVNULL)
+        with open(other + ".pub") as handle:
+            foreign = self.vouch._ssh_sign(handle.read().strip(), {"email": "mallory@example.com"})
+        self.vouch.overrides["/v1/credentials/ssh"] = lambda handler, body: (200, foreign, {"Signature-Nonce": "n"})
+        result = self.run_tool("--ssh-certificate")
+        self.assertEqual((result.code, result.stdout), (6, ""), result.stderr)
+        self.assertIn("another key", result.stderr)
+        with open(key + "-cert.pub") as handle:
+            self.assertEqual(handle.read(), good)
+
     def test_no_key_in_ssh_folder_names_ssh_keygen(self):
         self.register()
         result = self.run_tool("--ssh-certificate")
@@ -9857,8 +9889,20 @@ class DockerCredentialTests(VouchFixture):
         self.assertEqual(json.loads(out), {"ServerURL": "https://ghcr.io", "Username": "x-access-token",
                                            "Secret": self.vouch.github_tokens[-1]})
         self.assertEqual(call("list", b""), (0, "{}\n", ""))
-        for operation, data in (("store", b'{"ServerURL":"x","Username":"u","Secret":"s"}'), ("erase", b"x\n")):
+        for operation, data in (("store", b'{"ServerURL":"ghcr.io","Username":"u","Secret":"s"}'), ("erase", b"x\n")):
             self.assertEqual(call(operation, data)[:2], (0, ""))
+        # a password for another registry would be lost: docker login is told so, on stdout where it looks
+        code, out, err = call("store", b'{"ServerURL":"quay.io","Username":"u","Secret":"s"}')
+        self.assertEqual(code, 1)
+        self.assertIn("credHelpers", out)
+        # a machine that never registered: a pull from elsewhere gets not-found, before any configuration is read
+        env["XDG_CACHE_HOME"] = os.path.join(self.home, "never-registered")
+        self.assertEqual(call("get", b"https://index.docker.io/v1/\n")[:2],
+                         (1, "credentials not found in native keychain\n"))
+        code, out, err = call("get", b"ghcr.io\n")
+        self.assertEqual(code, 2)
+        self.assertIn("--register", out)
+        env["XDG_CACHE_HOME"] = self.env["XDG_CACHE_HOME"]
         code, out, err = call("get", b"registry.example.com\n")
         self.assertEqual((code, out), (1, "credentials not found in native keychain\n"), err)
         # signed out: Docker gets the way back on stdout (it shows that, not stderr); no sign-in starts
@@ -9880,8 +9924,16 @@ class DockerCredentialTests(VouchFixture):
             store = docker_credentials.Store("vouch", environment=env)
             self.assertEqual(store.get("ghcr.io"), {"ServerURL": "ghcr.io", "Username": "x-access-token",
                                                     "Secret": self.vouch.github_tokens[-1]})
-            with self.assertRaises(docker_credentials.errors.CredentialsNotFound):
-                store.get("quay.io")
+            # docker-py leaves the helper's stderr (its one error line) on ours
+            saved = os.dup(2)
+            try:
+                with open(os.devnull, "w") as null:
+                    os.dup2(null.fileno(), 2)
+                with self.assertRaises(docker_credentials.errors.CredentialsNotFound):
+                    store.get("quay.io")
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
             self.assertEqual(store.list(), {})
 
     @unittest.skipUnless(shutil.which("go") and os.path.isdir(DOCKER_HELPERS_GO), "needs go and Debian's "
@@ -9898,7 +9950,7 @@ class DockerCredentialTests(VouchFixture):
         subprocess.run(["go", "build", "-o", os.path.join(folder, "judge"), os.path.join(folder, "judge.go")],
                        env=env, check=True, timeout=300, stdout=subprocess.DEVNULL)
         done = subprocess.run([os.path.join(folder, "judge"), helper, "ghcr.io"], env=env, stdout=subprocess.PIPE,
-                              check=True, timeout=120)
+                              stderr=subprocess.DEVNULL, check=True, timeout=120)
         report = json.loads(done.stdout)
         self.assertEqual(report["get"], {"ServerURL": "ghcr.io", "Username": "x-access-token",
                                          "Secret": self.vouch.github_tokens[-1]})
@@ -9920,6 +9972,15 @@ class DockerCredentialTests(VouchFixture):
             token = sts.requests[-1]["form"]["WebIdentityToken"]
             self.assertEqual(vdl.decode_jwt(token)[1]["https://aws.amazon.com/roles"], ROLE_ARN)
             self.assertIn("eu-west-1/ecr/aws4_request", ecr.requests[-1]["Authorization"])
+            # -v logs every request and answer, every secret masked
+            verbose = self.run_tool("-v", "--docker-credential", "get",
+                                    stdin=b"123456789012.dkr.ecr.eu-west-1.amazonaws.com")
+            self.assertEqual(verbose.code, 0, verbose.stderr)
+            self.assertIn("GetAuthorizationToken", verbose.stderr)
+            credentials = sts.issued[-1]
+            for secret in (ecr.passwords[-1], credentials["SecretAccessKey"], credentials["SessionToken"],
+                           base64.b64encode(("AWS:" + ecr.passwords[-1]).encode()).decode()):
+                self.assertNotIn(secret, verbose.stderr)
             # ghcr.io with the same environment: no STS exchange
             before = len(sts.requests)
             self.assertEqual(self.run_tool("--docker-credential", "get", stdin=b"ghcr.io").code, 0)
@@ -10003,6 +10064,16 @@ class VouchAwsAndKubernetesTests(VouchFixture):
             code, other, _ = imported_modules(["--format", "exec-credential", "--k8s-audience", "other"], self.env)
             self.assertEqual(code, 0)
             self.assertEqual(vdl.decode_jwt(json.loads(other)["status"]["token"])[1]["aud"], "other")
+
+    def test_the_clusters_token_is_cached_after_a_new_sign_in_too(self):
+        self.register()
+        self.assertEqual(self.run_tool("--logout").code, 0)
+        args = ["--format", "exec-credential", "--k8s-audience", "c1"]
+        first = self.run_tool(*args)
+        self.assertEqual(first.code, 0, first.stderr)
+        before = len([r for r in self.vouch.requests if r["path"].startswith("/v1/")])
+        self.assertEqual(self.run_tool(*args).stdout, first.stdout)
+        self.assertEqual(len([r for r in self.vouch.requests if r["path"].startswith("/v1/")]), before)
 
     def test_a_registered_client_without_an_audience_says_which_flag(self):
         self.register()

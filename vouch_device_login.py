@@ -379,7 +379,7 @@ def _check_depth(value):
 
 _SECRET_FIELDS = frozenset((
     "access_token", "refresh_token", "id_token", "device_code", "client_secret",
-    "token", "code", "assertion", "client_assertion",
+    "token", "code", "assertion", "client_assertion", "authorizationToken", "SecretAccessKey", "SessionToken",
 ))
 
 
@@ -1048,11 +1048,27 @@ class _HttpClient:
         for name in ("Authorization", "Proxy-Authorization", "Cookie"):
             if name in shown:
                 shown[name] = shown[name].split(" ")[0] + " " + _masked(shown[name])
+        if "X-Amz-Security-Token" in shown:
+            shown["X-Amz-Security-Token"] = _masked(shown["X-Amz-Security-Token"])
         line = "%s %s %s" % (method, url, shown)
         if form:
             line += " form=%s" % {
                 k: (_masked(str(v)) if k in _SECRET_FIELDS else v) for k, v in _form_items(form)}
         self.terminal.debug(line)
+
+    def _masked_document(self, value):
+        # secrets at any depth (ECR's authorizationData[0].authorizationToken): masked, and masked from then on
+        if isinstance(value, list):
+            return [self._masked_document(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        masked = {}
+        for name, item in value.items():
+            if name in _SECRET_FIELDS and isinstance(item, str):
+                self.terminal.add_secret(item)
+                item = _masked(item)
+            masked[name] = self._masked_document(item)
+        return masked
 
     def _log_response(self, response):
         if not self.terminal.verbose:
@@ -1063,12 +1079,7 @@ class _HttpClient:
             document = None
         if isinstance(document, dict):
             import json
-            for name in _SECRET_FIELDS:
-                value = document.get(name)
-                if isinstance(value, str):
-                    self.terminal.add_secret(value)
-                    document[name] = _masked(value)
-            shown = json.dumps(document)[:2000]
+            shown = json.dumps(self._masked_document(document))[:2000]
         else:
             # Only a JSON object can be masked field by field; anything else
             # (a form-encoded token answer, JSON with a BOM) might hold a token.
@@ -1096,12 +1107,17 @@ class _HttpClient:
         return NetworkError("%s%s: %s" % (_origin(url), through, _sanitize(_describe_os_error(exc))))
 
 
-def _request_bytes(method, scheme, host, port, target, headers, body, what):
-    """The request line, header fields and body as bytes (RFC 9112 §3)."""
+def _host_header(scheme, host, port):
+    """The Host field of a request to host:port (RFC 9110 §7.2): the port only when it is not the default."""
     host_header = "[%s]" % host if ":" in host else host
     if port != (443 if scheme == "https" else 80):
         host_header += ":%d" % port
-    lines = ["%s %s HTTP/1.1" % (method, target), "Host: " + host_header]
+    return host_header
+
+
+def _request_bytes(method, scheme, host, port, target, headers, body, what):
+    """The request line, header fields and body as bytes (RFC 9112 §3)."""
+    lines = ["%s %s HTTP/1.1" % (method, target), "Host: " + _host_header(scheme, host, port)]
     for name, value in headers.items():
         # A token the server sent goes back in Authorization: CR or LF in it
         # would let the server's answer write our next request's headers.
@@ -4009,7 +4025,7 @@ def _load_client(store, issuer):
     return _RegisteredClient(issuer.rstrip("/"), kept["client_id"], kept["key"])
 
 
-def register_client(http, endpoint, issuer, key):
+def register_client(http, endpoint, key):
     """Register this tool with its public key (RFC 7591 §3.1) and return the client id the issuer chose.
 
     The client authenticates with private_key_jwt and asks for DPoP-bound
@@ -4033,8 +4049,10 @@ def register_client(http, endpoint, issuer, key):
         _raise_for_error_answer(response, what)
     document = _json_document(response, what)
     client_id = document.get("client_id")
-    if not isinstance(client_id, str) or not client_id or _has_control_character(client_id) or len(client_id) > 256:
-        raise ProtocolError("%s: the answer has no usable client_id" % what)
+    # printable ASCII without blanks or quotes: what later runs, the cache key and the fast path take as it is
+    if not isinstance(client_id, str) or not 0 < len(client_id) <= 256 \
+            or not all("\x21" <= ch <= "\x7e" and ch not in '"\\' for ch in client_id):
+        raise ProtocolError("%s: the answer has no usable client_id: %s" % (what, _sanitize(_json_text(client_id), 80)))
     method = document.get("token_endpoint_auth_method", "private_key_jwt")
     if method != "private_key_jwt":
         # RFC 7591 §3.2.1: the server may change what was asked; a client without its key is not ours
@@ -4054,12 +4072,13 @@ def _registered_client(config, http, terminal):
         client = _load_client(store, config.issuer)
         if client is None:
             metadata = discover(http, config.issuer)
+            # where Vouch's own CLI registers when the metadata names no registration_endpoint
             endpoint = metadata.get("registration_endpoint") or config.issuer.rstrip("/") + "/oauth/register"
             key = _dpop_generate("ES256")
             terminal.add_secret(key["d"])
-            client_id = register_client(http, endpoint, config.issuer, key)
+            client_id = register_client(http, endpoint, key)
             try:
-                store.save({"result": {"issuer": config.issuer.rstrip("/"), "client_id": client_id, "key": key}})
+                store.save({"result": {"client_id": client_id, "key": key}})
             except _CacheUnwritable as exc:
                 raise UsageError("registered client %s, but could not keep its key (%s); nothing can use it"
                                  % (_sanitize(client_id), exc))
@@ -4150,10 +4169,12 @@ def signed_request(http, client, method, url, what, access_token, dpop, document
                                 content=body, idempotent=method == "GET")
         nonce = response.header("signature-nonce")
         fresh = False
+        # single-use: the one just sent is spent, whatever the answer
+        used = client.nonces.pop(server, None)
         if nonce is not None:
             if not _is_signature_nonce(nonce):
                 raise ProtocolError("%s: the Signature-Nonce header is not a nonce: %s" % (what, _sanitize(nonce, 80)))
-            fresh = client.nonces.get(server) != nonce
+            fresh = used != nonce
             client.nonces[server] = nonce
         dpop_fresh = dpop._take_nonce(url, response, what)
         if attempt == 2 or response.status != 401 or not (fresh or dpop_fresh):
@@ -4954,6 +4975,9 @@ def _resolve_endpoints(config, http):
     metadata.setdefault("device_authorization_endpoint", config.issuer.rstrip("/") + "/oauth/device")
     if not metadata.get("token_endpoint"):
         raise ProtocolError("the issuer metadata names no token_endpoint; pass --token-endpoint")
+    if config.client is not None:
+        # RFC 7523 §3: the assertion's aud names the issuer exactly as it names itself
+        config.client.issuer = metadata["issuer"]
     return metadata
 
 
@@ -5009,6 +5033,9 @@ def _presenters(config, terminal):
 def _remember_secrets(terminal, document):
     for name in ("access_token", "refresh_token", "id_token"):
         terminal.add_secret(document.get(name))
+    if isinstance(document.get("aws"), dict):
+        for name in ("SecretAccessKey", "SessionToken"):
+            terminal.add_secret(document["aws"].get(name))
     if isinstance(document.get("dpop"), dict) and isinstance(document["dpop"].get("key"), dict):
         terminal.add_secret(document["dpop"]["key"].get("d"))
 
@@ -5304,6 +5331,9 @@ def _run(config, http, terminal):
             if result is None:
                 result, metadata, source = _fresh_result(config, http, terminal, entry)
                 stored = {"result": result, "metadata": _metadata_subset(metadata)}
+                if config.client is not None:
+                    # its answers (Vouch's tokens for kubectl, AWS credentials) are the fast path's
+                    stored["registered"] = True
                 if source.fetched_at is not None:
                     stored.update(jwks=source.jwks, jwks_fetched_at=source.fetched_at)
                 _save_or_warn(cache, stored, entry, terminal)
@@ -5331,7 +5361,8 @@ def _run(config, http, terminal):
     if config.k8s_audience:
         _add_k8s_token(config, http, terminal, result, cache, entry)
     # kubectl shows its plugin's stderr on every command: only a sign-in is news there.
-    quiet_hit = result.get("cached") and config.output_format in ("exec-credential", "aws")
+    quiet_hit = result.get("cached") and (config.output_format in ("exec-credential", "aws")
+                                          or config.helper in ("git", "Docker"))
     (terminal.debug if quiet_hit else terminal.info)(_summary(result, time.time()))
     return result
 
@@ -5830,6 +5861,7 @@ def _add_aws_credentials(config, http, terminal, result, cache=None, entry=None)
                         terminal.warn("the AWS credentials were not cached: %s" % exc)
         finally:
             cache.release()
+    _remember_secrets(terminal, {"aws": credentials})
     result["aws"] = credentials
 
 
@@ -5846,7 +5878,7 @@ def _web_identity_token(config, http, result):
     if config.client is None:
         return _handed_token(result)[0]
     from urllib.parse import quote
-    document = _v1_document(config, http, (result, _cached_dpop(result)), "GET", "/v1/credentials/aws/token?role_arn="
+    document = _v1_document(config, http, _signed_session(result), "GET", "/v1/credentials/aws/token?role_arn="
                             + quote(config.aws_role_arn, safe=""), "AWS token")
     return _one_line(document.get("id_token"), "the AWS token the server sent", _MAX_TOKEN_LENGTH)
 
@@ -5854,12 +5886,14 @@ def _web_identity_token(config, http, result):
 def _add_k8s_token(config, http, terminal, result, cache=None, entry=None):
     """exec-credential with a registered client: Vouch's token for the cluster's audience, cached while it lasts."""
     import time
-    slots = (entry or {}).get("k8s") if isinstance((entry or {}).get("k8s"), dict) else {}
+    # only what this very session got: a new sign-in's entry starts without
+    same = entry is not None and entry["result"].get("access_token") == result["access_token"]
+    slots = entry.get("k8s") if same and isinstance(entry.get("k8s"), dict) else {}
     slot = slots.get(config.k8s_audience)
     if not (isinstance(slot, dict) and _is_number(slot.get("expires_at")) and isinstance(slot.get("token"), str)
             and slot["expires_at"] - time.time() > config.min_ttl):
         from urllib.parse import quote
-        document = _v1_document(config, http, (result, _cached_dpop(result)), "GET",
+        document = _v1_document(config, http, _signed_session(result), "GET",
                                 "/v1/credentials/k8s/token?audience=" + quote(config.k8s_audience, safe=""),
                                 "Kubernetes token")
         expires_in = document.get("expires_in")
@@ -5867,12 +5901,15 @@ def _add_k8s_token(config, http, terminal, result, cache=None, entry=None):
             raise ProtocolError("Kubernetes token: expires_in is not a number of seconds")
         slot = {"token": _one_line(document.get("id_token"), "the Kubernetes token the server sent", _MAX_TOKEN_LENGTH),
                 "expires_at": int(time.time() + expires_in)}
-        if cache is not None and entry is not None and entry["result"].get("access_token") == result["access_token"]:
+        if cache is not None:
             cache.acquire(terminal)
             try:
                 latest = cache.load()
                 if latest is not None and latest["result"].get("access_token") == result["access_token"]:
+                    now = time.time()
                     kept = latest.get("k8s") if isinstance(latest.get("k8s"), dict) else {}
+                    kept = {audience: value for audience, value in kept.items()
+                            if isinstance(value, dict) and _is_number(value.get("expires_at")) and value["expires_at"] > now}
                     kept[config.k8s_audience] = slot
                     cache.save(dict(latest, k8s=kept))
             except UsageError as exc:
@@ -5921,7 +5958,11 @@ def _refusal(response, what):
 
 def _session(config, http, terminal):
     """The sign-in /v1 requests go with: the cached one (refreshed if need be), else a new one where allowed."""
-    result = _run(config, http, terminal)
+    return _signed_session(_run(config, http, terminal))
+
+
+def _signed_session(result):
+    """(result, its _DPoP) for signed_request; a sign-in without a DPoP key cannot make /v1 requests."""
     dpop = _cached_dpop(result)
     if dpop is None:
         raise ProtocolError("the sign-in has no DPoP key; Vouch's /v1 API takes DPoP-bound tokens only")
@@ -5983,8 +6024,19 @@ def _ssh_public_key(argument):
     return path, line
 
 
+def _ssh_strings_end(blob, count):
+    """Where the first count SSH strings (RFC 4251 §5: uint32 length, bytes) of blob end, or None."""
+    at = 0
+    for _ in range(count):
+        if at + 4 > len(blob):
+            return None
+        at += 4 + int.from_bytes(blob[at:at + 4], "big")
+    return at if at <= len(blob) else None
+
+
 def _ssh_certificate(config, http, terminal):
     """--ssh-certificate: POST /v1/credentials/ssh; the certificate goes beside the key, its path on stdout."""
+    import base64
     path, line = _ssh_public_key(config.ssh_certificate)
     what = "SSH certificate"
     document = _v1_document(config, http, _session(config, http, terminal), "POST", "/v1/credentials/ssh", what,
@@ -5994,6 +6046,11 @@ def _ssh_certificate(config, http, terminal):
     if certificate.split()[0] != line.split()[0].replace("@openssh.com", "") + "-cert-v01@openssh.com":
         raise ProtocolError("the server sent a %s certificate for a %s key"
                             % (_sanitize(certificate.split()[0], 60), line.split()[0]))
+    # PROTOCOL.certkeys: type and nonce, then the very fields of the key signed (after its own type)
+    key_blob, cert_blob = (base64.b64decode(text.split()[1]) for text in (line, certificate))
+    start = _ssh_strings_end(cert_blob, 2)
+    if start is None or not cert_blob.startswith(key_blob[_ssh_strings_end(key_blob, 1):], start):
+        raise ProtocolError("the server sent a certificate for another key than %s" % path)
     target = (path[:-len(".pub")] if path.endswith(".pub") else path) + "-cert.pub"
     try:
         _write_replacing(target, (certificate + "\n").encode("ascii"), 0o644)
@@ -6042,6 +6099,13 @@ def _github_token(config, http, terminal, owner=None):
     return _one_line(document.get("token"), "the GitHub token the server sent", 4096)
 
 
+def _is_github_host(host, environ):
+    """github.com, GitHub Enterprise Cloud (*.ghe.com) as Vouch's CLI takes them, or a host in VOUCH_GITHUB_HOSTS."""
+    host = host.lower()
+    extra = [name.strip().lower() for name in environ.get("VOUCH_GITHUB_HOSTS", "").split(",") if name.strip()]
+    return host in ("github.com", "ghe.com") or host.endswith((".github.com", ".ghe.com")) or host in extra
+
+
 def _git_credential(config, http, terminal, stdin):
     """git's credential protocol (gitcredentials(7)): get answers username and password; store and erase keep nothing."""
     attributes = {}
@@ -6051,31 +6115,52 @@ def _git_credential(config, http, terminal, stdin):
             attributes[name] = value
     if config.git_credential != "get":
         return ""
-    if attributes.get("protocol") != "https":
-        # git asks every helper in turn: one that has nothing says nothing
+    if attributes.get("protocol") != "https" or not _is_github_host(attributes.get("host", ""), config.environ):
+        # git asks every helper in turn: one that has nothing says nothing. A GitHub token goes to GitHub only,
+        # whatever host a submodule or a remote names.
         return ""
     path = attributes.get("path", "").strip("/")
     token = _github_token(config, http, terminal, path.split("/", 1)[0] or None)
     return "protocol=https\nhost=%s\nusername=x-access-token\npassword=%s\n" % (attributes.get("host", ""), token)
 
 
-def _docker_credential(config, http, terminal, stdin):
-    """Docker's credential-helper protocol: get prints {ServerURL, Username, Secret}; nothing is stored."""
-    import json
-    text = _helper_input(stdin)
-    if config.docker_credential == "list":
+def _docker_host(registry):
+    # Docker names a registry as a host, a host/path or a URL
+    return registry.strip().split("://", 1)[-1].split("/", 1)[0].lower()
+
+
+def _docker_without_vouch(operation, text):
+    """What Docker gets without a word to Vouch: list, erase, store, and get for a registry Vouch has nothing
+    for (before any configuration is read, so that a pull from elsewhere never fails on this helper); None for a
+    get that needs Vouch."""
+    if operation == "list":
         return "{}\n"
-    if config.docker_credential != "get":
+    if operation == "erase":
         return ""
-    registry = text.strip()
-    host = registry.split("://", 1)[-1].split("/", 1)[0].lower()
+    if operation == "store":
+        registry = _loads_or_none(text.encode("utf-8"))
+        host = _docker_host(registry.get("ServerURL") or "") if isinstance(registry, dict) \
+            and isinstance(registry.get("ServerURL"), str) else ""
+        if host == _GHCR or _ecr_region(host):
+            return ""  # Vouch hands these out itself, fresh each time
+        raise VouchError("docker-credential-vouch keeps no passwords: it answers for ghcr.io and ECR only; name it in"
+                         " credHelpers for those registries instead of credsStore")
+    host = _docker_host(text)
+    if host == _GHCR or _ecr_region(host):
+        return None
+    raise _DockerNotFound(_DOCKER_NOT_FOUND)
+
+
+def _docker_credential(config, http, terminal):
+    """Docker's credential-helper get for ghcr.io (the GitHub token) or ECR: {ServerURL, Username, Secret}."""
+    import json
+    registry = config.docker_input.strip()
+    host = _docker_host(registry)
     if host == _GHCR:
         config.aws_role_arn = None
         username, secret = "x-access-token", _github_token(config, http, terminal)
-    elif _ecr_region(host):
-        username, secret = _ecr_login(config, http, terminal, host)
     else:
-        raise _DockerNotFound(_DOCKER_NOT_FOUND)
+        username, secret = _ecr_login(config, http, terminal, host)
     return json.dumps({"ServerURL": registry, "Username": username, "Secret": secret}) + "\n"
 
 
@@ -6094,19 +6179,20 @@ _ECR_TARGET = "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken"
 
 
 def _sigv4_headers(credentials, region, service, url, headers, body, now):
-    """headers plus X-Amz-Date, X-Amz-Security-Token and Authorization: AWS Signature Version 4 of a request."""
+    """headers plus X-Amz-Date, X-Amz-Security-Token and Authorization: AWS Signature Version 4 of a POST to
+    url (one _parse_url took, with a path of unreserved characters and no query: nothing to encode)."""
     import hashlib
     import hmac
     import time
-    from urllib.parse import urlsplit
-    parts = urlsplit(url)
+    scheme, host, port, path = _parse_url(url, "the %s endpoint" % service)
     amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    host = parts.hostname + ("" if parts.port in (None, {"https": 443, "http": 80}[parts.scheme]) else ":%d" % parts.port)
     signed = {k.lower(): v.strip() for k, v in headers.items()}
-    signed.update({"host": host, "x-amz-date": amz_date, "x-amz-security-token": credentials["SessionToken"]})
+    # the Host field as _request_bytes sends it
+    signed.update({"host": _host_header(scheme, host, port), "x-amz-date": amz_date,
+                   "x-amz-security-token": credentials["SessionToken"]})
     names = sorted(signed)
     # the canonical request: method, path, query, header lines, their names, the body's hash
-    canonical = "\n".join(["POST", parts.path or "/", parts.query, "".join("%s:%s\n" % (n, signed[n]) for n in names),
+    canonical = "\n".join(["POST", path, "", "".join("%s:%s\n" % (n, signed[n]) for n in names),
                            ";".join(names), hashlib.sha256(body).hexdigest()])
     scope = "%s/%s/%s/aws4_request" % (amz_date[:8], region, service)
     string_to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
@@ -6123,13 +6209,20 @@ def _ecr_login(config, http, terminal, host):
     """An ECR registry's login: AWS credentials for the role (from Vouch's AWS token), then GetAuthorizationToken."""
     import base64
     import binascii
+    import re
     import time
     if not config.aws_role_arn:
         raise UsageError("%s is an ECR registry: set VOUCH_AWS_ROLE_ARN to the IAM role to log in with" % host)
     region = _ecr_region(host)
-    result = _run(config, http, terminal)
     endpoint = config.environ.get("AWS_ENDPOINT_URL_ECR") or "https://api.ecr.%s.amazonaws.com%s/" % (
         region, ".cn" if region.startswith("cn-") else "")
+    try:
+        target = _parse_url(endpoint, "AWS_ENDPOINT_URL_ECR")[3]
+    except ProtocolError as exc:
+        raise UsageError(str(exc))
+    if not re.match(r"/[A-Za-z0-9/_.~-]*\Z", target):
+        raise UsageError("AWS_ENDPOINT_URL_ECR: %s has a query or a path that needs escaping" % _sanitize(endpoint))
+    result = _run(config, http, terminal)
     what = "ECR GetAuthorizationToken"
     body = b"{}"
     headers = _sigv4_headers(result["aws"], region, "ecr", endpoint, {
@@ -6160,7 +6253,7 @@ def _credential(config, http, terminal, stdin):
         return _ssh_certificate(config, http, terminal)
     if config.git_credential is not None:
         return _git_credential(config, http, terminal, stdin)
-    return _docker_credential(config, http, terminal, stdin)
+    return _docker_credential(config, http, terminal)
 
 
 # Options a cached credential is answered for without argparse, and whether
@@ -6193,6 +6286,8 @@ def _fast_answers(entry):
     token_expiry, expires_at = _handed_token(result)[1], result.get("expires_at")
     # A DPoP-bound token is useless without proofs, which kubectl and the AWS SDKs never send; what Vouch's
     # /v1 API gave for it (a cluster's token, AWS credentials) is theirs, tagged as a registered client's.
+    if result.get("dpop") and not entry.get("registered"):
+        return ""
     dpop = "dpop " if result.get("dpop") else ""
     k8s = entry.get("k8s") if dpop and isinstance(entry.get("k8s"), dict) else {}
     for audience, slot in sorted(k8s.items()):
@@ -6749,6 +6844,7 @@ def _config_from_args(args, environ, terminal):
         ssh_ca=args.ssh_ca,
         git_credential=args.git_credential,
         docker_credential=args.docker_credential,
+        docker_input=getattr(args, "docker_input", None),
         k8s_audience=k8s_audience,
         **aws
     )
@@ -6875,6 +6971,7 @@ def main(argv=None):
     argv = list(argv)
     terminal = _Terminal(verbose="-v" in argv or "--verbose" in argv, prog=prog)
     http = None
+    docker = False
     try:
         if "--version" in argv[: argv.index("--") if "--" in argv else len(argv)]:
             # Answered before argparse is imported: shell profiles call this often.
@@ -6891,6 +6988,13 @@ def main(argv=None):
             return 0
         args = _argument_parser(prog, command).parse_args(argv)
         terminal = _Terminal(quiet=args.quiet, verbose=args.verbose, prog=prog)
+        docker = args.docker_credential is not None
+        if docker:
+            args.docker_input = _helper_input(getattr(sys.stdin, "buffer", None))
+            answer = _docker_without_vouch(args.docker_credential, args.docker_input)
+            if answer is not None:
+                _write_stdout(answer)
+                return 0
         if args.dpop_proof is not None:
             # the cache entry to read is that of the configuration; without a client id there is none
             registered = os.path.exists(_client_store(os.environ, args.issuer or os.environ.get("VOUCH_ISSUER")
@@ -6912,14 +7016,8 @@ def main(argv=None):
             _check_stdout()
         http = _HttpClient(timeout=config.timeout, cafile=config.cacert, terminal=terminal)
         if config.helper:
-            stdin = getattr(sys.stdin, "buffer", None) if config.git_credential or config.docker_credential else None
-            try:
-                _write_stdout(_credential(config, http, terminal, stdin))
-            except VouchError as exc:
-                if config.docker_credential:
-                    # Docker reads a helper's error from its stdout, and its not-found text by the letter
-                    _write_stdout(str(exc) + "\n")
-                raise
+            _write_stdout(_credential(config, http, terminal, getattr(sys.stdin, "buffer", None)
+                                      if config.git_credential else None))
             return 0
         result = _run(config, http, terminal)
         if result is not None:
@@ -6931,6 +7029,12 @@ def main(argv=None):
         return exc.code if isinstance(exc.code, int) else 0
     except VouchError as exc:
         terminal.error(str(exc))
+        if docker:
+            # Docker reads a helper's error from its stdout (its not-found text by the letter), not its stderr
+            try:
+                _write_stdout(str(exc) + "\n")
+            except VouchError:
+                pass
         return exc.exit_code
     except KeyboardInterrupt:
         terminal.write("\n%s: interrupted\n" % terminal.prog)
