@@ -9424,6 +9424,19 @@ class SignedRequestTests(VouchFixture):
         with self.assertRaises(http_message_signatures.InvalidSignature):
             verifier.verify(tampered, body=sent["body"])
 
+    def test_registration_and_signed_requests_print_no_python_warning_even_with_w_error(self):
+        environment = dict({k: v for k, v in os.environ.items() if k not in _ENV_KEYS + ("PYTHONWARNINGS",)},
+                           **self.env)
+        for args, data in ((["--register", "--cache", "--format", "token"], b""),
+                           (["--git-credential", "get"], b"protocol=https\nhost=github.com\n\n"), (["--ssh-ca"], b"")):
+            with self.subTest(args=args[0]):
+                done = subprocess.run([sys.executable, "-W", "error", "-X", "dev", SCRIPT] + args, input=data,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, timeout=60,
+                                      check=False)
+                self.assertEqual(done.returncode, 0, done.stderr.decode())
+                self.assertNotIn(b"Warning", done.stderr)
+                self.assertNotIn(b"Traceback", done.stderr)
+
     def test_a_session_without_hardware_proof_is_refused_by_vouch(self):
         self.vouch.user["hardware_verified"] = False
         self.register()
