@@ -8203,7 +8203,8 @@ class ContractTests(IssuerTest):
 
         path = next(os.path.join(folder, f) for f in os.listdir(folder)
                     if f.endswith(".json") and scope_of(f) == "openid email")
-        for left, cached in ((299, False), (301, True)):
+        # either side of --min-ttl's 300 s, with room for a loaded machine between the write and the check
+        for left, cached in ((290, False), (330, True)):
             with open(path) as handle:
                 entry = json.load(handle)
             entry["result"]["expires_at"] = int(time.time()) + left
