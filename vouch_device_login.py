@@ -4110,14 +4110,11 @@ def _der_signature(raw):
 
 def _signature_base(method, url, headers, components, parameters):
     """The signature base (RFC 9421 §2.5) of a request; headers by lower-case name."""
-    from urllib.parse import urlsplit
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    authority = "[%s]" % host if ":" in host else host
-    if parts.port is not None and parts.port != {"https": 443, "http": 80}.get(parts.scheme):
-        authority += ":%d" % parts.port
-    derived = {"@method": method.upper(), "@authority": authority, "@path": parts.path or "/",
-               "@query": "?" + parts.query}  # §2.2.7: "?" alone for no query
+    scheme, host, port, target = _parse_url(url, "the signed request's URL")
+    path, _, query = target.partition("?")
+    # §2.2.3: @authority as the Host field goes; §2.2.7: "?" alone for no query
+    derived = {"@method": method.upper(), "@authority": _host_header(scheme, host.lower(), port), "@path": path,
+               "@query": "?" + query}
     lines = []
     for name in components:
         value = derived[name] if name.startswith("@") else headers[name].strip()
@@ -5997,16 +5994,15 @@ def _ssh_key_line(text, what):
 def _ssh_public_key(argument):
     """(path, line) of the public key to sign: PUBKEY, else the first of ~/.ssh's usual ones."""
     if argument:
-        candidates = [argument if argument.endswith(".pub") or not os.path.exists(argument + ".pub")
-                      else argument + ".pub"]
+        # a private key's name means its .pub
+        path = argument if argument.endswith(".pub") or not os.path.exists(argument + ".pub") else argument + ".pub"
     else:
         folder = os.path.join(os.path.expanduser("~"), ".ssh")
-        candidates = [os.path.join(folder, name + ".pub") for name in _SSH_DEFAULT_KEYS]
-        if not any(os.path.isfile(path) for path in candidates):
+        path = next((os.path.join(folder, name + ".pub") for name in _SSH_DEFAULT_KEYS
+                     if os.path.isfile(os.path.join(folder, name + ".pub"))), None)
+        if path is None:
             raise UsageError("--ssh-certificate: no public key in %s (%s); make one with ssh-keygen -t ed25519, or "
                              "name it" % (folder, ", ".join(name + ".pub" for name in _SSH_DEFAULT_KEYS)))
-        candidates = [next(path for path in candidates if os.path.isfile(path))]
-    path = candidates[0]
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_HELPER_INPUT + 1)
@@ -6157,7 +6153,6 @@ def _docker_credential(config, http, terminal):
     registry = config.docker_input.strip()
     host = _docker_host(registry)
     if host == _GHCR:
-        config.aws_role_arn = None
         username, secret = "x-access-token", _github_token(config, http, terminal)
     else:
         username, secret = _ecr_login(config, http, terminal, host)
@@ -6244,8 +6239,8 @@ def _ecr_login(config, http, terminal, host):
 
 def _credential(config, http, terminal, stdin):
     """The answer of the credential mode config asks for, as its consumer reads it."""
-    if not config.docker_credential:
-        # a VOUCH_AWS_ROLE_ARN exported for the AWS CLI is not for git or ssh
+    if not (config.docker_credential and _ecr_region(_docker_host(config.docker_input))):
+        # a VOUCH_AWS_ROLE_ARN exported for the AWS CLI is for ECR logins only, not for git, ssh or ghcr.io
         config.aws_role_arn = None
     if config.ssh_ca:
         return _ssh_ca(config, http)
